@@ -1,0 +1,15 @@
+"""refquant: a NumPy/Numba reference implementation of the quantization workflow for ONNX models."""
+
+from .errors import (  # noqa: F401
+    FeedError,
+    ModelLoadError,
+    OpError,
+    RefquantError,
+    UnsupportedOpError,
+    UnsupportedTypeError,
+)
+from .ir import Graph, Node, Value  # noqa: F401
+from .onnx_io import load, save, to_onnx  # noqa: F401
+from .runtime import Session  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,168 @@
+"""Element-wise ops: arithmetic, comparison, logic, unary math, variadic reductions, Where, Clip, Cast.
+
+NumPy broadcasting is ONNX's multidirectional broadcasting. Results keep the first input's element
+type (NumPy would promote float32 with a float64 scalar array; ONNX never does).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.special
+
+from .. import dtypes
+from .registry import register
+from .shapes import TensorInfo, broadcast_rule, comparison_rule, same_as_first
+
+
+def _typed(result: np.ndarray, like: np.ndarray) -> np.ndarray:
+    return result if result.dtype == like.dtype else result.astype(like.dtype)
+
+
+# ---------------------------------------------------------------- binary arithmetic
+def _binary(op_type, fn, since=7):
+    @register(op_type, since=since, infer=broadcast_rule)
+    def kernel(a, b):
+        with np.errstate(all="ignore"):
+            return _typed(np.asarray(fn(a, b)), a)
+
+    kernel.__name__ = op_type.lower()
+    return kernel
+
+
+def _int_div(a, b):
+    """Integer division truncating toward zero (C semantics), float division otherwise."""
+    if np.issubdtype(a.dtype, np.integer):
+        q = np.floor_divide(a, b)
+        adjust = (np.remainder(a, b) != 0) & ((a < 0) ^ (b < 0))
+        return q + adjust.astype(q.dtype)
+    return np.divide(a, b)
+
+
+_binary("Add", np.add)
+_binary("Sub", np.subtract)
+_binary("Mul", np.multiply)
+_binary("Div", _int_div)
+_binary("Pow", np.power)
+
+
+@register("Mod", since=10, infer=broadcast_rule)
+def mod(a, b, *, fmod=0):
+    """fmod=1: sign of the dividend (C fmod); fmod=0: sign of the divisor (Python %)."""
+    with np.errstate(all="ignore"):
+        return _typed(np.fmod(a, b) if fmod else np.mod(a, b), a)
+
+
+# ---------------------------------------------------------------- comparison and logic
+def _compare(op_type, fn, since=7):
+    @register(op_type, since=since, infer=comparison_rule)
+    def kernel(a, b):
+        return np.asarray(fn(a, b))
+
+    kernel.__name__ = op_type.lower()
+
+
+for _op, _fn in [("Equal", np.equal), ("Greater", np.greater), ("Less", np.less),
+                 ("GreaterOrEqual", np.greater_equal), ("LessOrEqual", np.less_equal),
+                 ("And", np.logical_and), ("Or", np.logical_or), ("Xor", np.logical_xor)]:
+    _compare(_op, _fn)
+
+
+@register("Not", infer=same_as_first)
+def not_(x):
+    return np.logical_not(x)
+
+
+# ---------------------------------------------------------------- unary math
+def _unary(op_type, fn, since=6):
+    @register(op_type, since=since, infer=same_as_first)
+    def kernel(x):
+        with np.errstate(all="ignore"):
+            return _typed(np.asarray(fn(x)), x)
+
+    kernel.__name__ = op_type.lower()
+
+
+for _op, _fn in [("Abs", np.abs), ("Neg", np.negative), ("Ceil", np.ceil), ("Floor", np.floor),
+                 ("Sign", np.sign), ("Sqrt", np.sqrt), ("Reciprocal", np.reciprocal), ("Exp", np.exp),
+                 ("Log", np.log), ("Sin", np.sin), ("Cos", np.cos), ("Tan", np.tan), ("Tanh", np.tanh),
+                 ("Asin", np.arcsin), ("Acos", np.arccos), ("Atan", np.arctan), ("Sinh", np.sinh),
+                 ("Cosh", np.cosh), ("Asinh", np.arcsinh), ("Acosh", np.arccosh), ("Atanh", np.arctanh),
+                 ("Erf", scipy.special.erf),
+                 ("Round", np.round)]:  # np.round is round-half-to-even, as ONNX's Round
+    _unary(_op, _fn)
+
+
+@register("IsNaN", since=9, infer=lambda x: TensorInfo(np.dtype(bool), x.shape))
+def isnan(x):
+    return np.isnan(x)
+
+
+@register("IsInf", since=10, infer=lambda x, **a: TensorInfo(np.dtype(bool), x.shape))
+def isinf(x, *, detect_negative=1, detect_positive=1):
+    return (np.isneginf(x) & bool(detect_negative)) | (np.isposinf(x) & bool(detect_positive))
+
+
+@register("Identity", infer=same_as_first)
+def identity(x):
+    return x
+
+
+# ---------------------------------------------------------------- variadic
+def _variadic(op_type, fn, since=8):
+    @register(op_type, since=since, infer=broadcast_rule)
+    def kernel(*xs):
+        result = xs[0]
+        with np.errstate(all="ignore"):
+            for x in xs[1:]:
+                result = fn(result, x)
+        return _typed(np.array(result, copy=len(xs) == 1), xs[0])
+
+    kernel.__name__ = op_type.lower()
+
+
+_variadic("Sum", np.add)
+_variadic("Max", np.maximum)
+_variadic("Min", np.minimum)
+
+
+@register("Mean", since=8, infer=broadcast_rule)
+def mean(*xs):
+    total = xs[0]
+    for x in xs[1:]:
+        total = total + x
+    return _typed(np.asarray(total / np.asarray(len(xs), dtype=xs[0].dtype)), xs[0])
+
+
+# ---------------------------------------------------------------- selection and conversion
+@register("Where", since=9, infer=lambda c, x, y: TensorInfo(x.dtype, broadcast_rule(c, x, y).shape))
+def where(condition, x, y):
+    return np.where(condition, x, y)
+
+
+@register("Clip", since=11, infer=same_as_first)
+def clip(x, min=None, max=None):
+    """y = min(max(x, min), max); an omitted bound is no bound."""
+    result = x
+    if min is not None:
+        result = np.maximum(result, min.astype(x.dtype))
+    if max is not None:
+        result = np.minimum(result, max.astype(x.dtype))
+    return result if result is not x else x.copy()
+
+
+def _cast_rule(x, *, to, saturate=1, round_mode="up"):
+    return TensorInfo(dtypes.to_numpy(to), x.shape)
+
+
+@register("Cast", since=6, infer=_cast_rule)
+def cast(x, *, to, saturate=1, round_mode="up"):
+    """Element type conversion; float -> int truncates toward zero, as C and ONNX do."""
+    target = dtypes.to_numpy(to)
+    with np.errstate(all="ignore"):
+        return x.astype(target)
+
+
+@register("CastLike", since=15, infer=lambda x, like, **a: TensorInfo(like.dtype, x.shape))
+def cast_like(x, target_type, *, saturate=1, round_mode="up"):
+    with np.errstate(all="ignore"):
+        return x.astype(target_type.dtype)

@@ -1,0 +1,236 @@
+"""Session: runs a Graph with the registered kernels.
+
+The loop is the whole runtime: bind the feeds, then for each node in topological order fetch its
+inputs, call its kernel, store its outputs, pass each new tensor through the hooks, and free every
+tensor whose last reader has run.
+
+A hook is a callable ``hook(name, array, node) -> array | None`` called on every graph input
+(``node`` is None) and every node output as it is produced. Returning an array replaces the
+tensor for everything downstream (QDQ simulation, teacher forcing); returning None keeps it
+(calibration observers, tracing). Constants are read from ``Session.constants``, which a caller
+may replace (quantized weights) without touching the graph.
+"""
+
+from __future__ import annotations
+
+from collections import ChainMap
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from .errors import FeedError, OpError, RefquantError
+from .ir import Graph, Node, node_reads
+from .ops import lookup
+
+Hook = Callable[[str, np.ndarray, "Node | None"], "np.ndarray | None"]
+
+
+@dataclass
+class _Step:
+    node: Node
+    kernel: Callable
+    kwargs: dict
+    frees: tuple[str, ...]  # tensors whose last reader is this node
+
+
+class Context:
+    """What a kernel declaring ``ctx`` receives: a way to run its subgraphs in the current scope."""
+
+    def __init__(self, session: "Session", scope: Mapping[str, np.ndarray], hooks):
+        self.session, self.scope, self.hooks = session, scope, hooks
+
+    def run_subgraph(self, graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run a subgraph whose free names resolve in the enclosing scope; returns its outputs in order."""
+        sub = self.session._subsession(graph)
+        result = sub._execute(dict(feeds), None, self.hooks, outer=self.scope)
+        return [result[name] for name in graph.output_names]
+
+
+class Session:
+    """Runs a :class:`Graph` in float mode.
+
+    ``Session(graph, threads=None)``: threads caps Numba's and BLAS's thread pools (None: all cores).
+    ``run(feeds, outputs=None, hooks=())`` returns ``{name: array}`` for the graph outputs, or for the
+    named tensors (any intermediate tensor may be named).
+    """
+
+    def __init__(self, graph: Graph, threads: int | None = None, hooks: Iterable[Hook] = ()):
+        self.graph = graph
+        self.threads = threads
+        self.hooks = list(hooks)
+        self.constants: dict[str, np.ndarray] = dict(graph.initializers)
+        self._plans: dict[tuple[str, ...], list[_Step]] = {}
+        self._subsessions: dict[int, Session] = {}
+        self._compiled = {id(n): _compile(n) for n in graph.nodes}
+
+    # -------------------------------------------------------------------------- public
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Iterable[str] | None = None,
+            hooks: Iterable[Hook] = ()) -> dict[str, np.ndarray]:
+        feeds = self._check_feeds(feeds)
+        wanted = tuple(outputs) if outputs is not None else tuple(self.graph.output_names)
+        with _thread_limit(self.threads):
+            return self._execute(feeds, wanted, self.hooks + list(hooks))
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.graph.input_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.graph.output_names
+
+    # -------------------------------------------------------------------------- internals
+    def _execute(self, feeds, wanted, hooks, outer: Mapping | None = None) -> dict[str, np.ndarray]:
+        graph = self.graph
+        wanted = tuple(wanted if wanted is not None else graph.output_names)
+        env: dict[str, np.ndarray] = {}
+        scope = ChainMap(env, self.constants, outer) if outer is not None else ChainMap(env, self.constants)
+        for name, array in feeds.items():
+            env[name] = _apply_hooks(hooks, name, array, None)
+        for step in self._plan(wanted):
+            node = step.node
+            args = [scope[name] if name else None for name in node.inputs]
+            kwargs = step.kwargs
+            if "ctx" in kwargs:
+                kwargs = dict(kwargs, ctx=Context(self, scope, hooks))
+            try:
+                result = step.kernel(*args, **kwargs)
+            except RefquantError:
+                raise
+            except Exception as exc:
+                shapes = ", ".join(f"{n}:{_describe(a)}" for n, a in zip(node.inputs, args) if n)
+                raise OpError(f"node {node.name!r} ({node.op_type}) failed: {exc.__class__.__name__}: {exc} "
+                              f"[inputs {shapes}]") from exc
+            if not isinstance(result, tuple):
+                result = (result,)
+            for name, array in zip(node.outputs, result):
+                if name:
+                    env[name] = _apply_hooks(hooks, name, array, node)
+            for name in step.frees:
+                env.pop(name, None)
+        missing = [name for name in wanted if name not in scope]
+        if missing:
+            raise FeedError(f"graph {graph.name!r}: requested tensor(s) {missing} are not produced by the graph")
+        return {name: scope[name] for name in wanted}
+
+    def _plan(self, wanted: tuple[str, ...]) -> list[_Step]:
+        """The nodes needed for ``wanted``, in order, each with the tensors it is last to read."""
+        if wanted in self._plans:
+            return self._plans[wanted]
+        producer = self.graph.producers()
+        needed: set[int] = set()
+        stack = [producer[name] for name in wanted if name in producer]
+        while stack:
+            node = stack.pop()
+            if id(node) in needed:
+                continue
+            needed.add(id(node))
+            stack.extend(producer[name] for name in node_reads(node) if name in producer)
+        nodes = [n for n in self.graph.nodes if id(n) in needed]
+        last_reader: dict[str, int] = {}
+        for index, node in enumerate(nodes):
+            for name in node_reads(node):
+                last_reader[name] = index
+        keep = set(wanted) | set(self.constants)
+        frees: list[list[str]] = [[] for _ in nodes]
+        for name, index in last_reader.items():
+            if name not in keep:
+                frees[index].append(name)
+        for index, node in enumerate(nodes):  # outputs nobody reads are dropped at once
+            frees[index].extend(o for o in node.outputs if o and o not in last_reader and o not in keep)
+        plan = []
+        for node, free in zip(nodes, frees):
+            kernel, kwargs = self._compiled[id(node)]
+            plan.append(_Step(node, kernel, kwargs, tuple(free)))
+        self._plans[wanted] = plan
+        return plan
+
+    def _subsession(self, graph: Graph) -> "Session":
+        if id(graph) not in self._subsessions:
+            self._subsessions[id(graph)] = Session(graph)
+        return self._subsessions[id(graph)]
+
+    def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        graph = self.graph
+        known = set(graph.input_names)
+        unknown = [name for name in feeds if name not in known]
+        if unknown:
+            raise FeedError(f"graph {graph.name!r}: unknown feed(s) {unknown}; the inputs are {graph.input_names}")
+        missing = [name for name in graph.input_names if name not in feeds]
+        if missing:
+            raise FeedError(f"graph {graph.name!r}: missing feed(s) {missing}")
+        checked = {}
+        for value in graph.inputs:
+            array = np.asarray(feeds[value.name])
+            if value.dtype is not None and array.dtype != value.dtype:
+                raise FeedError(f"input {value.name!r}: expected dtype {value.dtype}, got {array.dtype}")
+            if value.shape is not None:
+                if array.ndim != len(value.shape):
+                    raise FeedError(f"input {value.name!r}: expected rank {len(value.shape)} "
+                                    f"(shape {list(value.shape)}), got shape {list(array.shape)}")
+                for axis, (want, got) in enumerate(zip(value.shape, array.shape)):
+                    if isinstance(want, int) and want > 0 and want != got:
+                        raise FeedError(f"input {value.name!r}: dimension {axis} must be {want} "
+                                        f"(shape {list(value.shape)}), got shape {list(array.shape)}")
+            checked[value.name] = array
+        return checked
+
+
+def _compile(node: Node) -> tuple[Callable, dict]:
+    opdef = lookup(node.op_type, node.domain, node.version)
+    if opdef is None:
+        from .errors import UnsupportedOpError
+
+        raise UnsupportedOpError([(node.domain, node.op_type)], f"node {node.name!r}")
+    kwargs = dict(node.attrs)
+    if opdef.attr_names is not None:
+        unknown = set(kwargs) - opdef.attr_names
+        if unknown:
+            raise OpError(f"node {node.name!r} ({node.op_type}): attribute(s) {sorted(unknown)} are not "
+                          f"supported (kernel {opdef.kernel.__module__}.{opdef.kernel.__name__})")
+    if "noutputs" in opdef.special:
+        kwargs["noutputs"] = len(node.outputs)
+    if "ctx" in opdef.special:
+        kwargs["ctx"] = None
+    return opdef.kernel, kwargs
+
+
+def _apply_hooks(hooks, name, array, node):
+    for hook in hooks:
+        replaced = hook(name, array, node)
+        if replaced is not None:
+            array = replaced
+    return array
+
+
+def _describe(a) -> str:
+    return "None" if a is None else f"{getattr(a, 'dtype', type(a).__name__)}{list(getattr(a, 'shape', []))}"
+
+
+class _thread_limit:
+    """Caps BLAS and Numba threads for the duration of a run (no-op when threads is None)."""
+
+    def __init__(self, threads: int | None):
+        self.threads = threads
+
+    def __enter__(self):
+        if self.threads is None:
+            return self
+        import numba
+        from threadpoolctl import threadpool_limits
+
+        self._numba = numba.get_num_threads()
+        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        self._blas = threadpool_limits(self.threads)
+        return self
+
+    def __exit__(self, *exc):
+        if self.threads is None:
+            return False
+        import numba
+
+        numba.set_num_threads(self._numba)
+        self._blas.unregister()
+        return False
+
