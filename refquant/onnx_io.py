@@ -30,10 +30,11 @@ _TYPE_ATTRS = {("Cast", "to"), ("CastLike", "to"), ("EyeLike", "dtype"), ("Rando
 
 
 # ---------------------------------------------------------------------------------- load
-def load(model, *, infer_shapes: bool = True) -> Graph:
+def load(model, *, infer_shapes: bool = True, allow_unsupported: bool = False) -> Graph:
     """Read an ONNX model into a :class:`refquant.Graph`.
 
-    ``model`` is a path, the bytes of a model, or an ``onnx.ModelProto``.
+    ``model`` is a path, the bytes of a model, or an ``onnx.ModelProto``. ``allow_unsupported``
+    keeps a graph with unregistered ops (for inspection: ``refquant info``); it cannot run.
     Raises ModelLoadError (unreadable or malformed), UnsupportedOpError (every unsupported op at
     once) or UnsupportedTypeError (string, bfloat16, float8, ... tensors).
     """
@@ -56,7 +57,8 @@ def load(model, *, infer_shapes: bool = True) -> Graph:
         "source": source,
         "functions": list(proto.functions),
     }
-    _check_ops(graph, source, {f.name for f in proto.functions})
+    if not allow_unsupported:
+        _check_ops(graph, source, {f.name for f in proto.functions})
     if infer_shapes:
         from .shape_inference import infer_shapes as _infer
 
