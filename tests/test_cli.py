@@ -1,0 +1,81 @@
+"""The `refquant` command: output of each subcommand and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from refquant.cli import main
+from refquant.examples import RNET
+
+from .helpers import FLOAT, make_model
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    model = make_model([helper.make_node("Mul", ["x", "w"], ["y"])], [("x", FLOAT, ["n", 2])], [("y", FLOAT, ["n", 2])],
+                       {"w": np.float32([2, -3])})
+    path = tmp_path / "tiny.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_info_lists_ops_parameters_and_io(capsys):
+    assert main(["info", str(RNET)]) == 0
+    out = capsys.readouterr().out
+    assert "input: float32 [batch, 3, 24, 24]" in out
+    assert "parameters: 100,178" in out  # the R-Net's 100,178 float weights
+    assert "Conv" in out and "unsupported ops: none" in out
+    # 3 convs (3x3 -> 28 on 24x24, 3x3 -> 48 on 11x11 pooled, 2x2 -> 64 on 4x4 pooled) + 3 Gemms,
+    # counted by hand: 22*22*28*27 + 9*9*48*252 + 3*3*64*192 + 576*128 + 128*2 + 128*4 = 1,530,768
+    assert "MACs per run (symbolic dims as 1): 1,530,768" in out
+
+
+def test_info_reports_unsupported_ops_without_failing(tmp_path, capsys):
+    model = make_model([helper.make_node("FancyOp", ["x"], ["y"])], [("x", FLOAT, [1])], [("y", FLOAT, [1])])
+    path = tmp_path / "fancy.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert main(["info", str(path)]) == 1
+    assert "unsupported ops: FancyOp" in capsys.readouterr().out
+
+
+def test_run_writes_outputs(tiny_model, tmp_path, capsys):
+    x = np.float32([[1, 1], [2, 2]])
+    np.save(tmp_path / "x.npy", x)
+    out_path = tmp_path / "out.npz"
+    assert main(["run", str(tiny_model), "--input", f"x={tmp_path / 'x.npy'}", "-o", str(out_path)]) == 0
+    with np.load(out_path) as data:
+        np.testing.assert_array_equal(data["y"], [[2, -3], [4, -6]])
+    assert "y: float32 [2, 2]" in capsys.readouterr().out
+
+
+def test_compare_reports_the_worst_error(tiny_model, capsys):
+    assert main(["compare", str(tiny_model), "--batch", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "worst relative error (max|a-b| / max|b|): 0.000e+00" in out  # one exact multiply
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["info", "/does/not/exist.onnx"], "/does/not/exist.onnx: no such model file"),
+    (["run", "MODEL", "--input", "x=/no/such.npy"], "--input x: no such file"),
+    (["run", "MODEL", "--input", "x=BADNPY"], "cannot read"),
+    (["run", "MODEL", "--input", "z=GOODNPY"], "unknown feed(s) ['z']"),
+])
+def test_errors_are_one_line_with_exit_code_2(argv, fragment, tiny_model, tmp_path, capsys):
+    (tmp_path / "bad.npy").write_text("not numpy")
+    np.save(tmp_path / "good.npy", np.ones((1, 2), np.float32))
+    subst = {"MODEL": str(tiny_model), "x=BADNPY": f"x={tmp_path / 'bad.npy'}",
+             "z=GOODNPY": f"z={tmp_path / 'good.npy'}"}
+    argv = [subst.get(a, a) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("refquant: error:")
+    assert fragment in err
+
+
+def test_demo_runs_and_agrees_with_onnxruntime(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "refquant FP32: face accuracy 100.0%" in out
+    assert "agreement with onnxruntime: OK" in out
