@@ -3,5 +3,8 @@
 from .registry import OpDef, lookup, register, registered_ops  # noqa: F401  (bound before the families)
 
 from . import (  # noqa: E402,F401  (each module registers its ops on import)
+    activations,
     elementwise,
+    linalg,
+    reduce,
 )
