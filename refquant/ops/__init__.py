@@ -5,6 +5,9 @@ from .registry import OpDef, lookup, register, registered_ops  # noqa: F401  (bo
 from . import (  # noqa: E402,F401  (each module registers its ops on import)
     activations,
     elementwise,
+    generators,
+    indexing,
     linalg,
     reduce,
+    tensor,
 )
