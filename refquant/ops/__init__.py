@@ -8,6 +8,8 @@ from . import (  # noqa: E402,F401  (each module registers its ops on import)
     generators,
     indexing,
     linalg,
+    nn,
+    norm,
     reduce,
     tensor,
 )

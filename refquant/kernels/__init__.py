@@ -1,0 +1,1 @@
+"""Numba-jitted hot loops (cache=True: a second process loads them compiled)."""

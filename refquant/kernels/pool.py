@@ -1,0 +1,76 @@
+"""Numba loops for MaxPool and AveragePool on [N*C, D, H, W] (1-D/2-D pools use singleton dims)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, parallel=True)
+def max_pool(x, kernel, stride, dilation, pad_begin, out, indices, want_indices):
+    """out[p, o] = max over the window of x[p]; indices = flat index (d, h, w) of the max in x[p].
+
+    Windows clipped to the input; padding never wins (it is -inf).
+    """
+    planes, d_in, h_in, w_in = x.shape
+    od, oh, ow = out.shape[1], out.shape[2], out.shape[3]
+    for p in prange(planes):
+        for a in range(od):
+            for b in range(oh):
+                for e in range(ow):
+                    best = -np.inf
+                    best_index = -1
+                    for i in range(kernel[0]):
+                        z = a * stride[0] + i * dilation[0] - pad_begin[0]
+                        if z < 0 or z >= d_in:
+                            continue
+                        for j in range(kernel[1]):
+                            y = b * stride[1] + j * dilation[1] - pad_begin[1]
+                            if y < 0 or y >= h_in:
+                                continue
+                            for k in range(kernel[2]):
+                                xx = e * stride[2] + k * dilation[2] - pad_begin[2]
+                                if xx < 0 or xx >= w_in:
+                                    continue
+                                v = x[p, z, y, xx]
+                                if v > best or best_index < 0:
+                                    best = v
+                                    best_index = (z * h_in + y) * w_in + xx
+                    out[p, a, b, e] = best
+                    if want_indices:
+                        indices[p, a, b, e] = best_index
+
+
+@njit(cache=True, parallel=True)
+def avg_pool(x, kernel, stride, dilation, pad_begin, pad_end, count_include_pad, out):
+    """out[p, o] = sum over the window / count; count = taps inside x, or inside x plus explicit pads.
+
+    Taps beyond the explicit padding (ceil_mode's extra windows) never count.
+    """
+    planes, d_in, h_in, w_in = x.shape
+    od, oh, ow = out.shape[1], out.shape[2], out.shape[3]
+    for p in prange(planes):
+        for a in range(od):
+            for b in range(oh):
+                for e in range(ow):
+                    total = 0.0
+                    count = 0
+                    for i in range(kernel[0]):
+                        z = a * stride[0] + i * dilation[0] - pad_begin[0]
+                        if z < -pad_begin[0] or z >= d_in + pad_end[0]:
+                            continue
+                        for j in range(kernel[1]):
+                            y = b * stride[1] + j * dilation[1] - pad_begin[1]
+                            if y < -pad_begin[1] or y >= h_in + pad_end[1]:
+                                continue
+                            for k in range(kernel[2]):
+                                xx = e * stride[2] + k * dilation[2] - pad_begin[2]
+                                if xx < -pad_begin[2] or xx >= w_in + pad_end[2]:
+                                    continue
+                                inside = 0 <= z < d_in and 0 <= y < h_in and 0 <= xx < w_in
+                                if inside:
+                                    total += x[p, z, y, xx]
+                                    count += 1
+                                elif count_include_pad:
+                                    count += 1
+                    out[p, a, b, e] = total / count if count > 0 else 0.0

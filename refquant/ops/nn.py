@@ -1,0 +1,292 @@
+"""Convolution and pooling: Conv, ConvTranspose, MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool, LRN.
+
+Conv is im2col + one BLAS GEMM per group (1x1 stride-1 convs skip im2col; depthwise convs run a
+direct Numba loop). Every spatial computation is written for 3 spatial dims; 1-D and 2-D inputs get
+singleton dims, so the same compiled loops serve all ranks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..kernels import conv as conv_kernels
+from ..kernels import pool as pool_kernels
+from .registry import register
+from .shapes import TensorInfo
+
+COLS_BUDGET = 1 << 23  # floats in one im2col buffer (32 MB): large images are done in row bands
+
+
+# ----------------------------------------------------------------------------- geometry
+def _to3(values, fill):
+    """Pad a per-spatial-dim list to 3 entries by prepending ``fill`` (1-D/2-D -> 3-D)."""
+    values = list(values)
+    return [fill] * (3 - len(values)) + values
+
+
+def _as3d(x):
+    """[N, C, *spatial] -> [N, C, D, H, W] view."""
+    return x.reshape(x.shape[:2] + (1,) * (5 - x.ndim) + x.shape[2:])
+
+
+def conv_geometry(in_size, kernel, strides, dilations, pads, auto_pad, ceil_mode=False, pool=False):
+    """(pad_begin, pad_end, out_size) per spatial dim, following ONNX's Conv and pooling formulas."""
+    n = len(in_size)
+    strides = list(strides or [1] * n)
+    dilations = list(dilations or [1] * n)
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        out = [-(-i // s) for i, s in zip(in_size, strides)]
+        total = [max(0, (o - 1) * s + e - i) for o, s, e, i in zip(out, strides, extent, in_size)]
+        small = [t // 2 for t in total]
+        big = [t - t // 2 for t in total]
+        begin, end = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+        return begin, end, out
+    if auto_pad == "VALID":
+        pads = [0] * (2 * n)
+    pads = list(pads or [0] * (2 * n))
+    begin, end = pads[:n], pads[n:]
+    out = []
+    for i, s, e, b, p_end in zip(in_size, strides, extent, begin, end):
+        span = i + b + p_end - e
+        o = (-(-span // s) if ceil_mode else span // s) + 1
+        if ceil_mode and pool and (o - 1) * s >= i + b:  # a window may not start in the end padding
+            o -= 1
+        out.append(o)
+    return begin, end, out
+
+
+def _i64(values):
+    return np.asarray(values, dtype=np.int64)
+
+
+def _compute_dtype(x):
+    return np.float64 if x.dtype == np.float64 else np.float32
+
+
+# ----------------------------------------------------------------------------- Conv
+def _conv_rule(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None, pads=None,
+               strides=None):
+    if x.shape is None or w.shape is None or any(not isinstance(d, int) for d in w.shape):
+        return TensorInfo(x.dtype, None)
+    kernel = kernel_shape or list(w.shape[2:])
+    spatial = list(x.shape[2:])
+    if all(isinstance(d, int) for d in spatial):
+        _, _, out = conv_geometry(spatial, kernel, strides, dilations, pads, auto_pad)
+    else:
+        out = [None] * len(spatial)
+    return TensorInfo(x.dtype, (x.shape[0], w.shape[0], *out))
+
+
+@register("Conv", since=1, infer=_conv_rule)
+def conv(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None, pads=None, strides=None):
+    """y[n, m] = b[m] + sum_{c in group(m), k} w[m, c, k] * x[n, c, s*o + d*k - pad]"""
+    dtype = _compute_dtype(x)
+    kernel = list(kernel_shape or w.shape[2:])
+    begin, end, out_size = conv_geometry(list(x.shape[2:]), kernel, strides, dilations, pads, auto_pad)
+    n_spatial = x.ndim - 2
+    x3 = _as3d(x.astype(dtype, copy=False))
+    w3 = _as3d(w.astype(dtype, copy=False))
+    n, c_in = x3.shape[:2]
+    m = w.shape[0]
+    stride3 = _i64(_to3(strides or [1] * n_spatial, 1))
+    dilation3 = _i64(_to3(dilations or [1] * n_spatial, 1))
+    begin3 = _i64(_to3(begin, 0))
+    out3 = _i64(_to3(out_size, 1))
+    if group == c_in and w.shape[1] == 1 and x3.shape[2] == 1 and group > 1:
+        y = _depthwise(x3, w3, stride3, dilation3, begin, end, out3, n_spatial)
+    elif group == 1 and all(k == 1 for k in kernel) and not any(begin) and not any(end) \
+            and all(s == 1 for s in stride3):
+        y = np.matmul(w3.reshape(m, c_in), x3.reshape(n, c_in, -1))
+    else:
+        y = _im2col_conv(x3, w3, group, stride3, dilation3, begin3, out3)
+    y = y.reshape((n, m) + tuple(out_size))
+    if b is not None:
+        y += b.astype(dtype, copy=False).reshape((m,) + (1,) * n_spatial)
+    return y.astype(x.dtype, copy=False)
+
+
+def _im2col_conv(x3, w3, group, stride3, dilation3, begin3, out3):
+    n, c_in = x3.shape[:2]
+    m = w3.shape[0]
+    cg, mg = c_in // group, m // group
+    kernel3 = _i64(w3.shape[2:])
+    k_rows = cg * int(np.prod(kernel3))
+    rows, ow = int(out3[0] * out3[1]), int(out3[2])
+    positions = rows * ow
+    y = np.empty((n, m, positions), dtype=x3.dtype)
+    weights = [np.ascontiguousarray(w3[g * mg:(g + 1) * mg].reshape(mg, k_rows)) for g in range(group)]
+    if n > 1 and n * positions * k_rows <= COLS_BUDGET and positions < 4096:
+        # small images: one GEMM over the whole batch keeps BLAS busy
+        cols = np.empty((k_rows, n * positions), dtype=x3.dtype)
+        for g in range(group):
+            for i in range(n):
+                conv_kernels.im2col(x3[i, g * cg:(g + 1) * cg], kernel3, stride3, dilation3, begin3, out3,
+                                    0, rows, cols, i * positions)
+            y[:, g * mg:(g + 1) * mg] = np.matmul(weights[g], cols).reshape(mg, n, positions).transpose(1, 0, 2)
+        return y
+    band = max(1, min(rows, COLS_BUDGET // max(1, k_rows * ow)))
+    cols = np.empty((k_rows, band * ow), dtype=x3.dtype)
+    for i in range(n):
+        for g in range(group):
+            for r0 in range(0, rows, band):
+                r1 = min(rows, r0 + band)
+                width = (r1 - r0) * ow
+                conv_kernels.im2col(x3[i, g * cg:(g + 1) * cg], kernel3, stride3, dilation3, begin3, out3,
+                                    r0, r1, cols, 0)
+                y[i, g * mg:(g + 1) * mg, r0 * ow:r1 * ow] = np.matmul(weights[g], cols[:, :width])
+    return y
+
+
+def _depthwise(x3, w3, stride3, dilation3, begin, end, out3, n_spatial):
+    """Depthwise (group == C_in) conv on 1-D/2-D inputs: pad once, then a direct loop per channel."""
+    begin2, end2 = _to3(begin, 0)[1:], _to3(end, 0)[1:]
+    x4 = x3[:, :, 0]
+    xp = np.pad(x4, ((0, 0), (0, 0), (begin2[0], end2[0]), (begin2[1], end2[1])))
+    w4 = np.ascontiguousarray(w3[:, :, 0])
+    y = np.zeros((x3.shape[0], w3.shape[0], int(out3[1]), int(out3[2])), dtype=x3.dtype)
+    conv_kernels.depthwise2d(np.ascontiguousarray(xp), w4, stride3[1:], dilation3[1:], y)
+    return y
+
+
+# ----------------------------------------------------------------------------- ConvTranspose
+def _conv_transpose_geometry(in_size, kernel, strides, dilations, pads, auto_pad, output_padding, output_shape):
+    n = len(in_size)
+    strides = list(strides or [1] * n)
+    dilations = list(dilations or [1] * n)
+    output_padding = list(output_padding or [0] * n)
+    full = [s * (i - 1) + op + (k - 1) * d + 1
+            for s, i, op, k, d in zip(strides, in_size, output_padding, kernel, dilations)]
+    if output_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        target = list(output_shape)[-n:] if output_shape is not None else [i * s for i, s in zip(in_size, strides)]
+        total = [f - t for f, t in zip(full, target)]
+        if auto_pad == "SAME_UPPER":
+            begin, end = [t // 2 for t in total], [t - t // 2 for t in total]
+        else:
+            begin, end = [t - t // 2 for t in total], [t // 2 for t in total]
+        return begin, target
+    pads = list(pads or [0] * (2 * n)) if auto_pad != "VALID" else [0] * (2 * n)
+    begin, end = pads[:n], pads[n:]
+    return begin, [f - b - e for f, b, e in zip(full, begin, end)]
+
+
+@register("ConvTranspose", since=1)
+def conv_transpose(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
+                   output_padding=None, output_shape=None, pads=None, strides=None):
+    """The adjoint of Conv: y[n, m, s*i + d*k - pad] += w[c, m, k] * x[n, c, i]  (GEMM + col2im)."""
+    dtype = _compute_dtype(x)
+    n_spatial = x.ndim - 2
+    kernel = list(kernel_shape or w.shape[2:])
+    begin, out_size = _conv_transpose_geometry(list(x.shape[2:]), kernel, strides, dilations, pads, auto_pad,
+                                               output_padding, output_shape)
+    x3 = _as3d(x.astype(dtype, copy=False))
+    w3 = _as3d(w.astype(dtype, copy=False))
+    n, c_in = x3.shape[:2]
+    cg, mg = c_in // group, w.shape[1]
+    kernel3 = _i64(w3.shape[2:])
+    in3 = _i64(x3.shape[2:])
+    y = np.zeros((n, mg * group) + tuple(_to3(out_size, 1)), dtype=dtype)
+    stride3 = _i64(_to3(strides or [1] * n_spatial, 1))
+    dilation3 = _i64(_to3(dilations or [1] * n_spatial, 1))
+    begin3 = _i64(_to3(begin, 0))
+    for g in range(group):
+        wg = w3[g * cg:(g + 1) * cg].reshape(cg, -1).T  # [(m, kd, kh, kw), c]
+        for i in range(n):
+            cols = np.ascontiguousarray(np.matmul(wg, x3[i, g * cg:(g + 1) * cg].reshape(cg, -1)))
+            conv_kernels.col2im(cols, kernel3, stride3, dilation3, begin3, in3, y[i, g * mg:(g + 1) * mg])
+    y = y.reshape((n, mg * group) + tuple(out_size))
+    if b is not None:
+        y += b.astype(dtype).reshape((-1,) + (1,) * n_spatial)
+    return y.astype(x.dtype, copy=False)
+
+
+# ----------------------------------------------------------------------------- pooling
+def _pool_rule(x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape=None, pads=None, strides=None,
+               storage_order=0, count_include_pad=0):
+    if x.shape is None:
+        return None
+    spatial = list(x.shape[2:])
+    if all(isinstance(d, int) for d in spatial):
+        _, _, out = conv_geometry(spatial, kernel_shape, strides, dilations, pads, auto_pad, bool(ceil_mode), True)
+    else:
+        out = [None] * len(spatial)
+    shape = (x.shape[0], x.shape[1], *out)
+    return TensorInfo(x.dtype, shape), TensorInfo(np.dtype(np.int64), shape)
+
+
+def _pool_setup(x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode):
+    n_spatial = x.ndim - 2
+    begin, end, out_size = conv_geometry(list(x.shape[2:]), kernel_shape, strides, dilations, pads, auto_pad,
+                                         bool(ceil_mode), pool=True)
+    planes = x.shape[0] * x.shape[1]
+    x3 = _as3d(x).reshape((planes,) + _as3d(x).shape[2:])
+    params = dict(kernel=_i64(_to3(kernel_shape, 1)), stride=_i64(_to3(strides or [1] * n_spatial, 1)),
+                  dilation=_i64(_to3(dilations or [1] * n_spatial, 1)), pad_begin=_i64(_to3(begin, 0)))
+    return x3, params, end, out_size
+
+
+@register("MaxPool", since=1, infer=_pool_rule)
+def max_pool(x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape, pads=None, storage_order=0,
+             strides=None, noutputs=1):
+    """y = max over each window (padding excluded); Indices = flat position of the max in x (row-major,
+    or column-major over the spatial dims with storage_order=1)."""
+    source = x if x.dtype in (np.float32, np.float64) else x.astype(np.float64)
+    x3, params, _, out_size = _pool_setup(np.ascontiguousarray(source), kernel_shape, strides, dilations, pads,
+                                          auto_pad, ceil_mode)
+    out3 = _to3(out_size, 1)
+    y = np.empty((x3.shape[0], *out3), dtype=x3.dtype)
+    want = noutputs > 1
+    indices = np.empty(y.shape if want else (1, 1, 1, 1), dtype=np.int64)
+    pool_kernels.max_pool(x3, params["kernel"], params["stride"], params["dilation"], params["pad_begin"], y,
+                          indices, want)
+    shape = x.shape[:2] + tuple(out_size)
+    y = y.reshape(shape).astype(x.dtype, copy=False)
+    if not want:
+        return y
+    spatial = x3.shape[1:]
+    if storage_order:  # column-major over (H, W): index = w * H + h
+        h, w = spatial[1], spatial[2]
+        indices = (indices % w) * h + (indices // w) % h + (indices // (h * w)) * (h * w)
+    plane_offset = np.arange(x3.shape[0], dtype=np.int64).reshape(-1, 1, 1, 1) * int(np.prod(spatial))
+    return y, (indices + plane_offset).reshape(shape)
+
+
+@register("AveragePool", since=1, infer=lambda *a, **k: _pool_rule(*a, **k)[0])
+def average_pool(x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None, kernel_shape,
+                 pads=None, strides=None):
+    """y = mean over each window; the count includes explicit padding only with count_include_pad."""
+    dtype = _compute_dtype(x)
+    x3, params, end, out_size = _pool_setup(np.ascontiguousarray(x.astype(dtype, copy=False)), kernel_shape,
+                                            strides, dilations, pads, auto_pad, ceil_mode)
+    y = np.empty((x3.shape[0], *_to3(out_size, 1)), dtype=dtype)
+    pool_kernels.avg_pool(x3, params["kernel"], params["stride"], params["dilation"], params["pad_begin"],
+                          _i64(_to3(end, 0)), bool(count_include_pad), y)
+    return y.reshape(x.shape[:2] + tuple(out_size)).astype(x.dtype, copy=False)
+
+
+def _global_rule(x):
+    return TensorInfo(x.dtype, None if x.shape is None else tuple(x.shape[:2]) + (1,) * (len(x.shape) - 2))
+
+
+@register("GlobalAveragePool", since=1, infer=_global_rule)
+def global_average_pool(x):
+    """y[n, c] = mean over all spatial positions of x[n, c]"""
+    return np.mean(x, axis=tuple(range(2, x.ndim)), keepdims=True, dtype=_compute_dtype(x)).astype(x.dtype)
+
+
+@register("GlobalMaxPool", since=1, infer=_global_rule)
+def global_max_pool(x):
+    return np.max(x, axis=tuple(range(2, x.ndim)), keepdims=True)
+
+
+@register("LRN", since=1, infer=lambda x, **a: TensorInfo(x.dtype, x.shape))
+def lrn(x, *, size, alpha=0.0001, beta=0.75, bias=1.0):
+    """y = x / (bias + alpha/size * sum of x^2 over channels c - (size-1)//2 .. c + ceil((size-1)/2))^beta"""
+    square = np.square(x.astype(np.float64))
+    lo, hi = (size - 1) // 2, math.ceil((size - 1) / 2)
+    padded = np.pad(square, [(0, 0), (lo, hi)] + [(0, 0)] * (x.ndim - 2))
+    window = np.cumsum(padded, axis=1)
+    window = np.concatenate([window[:, size - 1:size], window[:, size:] - window[:, :-size]], axis=1)
+    return (x / (bias + alpha / size * window) ** beta).astype(x.dtype)
