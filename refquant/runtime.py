@@ -23,6 +23,10 @@ from .errors import FeedError, OpError, RefquantError
 from .ir import Graph, Node, node_reads
 from .ops import lookup
 
+# ops whose result must not be computed once for all runs
+_NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
+               "Multinomial", "Dropout"}
+
 Hook = Callable[[str, np.ndarray, "Node | None"], "np.ndarray | None"]
 
 
@@ -59,10 +63,44 @@ class Session:
         self.graph = graph
         self.threads = threads
         self.hooks = list(hooks)
-        self.constants: dict[str, np.ndarray] = dict(graph.initializers)
         self._plans: dict[tuple[str, ...], list[_Step]] = {}
         self._subsessions: dict[int, Session] = {}
         self._compiled = {id(n): _compile(n) for n in graph.nodes}
+        self._folded: set[int] = set()
+        self.constants: dict[str, np.ndarray] = {}
+        self._fold_constants(dict(graph.initializers))
+
+    def set_constant(self, name: str, array: np.ndarray) -> None:
+        """Replace a constant (an initializer, e.g. a quantized weight) and recompute what folds from it."""
+        if name not in self.graph.initializers:
+            raise FeedError(f"graph {self.graph.name!r}: {name!r} is not an initializer")
+        base = {k: self.constants[k] for k in self.graph.initializers}
+        base[name] = np.asarray(array)
+        self._fold_constants(base)
+
+    def _fold_constants(self, base: dict[str, np.ndarray]) -> None:
+        """Run, once, every node whose inputs are all constant (ConstantOfShape weights, Shape arithmetic
+        on fixed shapes...); their outputs become constants and the nodes leave the plan."""
+        self.constants = base
+        folded = set()
+        with np.errstate(all="ignore"):
+            for node in self.graph.nodes:
+                if node.op_type in _NEVER_FOLD or any(True for _ in node.subgraphs()):
+                    continue
+                if not all(name in self.constants for name in node.present_inputs()):
+                    continue
+                kernel, kwargs = self._compiled[id(node)]
+                try:
+                    result = kernel(*[self.constants[n] if n else None for n in node.inputs], **kwargs)
+                except Exception:
+                    continue  # left in the plan: it will fail at run time with the node named
+                result = result if isinstance(result, tuple) else (result,)
+                for name, array in zip(node.outputs, result):
+                    if name:
+                        self.constants[name] = array
+                folded.add(id(node))
+        self._folded = folded
+        self._plans.clear()
 
     # -------------------------------------------------------------------------- public
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Iterable[str] | None = None,
@@ -127,7 +165,7 @@ class Session:
                 continue
             needed.add(id(node))
             stack.extend(producer[name] for name in node_reads(node) if name in producer)
-        nodes = [n for n in self.graph.nodes if id(n) in needed]
+        nodes = [n for n in self.graph.nodes if id(n) in needed and id(n) not in self._folded]
         last_reader: dict[str, int] = {}
         for index, node in enumerate(nodes):
             for name in node_reads(node):

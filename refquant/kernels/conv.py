@@ -1,47 +1,15 @@
-"""Numba loops behind Conv and ConvTranspose. The multiply-accumulate itself runs in BLAS.
+"""Numba loops behind ConvTranspose (col2im) and depthwise Conv. Dense convs need none: their im2col
+is a strided NumPy view (refquant.ops.nn._windows) and their multiply-accumulate runs in BLAS.
 
 Every spatial kernel works on 3 spatial dims; 1-D and 2-D convolutions are the same loops with
 singleton dims, so there is one compiled function per job instead of three.
-Padding is handled by bounds checks while copying (no padded copy of the input is made).
+Padding is handled by bounds checks (col2im) or by one padded copy (depthwise).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
-
-
-@njit(cache=True)
-def im2col(x, kernel, stride, dilation, pad_begin, out_size, row_start, row_stop, cols, col_offset):
-    """cols[(c, kd, kh, kw), col_offset + (r - row_start)*OW + ow] = x[c, od*s + kd*d - p, oh*s + kh*d - p, ...]
-
-    for output rows r = od*OH + oh in [row_start, row_stop); 0 where the tap falls in the padding.
-    x: [C, D, H, W]. Working on a range of rows keeps the column buffer small for large images.
-    """
-    c_in, d_in, h_in, w_in = x.shape
-    kd, kh, kw = kernel[0], kernel[1], kernel[2]
-    oh, ow = out_size[1], out_size[2]
-    for c in range(c_in):
-        for i in range(kd):
-            for j in range(kh):
-                for k in range(kw):
-                    row = ((c * kd + i) * kh + j) * kw + k
-                    for r in range(row_start, row_stop):
-                        a = r // oh
-                        b = r - a * oh
-                        z = a * stride[0] + i * dilation[0] - pad_begin[0]
-                        y = b * stride[1] + j * dilation[1] - pad_begin[1]
-                        base = col_offset + (r - row_start) * ow
-                        if z < 0 or z >= d_in or y < 0 or y >= h_in:
-                            for e in range(ow):
-                                cols[row, base + e] = 0.0
-                            continue
-                        for e in range(ow):
-                            xx = e * stride[2] + k * dilation[2] - pad_begin[2]
-                            if 0 <= xx < w_in:
-                                cols[row, base + e] = x[c, z, y, xx]
-                            else:
-                                cols[row, base + e] = 0.0
+from numba import njit
 
 
 @njit(cache=True)
@@ -73,24 +41,32 @@ def col2im(cols, kernel, stride, dilation, pad_begin, in_size, out):
                                     out[c, z, y, xx] += cols[row, base + e]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def depthwise2d(xp, w, stride, dilation, out):
     """out[n, c, oy, ox] = sum_{i,j} xp[n, c // m, oy*s + i*d, ox*s + j*d] * w[c, 0, i, j]  (m = multiplier).
 
     xp is the already padded input [N, C_in, Hp, Wp]; w is [C_in*m, 1, KH, KW]; out is zeroed.
+    Single-threaded on purpose: a Numba thread pool next to BLAS's spinning threads oversubscribes
+    the cores (measured 7x slower on 2 cores). The unit-stride case gets its own inner loop so
+    LLVM vectorizes it.
     """
     n_batch, c_out, oh, ow = out.shape
     mult = c_out // xp.shape[1]
     kh, kw = w.shape[2], w.shape[3]
-    for nc in prange(n_batch * c_out):
-        n = nc // c_out
-        c = nc % c_out
-        src = c // mult
-        for i in range(kh):
-            for j in range(kw):
-                weight = w[c, 0, i, j]
-                for oy in range(oh):
-                    row = oy * stride[0] + i * dilation[0]
-                    col0 = j * dilation[1]
-                    for ox in range(ow):
-                        out[n, c, oy, ox] += weight * xp[n, src, row, col0 + ox * stride[1]]
+    sy, sx = stride[0], stride[1]
+    for n in range(n_batch):
+        for c in range(c_out):
+            src = xp[n, c // mult]
+            for oy in range(oh):
+                dst_row = out[n, c, oy]  # one output row stays in L1 while every tap adds into it
+                for i in range(kh):
+                    src_row = src[oy * sy + i * dilation[0]]
+                    for j in range(kw):
+                        weight = w[c, 0, i, j]
+                        col0 = j * dilation[1]
+                        if sx == 1:
+                            for ox in range(ow):
+                                dst_row[ox] += weight * src_row[col0 + ox]
+                        else:
+                            for ox in range(ow):
+                                dst_row[ox] += weight * src_row[col0 + ox * sx]

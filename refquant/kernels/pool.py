@@ -1,12 +1,15 @@
-"""Numba loops for MaxPool and AveragePool on [N*C, D, H, W] (1-D/2-D pools use singleton dims)."""
+"""Numba loops for MaxPool and AveragePool on [N*C, D, H, W] (1-D/2-D pools use singleton dims).
+
+Single-threaded: a Numba thread pool beside BLAS's spinning threads oversubscribes the cores.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def max_pool(x, kernel, stride, dilation, pad_begin, out, indices, want_indices):
     """out[p, o] = max over the window of x[p]; indices = flat index (d, h, w) of the max in x[p].
 
@@ -14,7 +17,7 @@ def max_pool(x, kernel, stride, dilation, pad_begin, out, indices, want_indices)
     """
     planes, d_in, h_in, w_in = x.shape
     od, oh, ow = out.shape[1], out.shape[2], out.shape[3]
-    for p in prange(planes):
+    for p in range(planes):
         for a in range(od):
             for b in range(oh):
                 for e in range(ow):
@@ -41,7 +44,7 @@ def max_pool(x, kernel, stride, dilation, pad_begin, out, indices, want_indices)
                         indices[p, a, b, e] = best_index
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def avg_pool(x, kernel, stride, dilation, pad_begin, pad_end, count_include_pad, out):
     """out[p, o] = sum over the window / count; count = taps inside x, or inside x plus explicit pads.
 
@@ -49,7 +52,7 @@ def avg_pool(x, kernel, stride, dilation, pad_begin, pad_end, count_include_pad,
     """
     planes, d_in, h_in, w_in = x.shape
     od, oh, ow = out.shape[1], out.shape[2], out.shape[3]
-    for p in prange(planes):
+    for p in range(planes):
         for a in range(od):
             for b in range(oh):
                 for e in range(ow):

@@ -142,12 +142,12 @@ def where(condition, x, y):
 @register("Clip", since=11, infer=same_as_first)
 def clip(x, min=None, max=None):
     """y = min(max(x, min), max); an omitted bound is no bound."""
-    result = x
-    if min is not None:
-        result = np.maximum(result, min.astype(x.dtype))
+    if min is None and max is None:
+        return x.copy()
+    result = np.maximum(x, min.astype(x.dtype)) if min is not None else x.copy()
     if max is not None:
-        result = np.minimum(result, max.astype(x.dtype))
-    return result if result is not x else x.copy()
+        np.minimum(result, max.astype(x.dtype), out=result)
+    return result
 
 
 def _cast_rule(x, *, to, saturate=1, round_mode="up"):

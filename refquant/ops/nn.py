@@ -97,46 +97,65 @@ def conv(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_sha
     out3 = _i64(_to3(out_size, 1))
     if group == c_in and w.shape[1] == 1 and x3.shape[2] == 1 and group > 1:
         y = _depthwise(x3, w3, stride3, dilation3, begin, end, out3, n_spatial)
-    elif group == 1 and all(k == 1 for k in kernel) and not any(begin) and not any(end) \
-            and all(s == 1 for s in stride3):
+    elif group == 1 and all(k == 1 for k in kernel) and not any(begin) and not any(end):
+        # a 1x1 conv is a GEMM over the (subsampled) pixels: no im2col needed
+        if any(s != 1 for s in stride3):
+            x3 = np.ascontiguousarray(x3[:, :, ::stride3[0], ::stride3[1], ::stride3[2]])
+            x3 = x3[:, :, :out3[0], :out3[1], :out3[2]]
         y = np.matmul(w3.reshape(m, c_in), x3.reshape(n, c_in, -1))
     else:
-        y = _im2col_conv(x3, w3, group, stride3, dilation3, begin3, out3)
+        y = _im2col_conv(x3, w3, group, stride3, dilation3, begin3, _i64(_to3(end, 0)), out3)
     y = y.reshape((n, m) + tuple(out_size))
     if b is not None:
         y += b.astype(dtype, copy=False).reshape((m,) + (1,) * n_spatial)
     return y.astype(x.dtype, copy=False)
 
 
-def _im2col_conv(x3, w3, group, stride3, dilation3, begin3, out3):
+def _windows(xp, kernel3, stride3, dilation3, out3):
+    """A strided view [C, KD, KH, KW, OD, OH, OW] of a padded image [C, Dp, Hp, Wp]: im2col without a loop.
+
+    window[c, i, j, k, a, b, e] = xp[c, a*s0 + i*d0, b*s1 + j*d1, e*s2 + k*d2]
+    """
+    sc, sd, sh, sw = xp.strides
+    shape = (xp.shape[0], *kernel3, *out3)
+    strides = (sc, sd * dilation3[0], sh * dilation3[1], sw * dilation3[2],
+               sd * stride3[0], sh * stride3[1], sw * stride3[2])
+    return np.lib.stride_tricks.as_strided(xp, shape, strides, writeable=False)
+
+
+def _im2col_conv(x3, w3, group, stride3, dilation3, begin3, end3, out3):
+    """Grouped conv as GEMMs: y_g = W_g [M/g, C/g*K] @ cols_g [C/g*K, pixels]."""
     n, c_in = x3.shape[:2]
     m = w3.shape[0]
     cg, mg = c_in // group, m // group
-    kernel3 = _i64(w3.shape[2:])
+    kernel3 = tuple(int(k) for k in w3.shape[2:])
     k_rows = cg * int(np.prod(kernel3))
-    rows, ow = int(out3[0] * out3[1]), int(out3[2])
-    positions = rows * ow
+    out3 = tuple(int(o) for o in out3)
+    positions = int(np.prod(out3))
+    xp = np.pad(x3, [(0, 0), (0, 0)] + [(int(b), int(e)) for b, e in zip(begin3, end3)])
     y = np.empty((n, m, positions), dtype=x3.dtype)
-    weights = [np.ascontiguousarray(w3[g * mg:(g + 1) * mg].reshape(mg, k_rows)) for g in range(group)]
+    weights = [w3[g * mg:(g + 1) * mg].reshape(mg, k_rows) for g in range(group)]
     if n > 1 and n * positions * k_rows <= COLS_BUDGET and positions < 4096:
         # small images: one GEMM over the whole batch keeps BLAS busy
-        cols = np.empty((k_rows, n * positions), dtype=x3.dtype)
+        cols = np.empty((k_rows, n, positions), dtype=x3.dtype)
         for g in range(group):
             for i in range(n):
-                conv_kernels.im2col(x3[i, g * cg:(g + 1) * cg], kernel3, stride3, dilation3, begin3, out3,
-                                    0, rows, cols, i * positions)
-            y[:, g * mg:(g + 1) * mg] = np.matmul(weights[g], cols).reshape(mg, n, positions).transpose(1, 0, 2)
+                cols[:, i] = _windows(xp[i, g * cg:(g + 1) * cg], kernel3, stride3, dilation3, out3).reshape(
+                    k_rows, positions)
+            y[:, g * mg:(g + 1) * mg] = np.matmul(weights[g], cols.reshape(k_rows, -1)).reshape(
+                mg, n, positions).transpose(1, 0, 2)
         return y
-    band = max(1, min(rows, COLS_BUDGET // max(1, k_rows * ow)))
-    cols = np.empty((k_rows, band * ow), dtype=x3.dtype)
+    ow = out3[2]
+    band = max(1, min(out3[1], COLS_BUDGET // max(1, k_rows * ow)))  # output rows per GEMM
     for i in range(n):
         for g in range(group):
-            for r0 in range(0, rows, band):
-                r1 = min(rows, r0 + band)
-                width = (r1 - r0) * ow
-                conv_kernels.im2col(x3[i, g * cg:(g + 1) * cg], kernel3, stride3, dilation3, begin3, out3,
-                                    r0, r1, cols, 0)
-                y[i, g * mg:(g + 1) * mg, r0 * ow:r1 * ow] = np.matmul(weights[g], cols[:, :width])
+            view = _windows(xp[i, g * cg:(g + 1) * cg], kernel3, stride3, dilation3, out3)
+            for a in range(out3[0]):
+                for r0 in range(0, out3[1], band):
+                    r1 = min(out3[1], r0 + band)
+                    cols = np.ascontiguousarray(view[:, :, :, :, a, r0:r1]).reshape(k_rows, -1)
+                    start = (a * out3[1] + r0) * ow
+                    y[i, g * mg:(g + 1) * mg, start:start + cols.shape[1]] = np.matmul(weights[g], cols)
     return y
 
 

@@ -35,7 +35,9 @@ def batch_normalization(x, scale, bias, mean, var, *, epsilon=1e-5, momentum=0.9
     b = bias.astype(np.float64) - mean.astype(np.float64) * a
     if a.ndim > 1:  # opset < 9 spatial=0: statistics per (C, *spatial) element
         return (x * a.astype(dtype)[None] + b.astype(dtype)[None]).astype(dtype)
-    return x * _channel(a.astype(dtype), x.ndim) + _channel(b.astype(dtype), x.ndim)
+    y = np.multiply(x, _channel(a.astype(dtype), x.ndim))
+    y += _channel(b.astype(dtype), x.ndim)
+    return y
 
 
 @register("InstanceNormalization", since=1, infer=same_as_first)
