@@ -15,6 +15,8 @@ Anything else stays unknown (``None``), which is allowed everywhere: the runtime
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from .ir import Graph, Node, Value
@@ -41,7 +43,7 @@ def infer_shapes(graph: Graph) -> Graph:
             declared = graph.values.get(name)
             dtype = info.dtype if info.dtype is not None else (declared.dtype if declared else None)
             shape = info.shape if info.shape is not None else (declared.shape if declared else None)
-            known[name] = TensorInfo(dtype, shape, info.const)
+            known[name] = TensorInfo(dtype, shape, info.const, info.sym)
             graph.values[name] = Value(name, dtype, shape)
         for sub in node.subgraphs():
             infer_shapes(sub)
@@ -70,7 +72,7 @@ def _infer_node(node: Node, infos: list[TensorInfo | None]) -> list[TensorInfo]:
                     for a in result] + [UNKNOWN] * (nout - len(result))
     if opdef.infer is not None:
         rule_kwargs = {k: v for k, v in kwargs.items() if k != "noutputs"}
-        if "noutputs" in opdef.special:
+        if "noutputs" in opdef.special and _accepts(opdef.infer, "noutputs"):
             rule_kwargs["noutputs"] = nout
         try:
             out = opdef.infer(*infos, **rule_kwargs)
@@ -86,6 +88,11 @@ def _infer_node(node: Node, infos: list[TensorInfo | None]) -> list[TensorInfo]:
         if result is not None:
             return [TensorInfo(a.dtype, tuple(a.shape)) for a in result] + [UNKNOWN] * (nout - len(result))
     return [UNKNOWN] * nout
+
+
+def _accepts(fn, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _probeable(opdef, infos) -> bool:

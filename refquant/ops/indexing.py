@@ -12,7 +12,11 @@ def _gather_rule(x, indices, *, axis=0):
     if x.shape is None or indices.shape is None:
         return TensorInfo(x.dtype, None)
     axis %= len(x.shape)
-    return TensorInfo(x.dtype, tuple(x.shape[:axis]) + tuple(indices.shape) + tuple(x.shape[axis + 1:]))
+    shape = tuple(x.shape[:axis]) + tuple(indices.shape) + tuple(x.shape[axis + 1:])
+    sym = None
+    if x.sym is not None and indices.const is not None and len(x.shape) == 1:  # picking from a shape
+        sym = tuple(x.sym[int(i)] for i in np.asarray(indices.const).reshape(-1))
+    return TensorInfo(x.dtype, shape, sym=sym)
 
 
 @register("Gather", since=1, infer=_gather_rule)

@@ -14,6 +14,7 @@ class TensorInfo:
     dtype: np.dtype | None
     shape: tuple[Dim, ...] | None
     const: np.ndarray | None = None
+    sym: tuple | None = None  # values of a small int tensor made from shapes, e.g. ("batch", 64)
 
     @property
     def rank(self):
@@ -21,6 +22,15 @@ class TensorInfo:
 
 
 UNKNOWN = TensorInfo(None, None)
+
+
+def int_values(info) -> tuple | None:
+    """The values of a 1-D/0-D int tensor, as ints where constant and dim names where symbolic."""
+    if info is None:
+        return None
+    if info.const is not None:
+        return tuple(int(v) for v in np.asarray(info.const).reshape(-1))
+    return info.sym
 
 
 def same_as_first(x: TensorInfo, *rest, **attrs) -> TensorInfo:

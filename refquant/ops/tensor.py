@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .registry import register
-from .shapes import TensorInfo, broadcast_shapes
+from .shapes import TensorInfo, broadcast_shapes, int_values
 
 def _ints(array) -> list[int]:
     return [int(v) for v in np.asarray(array).reshape(-1)]
@@ -23,19 +23,25 @@ def _reshape_target(in_shape, shape, allowzero):
 
 
 def _reshape_rule(x, shape, *, allowzero=0):
-    if shape is None or shape.const is None or x.shape is None:
+    values = int_values(shape)
+    if values is None or x.shape is None:
         return TensorInfo(x.dtype, None)
-    target = _reshape_target(x.shape, _ints(shape.const), allowzero)
+    target = _reshape_target(x.shape, list(values), allowzero)
     if -1 in target:
         known = [d for d in target if d != -1]
         if all(isinstance(d, int) for d in list(x.shape) + known):
             target[target.index(-1)] = int(np.prod(x.shape)) // max(1, int(np.prod(known)))
         else:
-            rest = [d for d in x.shape]
-            for d in known:  # cancel dims that pass through unchanged, keep the symbolic one
+            rest, cancelled = list(x.shape), True
+            for d in known:  # cancel dims that pass through unchanged
                 if d in rest:
                     rest.remove(d)
-            target[target.index(-1)] = rest[0] if len(rest) == 1 else None
+                else:
+                    cancelled = False
+            if cancelled and all(isinstance(d, int) for d in rest):
+                target[target.index(-1)] = int(np.prod(rest))
+            else:
+                target[target.index(-1)] = rest[0] if cancelled and len(rest) == 1 else None
     return TensorInfo(x.dtype, tuple(target))
 
 
@@ -100,7 +106,7 @@ def _unsqueeze_rule(x, axes):
     rank = len(x.shape) + len(_ints(axes.const))
     inserted = sorted(a % rank for a in _ints(axes.const))
     dims = iter(x.shape)
-    return TensorInfo(x.dtype, tuple(1 if i in inserted else next(dims) for i in range(rank)))
+    return TensorInfo(x.dtype, tuple(1 if i in inserted else next(dims) for i in range(rank)), sym=x.sym)
 
 
 @register("Unsqueeze", since=13, infer=_unsqueeze_rule, shape_inputs=(1,))
@@ -123,7 +129,9 @@ def _concat_rule(*xs, axis):
         if i != axis and not isinstance(shape[i], int):
             fixed = [x.shape[i] for x in xs if isinstance(x.shape[i], int)]
             shape[i] = fixed[0] if fixed else shape[i]
-    return TensorInfo(xs[0].dtype, tuple(shape))
+    values = [int_values(x) for x in xs]
+    sym = sum(values, ()) if rank == 1 and all(v is not None for v in values) else None
+    return TensorInfo(xs[0].dtype, tuple(shape), sym=sym)
 
 
 @register("Concat", since=4, infer=_concat_rule)
@@ -254,7 +262,8 @@ def _shape_rule(x, *, start=0, end=None):
         return TensorInfo(np.dtype(np.int64), None)
     dims = x.shape[slice(start, end)]
     const = np.array(dims, dtype=np.int64) if all(isinstance(d, int) for d in dims) else None
-    return TensorInfo(np.dtype(np.int64), (len(dims),), const)
+    sym = tuple(dims) if const is None and all(d is not None for d in dims) else None
+    return TensorInfo(np.dtype(np.int64), (len(dims),), const, sym)
 
 
 @register("Shape", since=1, infer=_shape_rule)
