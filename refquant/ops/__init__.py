@@ -10,6 +10,7 @@ from . import (  # noqa: E402,F401  (each module registers its ops on import)
     linalg,
     nn,
     norm,
+    quant,
     reduce,
     tensor,
 )

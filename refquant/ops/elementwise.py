@@ -115,7 +115,7 @@ def _variadic(op_type, fn, since=8):
         with np.errstate(all="ignore"):
             for x in xs[1:]:
                 result = fn(result, x)
-        return _typed(np.array(result, copy=len(xs) == 1), xs[0])
+        return _typed(np.array(result) if len(xs) == 1 else np.asarray(result), xs[0])
 
     kernel.__name__ = op_type.lower()
 
@@ -144,10 +144,10 @@ def clip(x, min=None, max=None):
     """y = min(max(x, min), max); an omitted bound is no bound."""
     if min is None and max is None:
         return x.copy()
-    result = np.maximum(x, min.astype(x.dtype)) if min is not None else x.copy()
+    result = np.asarray(np.maximum(x, min.astype(x.dtype))) if min is not None else x.copy()
     if max is not None:
-        np.minimum(result, max.astype(x.dtype), out=result)
-    return result
+        result = np.minimum(result, max.astype(x.dtype), out=result if result.ndim else None)
+    return np.asarray(result)
 
 
 def _cast_rule(x, *, to, saturate=1, round_mode="up"):
