@@ -4,6 +4,7 @@ from .registry import OpDef, lookup, register, registered_ops  # noqa: F401  (bo
 
 from . import (  # noqa: E402,F401  (each module registers its ops on import)
     activations,
+    control,
     elementwise,
     generators,
     indexing,
@@ -12,5 +13,7 @@ from . import (  # noqa: E402,F401  (each module registers its ops on import)
     norm,
     quant,
     reduce,
+    resize,
+    rnn,
     tensor,
 )
