@@ -1,0 +1,150 @@
+"""Regenerate the golden files: realistic inputs for every zoo model and onnxruntime's outputs on them.
+
+    python golden/make_golden.py [--only NAME ...]
+
+Writes golden/<model>.npz (arrays "input:<name>" and "output:<name>") and golden/manifest.json
+(onnxruntime, numpy and onnx versions, execution provider, optimization level, CPU flags).
+Inputs come from the photos, scans, faces and speech in ../shared/data; this dev script uses PIL
+(installed with matplotlib) to decode images, the tests only read the .npz files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from refquant import zoo  # noqa: E402
+
+DATA = zoo.shared_dir() / "data"
+OPT_LEVEL = "ORT_ENABLE_ALL"  # what users run; the float comparison allows 1e-4 relative
+
+
+def _image(name: str, size: tuple[int, int], mode="RGB") -> np.ndarray:
+    from PIL import Image
+
+    img = Image.open(DATA / name).convert(mode)
+    w, h = img.size
+    tw, th = size
+    scale = max(tw / w, th / h)  # cover, then center-crop
+    img = img.resize((max(tw, round(w * scale)), max(th, round(h * scale))), Image.BILINEAR)
+    left, top = (img.size[0] - tw) // 2, (img.size[1] - th) // 2
+    return np.asarray(img.crop((left, top, left + tw, top + th)), dtype=np.float32)
+
+
+def _chw(images) -> np.ndarray:
+    return np.stack([np.transpose(i, (2, 0, 1)) for i in images]).astype(np.float32)
+
+
+def _text_crop(height: int, width: int, top: int) -> np.ndarray:
+    from PIL import Image
+
+    page = Image.open(DATA / "page.png").convert("RGB")
+    line = page.crop((0, top, page.size[0], top + 24)).resize((width, height), Image.BILINEAR)
+    return np.asarray(line, dtype=np.float32)
+
+
+def _lfw(size: int, count: int) -> np.ndarray:
+    from PIL import Image
+
+    faces = np.load(DATA / "lfw_subset.npy")[:count]
+    resized = [np.asarray(Image.fromarray(f.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
+               for f in faces]
+    x = (np.stack(resized) * 255 - 127.5) / 128
+    return np.repeat(x[:, None], 3, axis=1).astype(np.float32)
+
+
+def make_inputs(name: str, graph_inputs) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+    if name.startswith("light_"):
+        return {v.name: rng.standard_normal([d if isinstance(d, int) and d > 0 else 1 for d in v.shape])
+                .astype(np.float32) for v in graph_inputs}
+    if name == "mobilenet_v2":
+        imgs = [(_image(f, (224, 224)) / 255 - mean) / std for f in ("chelsea.png", "coffee.png")]
+        return {"input": _chw(imgs)}
+    if name == "mtcnn_rnet":
+        return {"input": _lfw(24, 4)}
+    if name == "mtcnn_onet":
+        return {"input": _lfw(48, 4)}
+    if name == "mtcnn_pnet":
+        return {"input": _chw([(_image("astronaut.png", (64, 48)) - 127.5) / 128])}
+    if name == "ppocr_det":
+        return {"x": _chw([(_image("page.png", (320, 160)) / 255 - 0.5) / 0.5])}
+    if name == "ppocr_rec":
+        return {"x": _chw([(_text_crop(48, 320, 100) / 255 - 0.5) / 0.5])}
+    if name == "ppocr_cls":
+        return {"x": _chw([(_text_crop(48, 192, 140) / 255 - 0.5) / 0.5])}
+    if name == "nudenet_320n":
+        return {"images": _chw([_image("astronaut.png", (320, 320)) / 255])}
+    if name == "silero_vad":
+        with wave.open(str(DATA / "beckett.wav")) as f:
+            audio = np.frombuffer(f.readframes(16000), dtype=np.int16).astype(np.float32) / 32768
+        return {"input": audio[16000 - 576:][None].copy(), "state": np.zeros((2, 1, 128), np.float32),
+                "sr": np.array(16000, np.int64)}
+    if name == "magika":
+        content = (zoo.shared_dir() / "design.md").read_bytes()
+        head, tail = list(content[:1024]), list(content[-1024:])
+        head += [256] * (1024 - len(head))
+        tail = [256] * (1024 - len(tail)) + tail
+        return {"bytes": np.array([head + tail], dtype=np.int32)}
+    if name == "minilm_l3":
+        ids = np.concatenate([[101], rng.integers(1000, 30000, 30), [102]]).astype(np.int64)[None]
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    raise KeyError(name)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args(argv)
+    import refquant
+
+    manifest_path = HERE / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
+    manifest.update({
+        "onnxruntime": ort.__version__, "numpy": np.__version__, "onnx": onnx.__version__,
+        "execution_provider": "CPUExecutionProvider", "graph_optimization_level": OPT_LEVEL,
+        "machine": platform.machine(), "cpu_flags": _cpu_flags(),
+    })
+    for name in args.only or zoo.names():
+        path = zoo.fetch(name)
+        graph = refquant.load(path)
+        feeds = make_inputs(name, graph.inputs)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVEL)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        outputs = dict(zip(names, session.run(names, feeds)))
+        arrays = {f"input:{k}": v for k, v in feeds.items()} | {f"output:{k}": v for k, v in outputs.items()}
+        np.savez_compressed(HERE / f"{name}.npz", **arrays)
+        manifest["models"][name] = {"file": f"{name}.npz", "sha256": zoo.info(name).sha256,
+                                    "inputs": {k: list(v.shape) for k, v in feeds.items()},
+                                    "outputs": {k: list(v.shape) for k, v in outputs.items()}}
+        print(f"{name}: {', '.join(f'{k}{list(v.shape)}' for k, v in outputs.items())}")
+    manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                wanted = ("avx", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "f16c", "amx")
+                return " ".join(f for f in line.split(":", 1)[1].split() if f in wanted)
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
