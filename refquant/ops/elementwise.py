@@ -144,10 +144,11 @@ def clip(x, min=None, max=None):
     """y = min(max(x, min), max); an omitted bound is no bound."""
     if min is None and max is None:
         return x.copy()
-    result = np.asarray(np.maximum(x, min.astype(x.dtype))) if min is not None else x.copy()
-    if max is not None:
-        result = np.minimum(result, max.astype(x.dtype), out=result if result.ndim else None)
-    return np.asarray(result)
+    if min is not None and max is not None:
+        return np.asarray(np.clip(x, min.astype(x.dtype), max.astype(x.dtype)))  # one pass over x
+    if min is not None:
+        return np.asarray(np.maximum(x, min.astype(x.dtype)))
+    return np.asarray(np.minimum(x, max.astype(x.dtype)))
 
 
 def _cast_rule(x, *, to, saturate=1, round_mode="up"):

@@ -165,8 +165,13 @@ def _depthwise(x3, w3, stride3, dilation3, begin, end, out3, n_spatial):
     x4 = x3[:, :, 0]
     xp = np.pad(x4, ((0, 0), (0, 0), (begin2[0], end2[0]), (begin2[1], end2[1])))
     w4 = np.ascontiguousarray(w3[:, :, 0])
+    xp = np.ascontiguousarray(xp)
+    if w4.shape[2:] == (3, 3) and w4.shape[0] == x4.shape[1] and not np.any(dilation3 != 1):
+        y = np.empty((x3.shape[0], w3.shape[0], int(out3[1]), int(out3[2])), dtype=x3.dtype)
+        conv_kernels.depthwise3x3(xp, w4, int(stride3[1]), int(stride3[2]), y)
+        return y
     y = np.zeros((x3.shape[0], w3.shape[0], int(out3[1]), int(out3[2])), dtype=x3.dtype)
-    conv_kernels.depthwise2d(np.ascontiguousarray(xp), w4, stride3[1:], dilation3[1:], y)
+    conv_kernels.depthwise2d(xp, w4, stride3[1:], dilation3[1:], y)
     return y
 
 
