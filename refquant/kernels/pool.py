@@ -77,3 +77,55 @@ def avg_pool(x, kernel, stride, dilation, pad_begin, pad_end, count_include_pad,
                                 elif count_include_pad:
                                     count += 1
                     out[p, a, b, e] = total / count if count > 0 else 0.0
+
+
+@njit(cache=True)
+def max_pool_padded(xp, kernel, stride, out):
+    """out[p, a, b, e] = max over the window of an input already padded with -inf: no bounds checks,
+    and each output row is updated tap by tap so the row loop vectorizes."""
+    planes = xp.shape[0]
+    od, oh, ow = out.shape[1], out.shape[2], out.shape[3]
+    sx = stride[2]
+    for p in range(planes):
+        for a in range(od):
+            for b in range(oh):
+                dst = out[p, a, b]
+                for e in range(ow):
+                    dst[e] = -np.inf
+                for i in range(kernel[0]):
+                    for j in range(kernel[1]):
+                        src = xp[p, a * stride[0] + i, b * stride[1] + j]
+                        for k in range(kernel[2]):
+                            if sx == 1:
+                                for e in range(ow):
+                                    v = src[e + k]
+                                    dst[e] = v if v > dst[e] else dst[e]
+                            else:
+                                for e in range(ow):
+                                    v = src[e * sx + k]
+                                    dst[e] = v if v > dst[e] else dst[e]
+
+
+@njit(cache=True)
+def sum_pool_padded(xp, kernel, stride, dilation, out):
+    """out[p, a, b, e] = sum over the window of an input already padded (with zeros); no bounds checks."""
+    planes = xp.shape[0]
+    od, oh, ow = out.shape[1], out.shape[2], out.shape[3]
+    sx = stride[2]
+    for p in range(planes):
+        for a in range(od):
+            for b in range(oh):
+                dst = out[p, a, b]
+                for e in range(ow):
+                    dst[e] = 0.0
+                for i in range(kernel[0]):
+                    for j in range(kernel[1]):
+                        src = xp[p, a * stride[0] + i * dilation[0], b * stride[1] + j * dilation[1]]
+                        for k in range(kernel[2]):
+                            first = k * dilation[2]
+                            if sx == 1:
+                                for e in range(ow):
+                                    dst[e] += src[e + first]
+                            else:
+                                for e in range(ow):
+                                    dst[e] += src[e * sx + first]

@@ -97,12 +97,15 @@ def conv(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_sha
     out3 = _i64(_to3(out_size, 1))
     if group == c_in and w.shape[1] == 1 and x3.shape[2] == 1 and group > 1:
         y = _depthwise(x3, w3, stride3, dilation3, begin, end, out3, n_spatial)
-    elif group == 1 and all(k == 1 for k in kernel) and not any(begin) and not any(end):
-        # a 1x1 conv is a GEMM over the (subsampled) pixels: no im2col needed
+    elif all(k == 1 for k in kernel) and not any(begin) and not any(end):
+        # a 1x1 conv is a GEMM per group over the (subsampled) pixels: no im2col needed
         if any(s != 1 for s in stride3):
             x3 = np.ascontiguousarray(x3[:, :, ::stride3[0], ::stride3[1], ::stride3[2]])
             x3 = x3[:, :, :out3[0], :out3[1], :out3[2]]
-        y = np.matmul(w3.reshape(m, c_in), x3.reshape(n, c_in, -1))
+        cg = c_in // group
+        y = np.empty((n, group, m // group, x3[0, 0].size), dtype=x3.dtype)
+        np.matmul(w3.reshape(group, m // group, cg), x3.reshape(n, group, cg, -1), out=y)
+        y = y.reshape(n, m, -1)
     else:
         y = _im2col_conv(x3, w3, group, stride3, dilation3, begin3, _i64(_to3(end, 0)), out3)
     y = y.reshape((n, m) + tuple(out_size))
@@ -155,7 +158,8 @@ def _im2col_conv(x3, w3, group, stride3, dilation3, begin3, end3, out3):
                     r1 = min(out3[1], r0 + band)
                     cols = np.ascontiguousarray(view[:, :, :, :, a, r0:r1]).reshape(k_rows, -1)
                     start = (a * out3[1] + r0) * ow
-                    y[i, g * mg:(g + 1) * mg, start:start + cols.shape[1]] = np.matmul(weights[g], cols)
+                    # out= writes the GEMM result in place: a temporary plus a copy costs ~10x the GEMM
+                    np.matmul(weights[g], cols, out=y[i, g * mg:(g + 1) * mg, start:start + cols.shape[1]])
     return y
 
 
@@ -262,6 +266,14 @@ def max_pool(x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape,
     out3 = _to3(out_size, 1)
     y = np.empty((x3.shape[0], *out3), dtype=x3.dtype)
     want = noutputs > 1
+    if not want and all(d == 1 for d in params["dilation"]) and not np.isnan(x3).any():
+        # pad with -inf up to the last window's reach (ceil_mode windows may pass the explicit padding)
+        begin3 = params["pad_begin"]
+        reach = [(o - 1) * s + k for o, s, k in zip(out3, params["stride"], params["kernel"])]
+        widths = [(0, 0)] + [(int(b), max(0, int(r - b - n))) for b, r, n in zip(begin3, reach, x3.shape[1:])]
+        xp = np.pad(x3, widths, constant_values=-np.inf) if any(w != (0, 0) for w in widths) else x3
+        pool_kernels.max_pool_padded(xp, params["kernel"], params["stride"], y)
+        return y.reshape(x.shape[:2] + tuple(out_size)).astype(x.dtype, copy=False)
     indices = np.empty(y.shape if want else (1, 1, 1, 1), dtype=np.int64)
     pool_kernels.max_pool(x3, params["kernel"], params["stride"], params["dilation"], params["pad_begin"], y,
                           indices, want)
@@ -284,9 +296,26 @@ def average_pool(x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dila
     dtype = _compute_dtype(x)
     x3, params, end, out_size = _pool_setup(np.ascontiguousarray(x.astype(dtype, copy=False)), kernel_shape,
                                             strides, dilations, pads, auto_pad, ceil_mode)
-    y = np.empty((x3.shape[0], *_to3(out_size, 1)), dtype=dtype)
-    pool_kernels.avg_pool(x3, params["kernel"], params["stride"], params["dilation"], params["pad_begin"],
-                          _i64(_to3(end, 0)), bool(count_include_pad), y)
+    out3 = _to3(out_size, 1)
+    begin3, end3 = params["pad_begin"], _i64(_to3(end, 0))
+    extent = [(k - 1) * d + 1 for k, d in zip(params["kernel"], params["dilation"])]
+    reach = [(o - 1) * s + e for o, s, e in zip(out3, params["stride"], extent)]
+    widths = [(int(b), max(0, int(r - b - n))) for b, r, n in zip(begin3, reach, x3.shape[1:])]
+    # sums over zero-padded windows, divided by how many taps count: those inside x, plus the
+    # explicit padding with count_include_pad (never the overhang that ceil_mode adds)
+    xp = np.pad(x3, [(0, 0)] + widths)
+    sums = np.empty((x3.shape[0], *out3), dtype=dtype)
+    pool_kernels.sum_pool_padded(xp, params["kernel"], params["stride"], params["dilation"], sums)
+    counted = np.zeros((1,) + xp.shape[1:], dtype=dtype)
+    if count_include_pad:
+        inner = tuple(slice(0, min(n + b + e, n + w0 + w1)) for n, b, e, (w0, w1) in
+                      zip(x3.shape[1:], begin3, end3, widths))
+    else:
+        inner = tuple(slice(w0, w0 + n) for n, (w0, _) in zip(x3.shape[1:], widths))
+    counted[(slice(None),) + inner] = 1
+    counts = np.empty((1, *out3), dtype=dtype)
+    pool_kernels.sum_pool_padded(counted, params["kernel"], params["stride"], params["dilation"], counts)
+    y = sums / np.maximum(counts, 1)
     return y.reshape(x.shape[:2] + tuple(out_size)).astype(x.dtype, copy=False)
 
 

@@ -1,0 +1,34 @@
+"""Pooling against onnxruntime over the padding/stride/ceil_mode/count_include_pad grid: the fast padded
+kernels must reproduce onnxruntime's window and divisor rules, including ceil_mode windows that overhang."""
+import itertools
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import refquant
+
+CASES = [(k, s, p, ceil, cip) for k, s, p, ceil, cip in itertools.product([2, 3], [1, 2], [0, 1], [0, 1], [0, 1])
+         if p < k]
+
+
+@pytest.mark.parametrize("op", ["AveragePool", "MaxPool"])
+@pytest.mark.parametrize("k,s,p,ceil,cip", CASES)
+def test_pool_matches_onnxruntime(op, k, s, p, ceil, cip):
+    attrs = dict(kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p], ceil_mode=ceil)
+    if op == "AveragePool":
+        attrs["count_include_pad"] = cip
+    node = helper.make_node(op, ["x"], ["y"], **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 7, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    x = np.random.default_rng(k * 100 + s * 10 + p).standard_normal((2, 3, 7, 8)).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = refquant.Session(refquant.load(model)).run({"x": x})["y"]
+    assert got.shape == expected.shape
+    if op == "MaxPool":
+        assert np.array_equal(got, expected)
+    else:
+        # a sum of at most 9 floats then one division: summation order differs from onnxruntime's by a few ulp
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
