@@ -38,7 +38,10 @@ def batched_model(name: str, batch: int, workdir: Path) -> Path:
 
     path = zoo.fetch(name)
     model = onnx.load(str(path))
-    dim = model.graph.input[0].type.tensor_type.shape.dim
+    # old-IR models also list every initializer as a graph input: the data input is the first that is not one
+    initializers = {init.name for init in model.graph.initializer}
+    data_input = next(i for i in model.graph.input if i.name not in initializers)
+    dim = data_input.type.tensor_type.shape.dim
     if batch == 1 or not dim or dim[0].dim_param:
         return path
     dim[0].dim_param = "N"
