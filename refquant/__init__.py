@@ -13,3 +13,12 @@ from .onnx_io import load, save, to_onnx  # noqa: F401
 from .runtime import Session  # noqa: F401
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # QuantSim pulls in the calibration machinery: import it when first asked for
+    if name in ("QuantSim", "load_encodings"):
+        from . import quant
+
+        return getattr(quant, name)
+    raise AttributeError(f"module 'refquant' has no attribute {name!r}")

@@ -62,7 +62,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--all-tensors", action="store_true", help="compare every intermediate tensor too")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("demo", help="run the example model that ships with refquant and check it")
+    p = sub.add_parser("quantize", help="calibrate a QuantSim, export model/encodings/QDQ, print SQNR and accuracy")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="calibration data: .npz, .npy, a folder of .npy or of images")
+    p.add_argument("--eval-data", help="evaluation data (default: the calibration data)")
+    p.add_argument("--labels", help="integer labels of the evaluation samples (.npy/.npz/.txt): prints accuracy")
+    p.add_argument("--primary", help="output scored for accuracy (argmax over its last axis; default: the first)")
+    p.add_argument("--config", default="default", help="built-in name (default, per_tensor) or AIMET config JSON")
+    p.add_argument("--scheme", default="min_max",
+                   help="min_max (tf), tf_enhanced, percentile, mse, entropy (default min_max)")
+    p.add_argument("--precision", default="w8a8", help="w8a8, w8a16, w4a8, w16a16, fp16... (default w8a8)")
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor weights (the per_tensor config)")
+    p.add_argument("--rounding", default="half_even", choices=["half_even", "half_up"])
+    p.add_argument("--preprocess", help="image preprocessing, e.g. 'size=224,224;mean=0.485,0.456,0.406;"
+                                        "std=0.229,0.224,0.225' or a JSON file")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--encoding-version", default="1.0.0", choices=["1.0.0", "2.0.0"])
+    p.add_argument("--prefix", default=None, help="file name prefix (default: the model's name)")
+    p.add_argument("-o", "--output-dir", required=True)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("demo", help="the quantization walkthrough on the example model that ships with refquant")
+    p.add_argument("--output-dir", help="where the exported files go (default: a new temporary folder)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -139,10 +160,41 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .data import Preprocess, iter_feeds, load_labels
+    from .onnx_io import load
+    from .quant import QuantSim
+    from .quant.evaluate import evaluate
+
+    graph = load(args.model)
+    config = "per_tensor" if args.per_tensor and args.config == "default" else args.config
+    sim = QuantSim(graph, precision=args.precision, quant_scheme=args.scheme, config=config,
+                   rounding=args.rounding)
+    preprocess = Preprocess.parse(args.preprocess) if args.preprocess else None
+    labels = load_labels(args.labels) if args.labels else None  # before any work: a bad path fails fast
+    start = time.perf_counter()
+    sim.compute_encodings(args.data, batch_size=args.batch_size, preprocess=preprocess)
+    print(f"calibrated {sum(q.enabled for q in sim.quantizers.values())} quantizers on {args.data} "
+          f"({args.scheme}, {args.precision}) in {time.perf_counter() - start:.1f} s")
+    prefix = args.prefix or Path(args.model).stem
+    paths = sim.export(args.output_dir, prefix, encoding_version=args.encoding_version)
+    eval_source = args.eval_data or args.data
+    scores = evaluate(sim, iter_feeds(eval_source, graph, batch_size=args.batch_size, preprocess=preprocess),
+                      labels, primary=args.primary)
+    print(f"{'output':<32}{'SQNR vs FP32 (dB)':>20}")
+    for name, value in scores.sqnr.items():
+        print(f"{name:<32}{value:>20.2f}")
+    if scores.accuracy is not None:
+        print(f"top-1 accuracy ({args.primary or graph.output_names[0]}): {scores.accuracy:.2%} (FP32 {scores.fp32_accuracy:.2%})")
+    for kind, path in paths.items():
+        print(f"wrote {kind:<10} {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo()
+    return run_demo(args.output_dir)
 
 
 def _shape(shape) -> str:

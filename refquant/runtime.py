@@ -78,6 +78,15 @@ class Session:
         base[name] = np.asarray(array)
         self._fold_constants(base)
 
+    def set_constants(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Replace many constants at once (all quantized weights), folding once."""
+        unknown = [name for name in arrays if name not in self.graph.initializers]
+        if unknown:
+            raise FeedError(f"graph {self.graph.name!r}: {unknown[:5]} are not initializers")
+        base = {k: self.constants[k] for k in self.graph.initializers}
+        base.update({name: np.asarray(a) for name, a in arrays.items()})
+        self._fold_constants(base)
+
     def _fold_constants(self, base: dict[str, np.ndarray]) -> None:
         """Run, once, every node whose inputs are all constant (ConstantOfShape weights, Shape arithmetic
         on fixed shapes...); their outputs become constants and the nodes leave the plan."""

@@ -74,8 +74,47 @@ def test_errors_are_one_line_with_exit_code_2(argv, fragment, tiny_model, tmp_pa
     assert fragment in err
 
 
-def test_demo_runs_and_agrees_with_onnxruntime(capsys):
-    assert main(["demo"]) == 0
+def test_demo_walks_the_workflow_and_exports_every_step(tmp_path, capsys):
+    assert main(["demo", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "refquant FP32: face accuracy 100.0%" in out
-    assert "agreement with onnxruntime: OK" in out
+    assert "FP32: face accuracy 100.0%" in out and "(OK" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().startswith("w")}
+    assert list(rows) == ["w16a16", "w8a16", "w8a8", "w4a8"]
+    prob_sqnr = [float(rows[p][2]) for p in rows]
+    # fewer bits, more noise: the SQNR of the face probability falls at every step
+    assert prob_sqnr == sorted(prob_sqnr, reverse=True)
+    assert prob_sqnr[0] > 80 and float(rows["w8a8"][1].rstrip("%")) >= 95
+    for precision in rows:
+        files = sorted(p.name for p in (tmp_path / precision).iterdir())
+        assert files == ["mtcnn_rnet.encodings", "mtcnn_rnet.onnx", "mtcnn_rnet_qdq.onnx"]
+
+
+def test_quantize_writes_three_files_and_prints_sqnr_and_accuracy(tmp_path, capsys):
+    from refquant.examples import lfw_rnet_inputs, RNET
+    x, labels = lfw_rnet_inputs()
+    # AIMET's calibration subset of the same crops (refs/aimet_samples/README.md): faces and non-faces
+    np.save(tmp_path / "calib.npy", x[np.random.default_rng(0).choice(len(x), 64, replace=False)])
+    np.save(tmp_path / "eval.npy", x)
+    np.save(tmp_path / "labels.npy", labels)
+    code = main(["quantize", str(RNET), "--data", str(tmp_path / "calib.npy"), "--eval-data",
+                 str(tmp_path / "eval.npy"), "--labels", str(tmp_path / "labels.npy"), "--precision", "w8a16", "--primary", "prob",
+                 "--encoding-version", "2.0.0", "-o", str(tmp_path / "out")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "top-1 accuracy (prob): 100.00% (FP32 100.00%)" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "mtcnn_rnet.encodings", "mtcnn_rnet.onnx", "mtcnn_rnet_qdq.onnx"]
+    import json
+    assert json.loads((tmp_path / "out" / "mtcnn_rnet.encodings").read_text())["version"] == "2.0.0"
+    sqnr = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()
+            if line.split() and line.split()[0] in ("bbox_reg", "prob")}
+    assert sqnr["prob"] > 40 and sqnr["bbox_reg"] > 25  # AIMET's W8A16 on this model: 54.2 / 32.8 dB
+
+
+def test_quantize_bad_labels_path_fails_before_any_work(tmp_path, capsys):
+    from refquant.examples import RNET
+    code = main(["quantize", str(RNET), "--data", str(tmp_path), "--labels", str(tmp_path / "nope.npy"),
+                 "-o", str(tmp_path / "out")])
+    assert code == 2
+    assert "nope.npy" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -119,7 +119,7 @@ def from_min_max(min_value, max_value, bitwidth: int, symmetric: bool, strict_sy
     """AIMET's getComputedEncodings (refs/aimet.md §5.1), elementwise over channels/blocks.
 
     min, max are widened to include 0. Symmetric: ``scale = max(max/numPos, -min/numNeg)``,
-    ``offset = -numNeg``; asymmetric (and unsigned symmetric on data >= 0):
+    ``offset = -numNeg`` (scale rounded to float32 as AIMET stores it); asymmetric (and unsigned symmetric on data >= 0):
     ``scale = (max-min)/numSteps``, ``offset = clamp(round(min/scale), -numSteps, 0)``.
     """
     bitwidth = check_bitwidth(bitwidth, allow_32=True)
@@ -132,7 +132,10 @@ def from_min_max(min_value, max_value, bitwidth: int, symmetric: bool, strict_sy
 
     num_pos = steps // 2
     num_neg = steps - num_pos
+    # AIMET stores symmetric scales as float32 (measured: all per-channel and per-tensor weight scales
+    # of aimet_samples are float32(double formula)); asymmetric ones keep double precision
     sym_scale = np.maximum(hi / (num_pos + (1 if steps == 3 else 0)), -lo / num_neg)
+    sym_scale = sym_scale.astype(np.float32).astype(np.float64)
     asym_scale = (hi - lo) / steps
     scale = np.maximum(np.where(use_symmetric, sym_scale, asym_scale), MIN_SCALE)
     asym_offset = np.clip(_round_half_away(lo / scale), -steps, 0)
@@ -155,7 +158,8 @@ def from_onnx(scale, zero_point, type_name: str, axis: int | None = None, block_
 
 
 def bias_encoding(input_scale, weight_scale, axis: int | None = 0) -> Encoding:
-    """int32 bias grid: ``scale = input_scale * weight_scale`` (per output channel), zero point 0."""
-    scale = np.asarray(input_scale, dtype=np.float64) * np.asarray(weight_scale, dtype=np.float64)
+    """int32 bias grid: ``scale = input_scale * weight_scale`` (per output channel), zero point 0,
+    multiplied in float32 as AIMET does (exact on every aimet_samples bias)."""
+    scale = (np.asarray(input_scale, dtype=np.float32) * np.asarray(weight_scale, dtype=np.float32)).astype(np.float64)
     offset = np.full(scale.shape, -float(1 << 31))
     return Encoding(scale, offset, 32, True, (1 << 32) - 1, axis if scale.ndim else None)

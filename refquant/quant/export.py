@@ -1,0 +1,243 @@
+"""Export a calibrated QuantSim: the FP32 model, AIMET's encodings JSON, and a QDQ ONNX model.
+
+In the QDQ model every active quantizer of a tensor ``t`` becomes ``QuantizeLinear -> DequantizeLinear``
+with the encoding's float32 scale and zero point (:meth:`Encoding.to_onnx`), and every reader of ``t``
+reads the dequantized tensor instead. Names: the float tensor keeps ``t`` and the QDQ result is
+``t + QDQ_SUFFIX``, except for graph outputs, which keep their name for the QDQ result while the float
+tensor becomes ``t + FLOAT_SUFFIX``. Weights stay float initializers with their own Q/DQ pair, as in
+AIMET's ``to_onnx_qdq``. 4- and 16-bit grids and per-block encodings need opset 21.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ..errors import RefquantError
+from ..fileio import atomic_path
+from ..ir import Node
+from ..onnx_io import save, to_onnx
+from .encoding import Encoding, EncodingError
+
+QDQ_SUFFIX = "_qdq"
+FLOAT_SUFFIX = "_float"
+_ONNX_TYPES = {"int2": TensorProto.INT2 if hasattr(TensorProto, "INT2") else None,
+               "uint2": TensorProto.UINT2 if hasattr(TensorProto, "UINT2") else None,
+               "int4": TensorProto.INT4, "uint4": TensorProto.UINT4, "int8": TensorProto.INT8,
+               "uint8": TensorProto.UINT8, "int16": TensorProto.INT16, "uint16": TensorProto.UINT16,
+               "int32": TensorProto.INT32}
+
+
+def qdq_names(sim, name: str) -> tuple[str, str]:
+    """(float tensor, dequantized tensor) names of quantized tensor ``name`` in the QDQ model."""
+    if name in sim.graph.output_names:
+        return name + FLOAT_SUFFIX, name
+    return name, name + QDQ_SUFFIX
+
+
+def active_encodings(sim) -> dict[str, Encoding]:
+    """Every tensor that the simulation quantizes, with its encoding, in graph order."""
+    result = {}
+    for name, quantizer in sim.quantizers.items():
+        encoding = sim.encoding_of(name)
+        if quantizer.enabled and encoding is not None:
+            result[name] = encoding
+    return result
+
+
+def required_opset(sim) -> int:
+    """The lowest default-domain opset that can hold the QDQ model."""
+    opset = max(13, sim.graph.opset.get("", 13))  # per-axis QuantizeLinear needs 13
+    for name, encoding in active_encodings(sim).items():
+        if encoding.kind != "int":
+            continue
+        if encoding.bitwidth not in (4, 8, 16, 32):
+            raise EncodingError(f"tensor {name!r}: a {encoding.bitwidth}-bit grid has no ONNX QuantizeLinear type "
+                                f"(4, 8 and 16 bits do); its encoding can still be exported as JSON")
+        if encoding.bitwidth in (4, 16) or encoding.block_size is not None:
+            opset = max(opset, 21)
+    return opset
+
+
+def to_qdq_onnx(sim) -> onnx.ModelProto:
+    """The simulated model as QuantizeLinear/DequantizeLinear pairs around float ops."""
+    opset = required_opset(sim)
+    graph = sim.graph.copy()
+    graph.opset = dict(graph.opset, **{"": opset})
+    encodings = active_encodings(sim)
+    zero_points: dict[str, tuple[np.ndarray, str]] = {}
+    new_nodes: list[Node] = []
+    outputs = set(graph.output_names)
+
+    def qdq_nodes(name: str, encoding: Encoding) -> list[Node]:
+        source, result = qdq_names(sim, name)
+        tag = name.replace("/", "_").strip("_")
+        if encoding.kind == "float":
+            return [Node("Cast", [source], [f"{tag}_fp16"], {"to": TensorProto.FLOAT16}, f"{tag}_cast16", "", opset),
+                    Node("Cast", [f"{tag}_fp16"], [result], {"to": TensorProto.FLOAT}, f"{tag}_cast32", "", opset)]
+        quantizer = sim.quantizers[name]
+        if quantizer.role == "bias":
+            return _bias_nodes(graph, name, result, encoding, zero_points, tag, opset)
+        scale, zero_point, type_name = encoding.to_onnx(signed=None if quantizer.kind == "param" else False)
+        graph.initializers[f"{tag}_scale"] = np.asarray(scale, dtype=np.float32)
+        zero_points[f"{tag}_zero_point"] = (np.asarray(zero_point), type_name)
+        attrs = {}
+        if encoding.axis is not None:
+            attrs["axis"] = int(encoding.axis)
+        if encoding.block_size is not None:
+            attrs["block_size"] = int(encoding.block_size)
+        inputs = [source, f"{tag}_scale", f"{tag}_zero_point"]
+        return [Node("QuantizeLinear", inputs, [f"{tag}_quantized"], attrs, f"{tag}_quantize", "", opset),
+                Node("DequantizeLinear", [f"{tag}_quantized"] + inputs[1:], [result], dict(attrs),
+                     f"{tag}_dequantize", "", opset)]
+
+    for name, encoding in encodings.items():
+        if name in graph.initializers or name in graph.input_names:
+            new_nodes.extend(qdq_nodes(name, encoding))
+    for node in graph.nodes:
+        node.inputs = [qdq_names(sim, i)[1] if i in encodings else i for i in node.inputs]
+        node.version = opset if node.domain == "" else node.version
+        new_nodes.append(node)
+        for out in node.outputs:
+            if out in encodings:
+                if out in outputs:
+                    node.outputs = [qdq_names(sim, out)[0] if o == out else o for o in node.outputs]
+                new_nodes.extend(qdq_nodes(out, encodings[out]))
+    graph.nodes = new_nodes
+    model = to_onnx(graph, graph.opset)
+    for name, (zero_point, type_name) in zero_points.items():
+        model.graph.initializer.append(_typed_tensor(name, zero_point, type_name))
+    return model
+
+
+def _bias_nodes(graph, name, result, encoding, zero_points, tag, opset) -> list[Node]:
+    """An int32 bias: stored as its integer codes round(b / scale), dequantized per channel."""
+    bias = np.asarray(graph.initializers[name], dtype=np.float64)
+    scale = np.asarray(encoding.scale, dtype=np.float32)
+    codes = np.clip(np.rint(bias / scale.astype(np.float64)), -2**31, 2**31 - 1).astype(np.int32)
+    zero_points[f"{tag}_codes"] = (codes, "int32")
+    graph.initializers[f"{tag}_scale"] = scale
+    attrs = {"axis": 0} if scale.ndim else {}
+    return [Node("DequantizeLinear", [f"{tag}_codes", f"{tag}_scale"], [result], attrs, f"{tag}_dequantize", "",
+                 opset)]
+
+
+def _typed_tensor(name: str, values: np.ndarray, type_name: str) -> onnx.TensorProto:
+    data_type = _ONNX_TYPES.get(type_name)
+    if data_type is None:
+        raise EncodingError(f"{name}: onnx {onnx.__version__} has no {type_name} type")
+    return helper.make_tensor(name, data_type, list(values.shape), values.astype(np.int64).ravel().tolist())
+
+
+def export(sim, directory, prefix: str = "model", encoding_version: str = "1.0.0") -> dict[str, str]:
+    """Write ``prefix.onnx`` (the FP32 graph the simulation wraps), ``prefix.encodings`` and
+    ``prefix_qdq.onnx`` into ``directory`` (created). Everything is built before anything is written."""
+    from pathlib import Path
+
+    from .encodings_io import write_encodings
+
+    if encoding_version not in ("1.0.0", "2.0.0"):
+        raise RefquantError(f"encoding_version {encoding_version!r}: refquant writes '1.0.0' and '2.0.0'")
+    directory = Path(directory)
+    qdq_model = to_qdq_onnx(sim)  # fails early (e.g. a 6-bit grid) before any file exists
+    activations, params, extra = encodings_for_file(sim, encoding_version)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RefquantError(f"cannot create export directory {directory}: {exc.strerror}") from None
+    paths = {"model": directory / f"{prefix}.onnx", "encodings": directory / f"{prefix}.encodings",
+             "qdq": directory / f"{prefix}_qdq.onnx"}
+    try:
+        save(sim.graph, paths["model"])
+        write_encodings(paths["encodings"], activations, params, version=encoding_version,
+                        quantizer_args=quantizer_args(sim), extra_2_0_0=extra, order=aimet_order(sim, extra))
+        with atomic_path(paths["qdq"]) as tmp:
+            onnx.save(qdq_model, str(tmp))
+    except OSError as exc:
+        raise RefquantError(f"cannot write to export directory {directory}: {exc.strerror}") from None
+    return {k: str(v) for k, v in paths.items()}
+
+
+def quantizer_args(sim) -> dict:
+    """AIMET's ``quantizer_args`` block."""
+    return {"activation_bitwidth": sim.output_bw if isinstance(sim.output_bw, int) else 16,
+            "dtype": "float" if sim.output_bw == "fp16" else "int",
+            "is_symmetric": bool(sim.config.defaults_params.get("is_symmetric", False)),
+            "param_bitwidth": sim.param_bw if isinstance(sim.param_bw, int) else 16,
+            "per_channel_quantization": bool(sim.config.per_channel), "quant_scheme": sim.quant_scheme}
+
+
+def encodings_for_file(sim, version: str):
+    """(activations, params, extra 2.0.0 entries): params are the quantizers of parameters with a role
+    (quantized biases too, as AIMET lists them); in 2.0.0 also the int32 biases of Conv/Gemm whose
+    input and weight are quantized, and the outputs of data-movement ops, with their input's encoding."""
+    activations, params, extra = {}, {}, {}
+    for name, encoding in active_encodings(sim).items():
+        quantizer = sim.quantizers[name]
+        if quantizer.kind == "param":
+            params[name] = encoding
+        else:
+            activations[name] = encoding
+    if version == "2.0.0":
+        extra.update(_derived_bias_encodings(sim, activations, params, extra))
+        extra.update(_data_movement_encodings(sim, {**activations, **extra}))
+    return activations, params, extra
+
+
+def aimet_order(sim, extra) -> list[str]:
+    """AIMET's 2.0.0 order: each parameter in graph order, a derived int32 bias right after its weight."""
+    order = []
+    for node in sim.graph.nodes:
+        for name in node.inputs:
+            if name in sim.quantizers and sim.quantizers[name].kind == "param" and name not in order:
+                order.append(name)
+            if name in extra and name not in order:
+                order.append(name)
+    return order
+
+
+def _derived_bias_encodings(sim, activations, params, existing) -> dict[str, Encoding]:
+    from .encoding import bias_encoding
+
+    result = {}
+    for node in sim.graph.nodes:
+        if node.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(node.inputs) < 3 or not node.inputs[2]:
+            continue
+        bias, x, w = node.inputs[2], node.inputs[0], node.inputs[1]
+        if bias in existing or bias in params or bias not in sim.graph.initializers:
+            continue
+        x_enc = _grid_of(sim, x, activations)
+        w_enc = params.get(w)
+        if x_enc is None or w_enc is None or x_enc.kind != "int" or w_enc.kind != "int":
+            continue
+        result[bias] = bias_encoding(x_enc.scale, w_enc.scale, axis=0)
+    return result
+
+
+def _grid_of(sim, name, activations):
+    """The encoding that defines tensor ``name``'s grid, looking back through data-movement ops."""
+    from .placement import GRID_PRESERVING
+
+    producers = sim.graph.producers()
+    while name:
+        if name in activations:
+            return activations[name]
+        node = producers.get(name)
+        if node is None or node.op_type not in GRID_PRESERVING:
+            return None
+        name = node.inputs[0]
+    return None
+
+
+def _data_movement_encodings(sim, known) -> dict[str, Encoding]:
+    from .placement import GRID_PRESERVING
+
+    result = {}
+    for node in sim.graph.nodes:
+        if node.op_type in GRID_PRESERVING and node.outputs and node.outputs[0] not in known:
+            encoding = _grid_of(sim, node.inputs[0], known)
+            if encoding is not None and encoding.axis is None:
+                result[node.outputs[0]] = encoding
+                known = {**known, node.outputs[0]: encoding}
+    return result

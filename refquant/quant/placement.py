@@ -1,0 +1,228 @@
+"""Where QuantSim puts quantizers, following AIMET's rules (refs/aimet.md §6-§7).
+
+* Activation quantizers go on the float graph inputs and on every float node output, except the
+  outputs of data-movement ops, which keep their input's grid (Reshape, Flatten, Transpose, Squeeze,
+  ...: AIMET's ``op_outputs_to_ignore`` and grid-preserving ops). Whether one is enabled comes from
+  the config: ``model_input`` for graph inputs, the op type's ``is_output_quantized`` otherwise.
+* Constant float inputs of ops that have no parameter roles (a PRelu slope, a Mul by a constant)
+  get an activation-style quantizer too, as in AIMET, where they are not recognised as parameters.
+* Parameter quantizers go on the constant inputs that have a role (weight, bias, running stats),
+  per-channel along the op's output-channel axis where the config asks for it.
+* Supergroups (Conv+Relu, Gemm+Relu, ...): when the pattern matches a chain where each op feeds only
+  the next, every output quantizer but the last is disabled. Depthwise and 3-D convs are excluded,
+  as in AIMET.
+* Tied quantizers: the output of Relu (and Concat, AveragePool, MaxPool, Resize...) shares the
+  encoding of the quantizer that feeds it, so the op is exact on the integer grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..ir import Graph, Node
+from .config import QuantsimConfig
+
+# outputs on their input's grid: no quantizer of their own
+GRID_PRESERVING = {
+    "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Gather", "GatherElements",
+    "GatherND", "Slice", "Split", "Tile", "Expand", "Pad", "MaxPool", "GlobalMaxPool", "DepthToSpace",
+    "SpaceToDepth", "Compress", "Dropout", "If", "Loop", "ReduceMax", "ReduceMin", "TopK",
+}
+NON_FLOAT_OUTPUT = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "Greater", "Less",
+                    "GreaterOrEqual", "LessOrEqual", "And", "Or", "Not", "Xor"}
+# constant float inputs that are settings, not data (clip bounds, pad value, resize scales, qparams)
+CONSTANT_INPUTS_IGNORED = {"Clip", "Pad", "Resize", "Upsample", "QuantizeLinear", "DequantizeLinear",
+                           "Dropout", "ConstantOfShape", "Range"}
+# outputs that share the encoding of their (first) input's quantizer
+TIED_TO_INPUT = {"Relu", "Concat", "AveragePool", "Resize", "Upsample"}
+
+# parameter roles by input index, and the output-channel axis of the weight
+PARAM_ROLES: dict[str, dict[int, str]] = {
+    "Conv": {1: "weight", 2: "bias"},
+    "ConvTranspose": {1: "weight", 2: "bias"},
+    "Gemm": {1: "weight", 2: "bias"},
+    "MatMul": {1: "weight"},
+    "BatchNormalization": {1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"},
+    "InstanceNormalization": {1: "weight", 2: "bias"},
+    "LayerNormalization": {1: "weight", 2: "bias"},
+    "GroupNormalization": {1: "weight", 2: "bias"},
+    "LSTM": {1: "weight", 2: "recurrent_weight", 3: "bias"},
+    "GRU": {1: "weight", 2: "recurrent_weight", 3: "bias"},
+}
+PER_CHANNEL_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+@dataclass
+class QuantizerSpec:
+    """One quantizer: which tensor, what kind, and its settings before calibration."""
+
+    tensor: str
+    kind: str  # "activation" or "param"
+    enabled: bool
+    symmetric: bool
+    role: str | None = None  # parameter role (weight, bias, ...)
+    op_type: str | None = None  # the producing op (activations) or the consuming op (params)
+    axis: int | None = None  # per-channel axis, None for per-tensor
+    tied_to: str | None = None  # tensor whose quantizer's encoding this one shares
+    constraints: tuple[float, float] | None = None  # fixed (min, max) from encoding_constraints
+
+
+def weight_axis(node: Node, rank: int) -> int:
+    """Output-channel axis of a weight: Conv 0, ConvTranspose 1, Gemm 0 if transB else 1, MatMul -1."""
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    if node.op_type == "MatMul":
+        return rank - 1
+    return 0
+
+
+def is_depthwise(node: Node, graph: Graph) -> bool:
+    if node.op_type != "Conv" or node.inputs[1] not in graph.initializers:
+        return False
+    group = node.attrs.get("group", 1)
+    weight = graph.initializers[node.inputs[1]]
+    return group > 1 and weight.shape[1] == 1 and group == weight.shape[0] // max(1, weight.shape[0] // group)
+
+
+def place_quantizers(graph: Graph, config: QuantsimConfig) -> dict[str, QuantizerSpec]:
+    """The quantizers AIMET would place on ``graph`` under ``config``, keyed by tensor name."""
+    specs: dict[str, QuantizerSpec] = {}
+    is_float = _float_checker(graph)
+    for value in graph.inputs:
+        if is_float(value.name):
+            specs[value.name] = QuantizerSpec(value.name, "activation",
+                                              bool(config.model_input.get("is_input_quantized", False)),
+                                              bool(config.defaults_ops.get("is_symmetric", False)))
+    for node in graph.nodes:
+        if node.domain:
+            continue
+        roles = PARAM_ROLES.get(node.op_type, {})
+        for index, name in enumerate(node.inputs):
+            if not name or name not in graph.initializers or name in specs or not is_float(name):
+                continue
+            if index in roles:
+                setting = config.param(node.op_type, roles[index])
+                weight = graph.initializers[name]
+                axis = None
+                if (setting["per_channel_quantization"] and roles[index] == "weight"
+                        and node.op_type in PER_CHANNEL_OPS and weight.ndim >= 2):
+                    axis = weight_axis(node, weight.ndim)
+                specs[name] = QuantizerSpec(name, "param", setting["is_quantized"], setting["is_symmetric"],
+                                            roles[index], node.op_type, axis)
+            elif node.op_type not in GRID_PRESERVING and node.op_type not in CONSTANT_INPUTS_IGNORED:
+                op = config.op(node.op_type)
+                specs[name] = QuantizerSpec(name, "activation", True, op["is_symmetric"], None, node.op_type)
+        if node.op_type in GRID_PRESERVING or node.op_type in NON_FLOAT_OUTPUT:
+            continue
+        op = config.op(node.op_type)
+        for out in node.outputs:
+            if out and is_float(out):
+                specs[out] = QuantizerSpec(out, "activation", op["is_output_quantized"], op["is_symmetric"],
+                                           None, node.op_type, constraints=op.get("encoding_constraints"))
+    _apply_model_output(graph, config, specs)
+    _apply_supergroups(graph, config, specs)
+    _tie(graph, specs)
+    return specs
+
+
+def _float_checker(graph: Graph):
+    def is_float(name: str) -> bool:
+        value = graph.values.get(name)
+        if name in graph.initializers:
+            return graph.initializers[name].dtype.kind == "f"
+        return value is not None and value.dtype is not None and np.dtype(value.dtype).kind == "f"
+
+    return is_float
+
+
+def _apply_model_output(graph: Graph, config: QuantsimConfig, specs) -> None:
+    if "is_output_quantized" not in config.model_output:
+        return
+    for name in graph.output_names:
+        if name in specs:
+            specs[name].enabled = bool(config.model_output["is_output_quantized"])
+
+
+def _apply_supergroups(graph: Graph, config: QuantsimConfig, specs) -> None:
+    consumers = graph.consumers()
+    outputs = set(graph.output_names)
+    for pattern in config.supergroups:
+        for node in graph.nodes:
+            chain = _match(node, pattern, consumers, outputs, graph)
+            if chain is None:
+                continue
+            for member in chain[:-1]:
+                for out in member.outputs:
+                    if out in specs:
+                        specs[out].enabled = False
+
+
+def _match(first: Node, pattern: list[str], consumers, outputs, graph: Graph):
+    chain = [first]
+    node = first
+    if node.op_type != pattern[0] or is_depthwise(node, graph) or _is_3d_conv(node, graph):
+        return None
+    for op_type in pattern[1:]:
+        out = node.outputs[0]
+        users = consumers.get(out, [])
+        if out in outputs or len(users) != 1 or users[0].op_type != op_type:
+            return None
+        node = users[0]
+        chain.append(node)
+    return chain
+
+
+def _is_3d_conv(node: Node, graph: Graph) -> bool:
+    weight = graph.initializers.get(node.inputs[1]) if node.op_type in ("Conv", "ConvTranspose") else None
+    return weight is not None and weight.ndim == 5
+
+
+def _tie(graph: Graph, specs) -> None:
+    """Group quantizers that must share one encoding; every member's ``tied_to`` names the group's
+    first quantizer in graph order. Relu, AveragePool and Resize outputs join their input's group;
+    Concat joins its output with all its inputs (AIMET's ``op_types_to_tie_qtzrs``)."""
+    producers = graph.producers()
+    parent: dict[str, str] = {}
+    order = {name: i for i, name in enumerate(specs)}
+
+    def root(name: str) -> str:
+        while parent.get(name, name) != name:
+            name = parent[name]
+        return name
+
+    def union(a: str, b: str) -> None:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            first, second = sorted((ra, rb), key=order.__getitem__)
+            parent[second] = first
+
+    for node in graph.nodes:
+        if node.op_type not in TIED_TO_INPUT or not node.outputs:
+            continue
+        out = node.outputs[0]
+        if out not in specs or not specs[out].enabled:
+            continue
+        sources = node.inputs if node.op_type == "Concat" else node.inputs[:1]
+        for name in sources:
+            source = _feeding_quantizer(name, producers, specs)
+            if source is not None and specs[source].enabled:
+                union(source, out)
+    for name in specs:
+        if root(name) != name:
+            specs[name].tied_to = root(name)
+
+
+def _feeding_quantizer(name: str, producers, specs) -> str | None:
+    """The tensor whose quantizer defines the grid of ``name`` (looking through grid-preserving ops)."""
+    while name:
+        if name in specs:
+            return name
+        node = producers.get(name)
+        if node is None or node.op_type not in GRID_PRESERVING:
+            return None
+        name = node.inputs[0]
+    return None

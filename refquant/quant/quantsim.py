@@ -1,0 +1,393 @@
+"""QuantSim: float execution with quantize-dequantize on the tensors AIMET would quantize.
+
+The graph is not rewritten. Quantizers live beside it, keyed by tensor name; a runtime hook replaces
+each quantized activation by ``qdq(x)`` as it is produced, and parameters are quantized once into the
+session's constants. Calibration (:meth:`QuantSim.compute_encodings`) follows AIMET: parameter
+encodings come in one shot from the weights, then the calibration data runs with quantized
+parameters and float activations while observers collect activation statistics.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from ..errors import RefquantError
+from ..ir import Graph
+from ..runtime import Session
+from .config import QuantsimConfig, load_config
+from .encoding import Encoding, EncodingError, bias_encoding, check_bitwidth, fp16_encoding, from_min_max
+from .observers import check_finite, make_observer
+from .placement import place_quantizers
+from .qdq import ROUNDING, quantize_dequantize
+
+
+class CalibrationError(RefquantError):
+    """Calibration data that cannot be used: empty, NaN/Inf, wrong shapes."""
+
+
+@dataclass
+class Quantizer:
+    """One quantizer of a tensor. ``kind`` is "activation" (computed at run time), "param" (a weight
+    or bias with a role) or "constant" (a constant input without a role, quantized like an activation,
+    e.g. a PRelu slope: AIMET does not recognise those as parameters)."""
+
+    tensor: str
+    kind: str
+    enabled: bool
+    bitwidth: int
+    symmetric: bool
+    strict_symmetric: bool = False
+    unsigned_symmetric: bool = False
+    data_type: str = "int"  # "int" or "float" (FP16 cast)
+    axis: int | None = None
+    block_size: int | None = None
+    role: str | None = None
+    op_type: str | None = None
+    tied_to: str | None = None
+    constraints: tuple[float, float] | None = None
+    encoding: Encoding | None = None
+    frozen: bool = field(default=False, repr=False)  # encoding set by hand/loaded: calibration keeps it
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.encoding is not None
+
+    def set_encoding(self, encoding: Encoding, freeze: bool = True) -> None:
+        self.encoding = encoding
+        self.frozen = freeze
+
+
+def parse_precision(precision: str) -> tuple[int | str, int | str]:
+    """``"w8a16"`` -> (8, 16); ``"fp16"`` -> ("fp16", "fp16"); ``"w8afp16"`` -> (8, "fp16")."""
+    text = precision.strip().lower()
+    if text == "fp16":
+        return "fp16", "fp16"
+    match = re.fullmatch(r"w(\d+|fp16)a(\d+|fp16)", text)
+    if not match:
+        raise RefquantError(f"precision {precision!r}: expected the form 'w8a8', 'w8a16', 'w4a8', 'fp16'")
+    w, a = (x if x == "fp16" else int(x) for x in match.groups())
+    return w, a
+
+
+class QuantSim:
+    """Quantization simulation of ``graph``.
+
+    ``QuantSim(graph, param_bw=8, output_bw=8, quant_scheme="min_max", config="default",
+    rounding="half_even", precision=None)``: ``precision`` ("w8a16", "fp16"...) overrides the two
+    bitwidths; ``config`` is a built-in name, an AIMET config file, or a dict; ``rounding`` is
+    "half_even" (onnxruntime's QuantizeLinear) or "half_up" (AIMET's simulation).
+    Scheme options (``percentile=99.99``...) go in ``scheme_options``.
+    """
+
+    def __init__(self, graph: Graph, param_bw: int | str = 8, output_bw: int | str = 8,
+                 quant_scheme: str = "min_max", config="default", rounding: str = "half_even",
+                 precision: str | None = None, threads: int | None = None, scheme_options: dict | None = None):
+        if precision is not None:
+            param_bw, output_bw = parse_precision(precision)
+        if rounding not in ROUNDING:
+            raise RefquantError(f"rounding {rounding!r} is not one of {', '.join(ROUNDING)}")
+        make_observer(quant_scheme)  # fail now on an unknown scheme, not after placing quantizers
+        self.graph = graph
+        self.config: QuantsimConfig = load_config(config)
+        self.quant_scheme = quant_scheme
+        self.scheme_options = dict(scheme_options or {})
+        self.rounding = rounding
+        self.param_bw, self.output_bw = param_bw, output_bw
+        self.quantizers: dict[str, Quantizer] = {}
+        for name, spec in place_quantizers(graph, self.config).items():
+            kind = spec.kind
+            if kind == "activation" and name in graph.initializers:
+                kind = "constant"
+            bw = param_bw if kind == "param" else output_bw
+            self.quantizers[name] = Quantizer(
+                tensor=name, kind=kind, enabled=spec.enabled,
+                bitwidth=16 if bw == "fp16" else check_bitwidth(bw, where=f"quantizer of {name!r}"),
+                symmetric=spec.symmetric, strict_symmetric=self.config.strict_symmetric,
+                unsigned_symmetric=self.config.unsigned_symmetric, data_type="float" if bw == "fp16" else "int",
+                axis=spec.axis, role=spec.role, op_type=spec.op_type, tied_to=spec.tied_to,
+                constraints=_constraints(spec.constraints))
+        self.session = Session(graph, threads=threads, hooks=[self._qdq_hook])
+        self._float_session = Session(graph, threads=threads)
+        self._hooked: dict[str, Quantizer] = {}
+        self._calibrated: set[str] = set()
+
+    # ------------------------------------------------------------------ quantizer views
+    def param_quantizers(self) -> dict[str, Quantizer]:
+        return {n: q for n, q in self.quantizers.items() if q.kind == "param"}
+
+    def activation_quantizers(self) -> dict[str, Quantizer]:
+        return {n: q for n, q in self.quantizers.items() if q.kind != "param"}
+
+    def encoding_of(self, name: str) -> Encoding | None:
+        """The encoding a tensor is quantized with (a tied quantizer's is its group's)."""
+        quantizer = self.quantizers[name]
+        if quantizer.tied_to is not None:
+            return self.quantizers[quantizer.tied_to].encoding
+        return quantizer.encoding
+
+    # ------------------------------------------------------------------ calibration
+    def compute_encodings(self, data, batch_size: int = 16, progress: bool = True, preprocess=None) -> None:
+        """Parameter encodings from the weights, then activation encodings from ``data``: anything
+        :func:`refquant.data.iter_feeds` accepts (feed dicts, arrays, .npz/.npy, folders of .npy or
+        images, with ``preprocess`` for images)."""
+        from ..data import count_samples, iter_feeds
+
+        self._compute_param_encodings()
+        self._apply_constants()
+        observed = self._activation_groups()
+        observers = {root: make_observer(self.quant_scheme, **self.scheme_options) for root in observed}
+        members = {name: root for root, names in observed.items() for name in names}
+        batch_index = [0]
+        first_sample = [0]  # index of the current batch's first sample in the whole calibration set
+
+        def observe(name, array, node):
+            root = members.get(name)
+            if root is None:
+                return None
+            if array.dtype.kind == "f":
+                bad = check_finite(array)
+                if bad is not None:
+                    sample = first_sample[0] + bad // max(1, array[0].size if array.ndim else 1)
+                    raise CalibrationError(f"tensor {name!r} has a non-finite value ({array.flat[bad]}) "
+                                           f"in calibration sample {sample} (batch {batch_index[0]})")
+                observers[root].update(array)
+            return None
+
+        for name, quantizer in self.quantizers.items():  # constants: observed once
+            if quantizer.kind == "constant" and name in members:
+                observers[members[name]].update(np.asarray(self.graph.initializers[name], dtype=np.float32))
+        session = Session(self.graph, threads=self.session.threads, hooks=[observe])
+        session.set_constants(self._quantized_constants())
+        total = count_samples(data, self.graph)
+        seen = 0
+        bar = _progress(total, progress, "calibrating")
+        for feeds in iter_feeds(data, self.graph, batch_size=batch_size, preprocess=preprocess):
+            session.run(feeds, outputs=self._calibration_outputs(observed))
+            n = len(next(iter(feeds.values()))) if feeds else 0
+            seen += n
+            first_sample[0] = seen
+            batch_index[0] += 1
+            bar.update(n)
+        bar.close()
+        if batch_index[0] == 0:
+            raise CalibrationError("the calibration data set is empty: no batch was produced")
+        for root, observer in observers.items():
+            quantizer = self.quantizers[root]
+            if quantizer.frozen:
+                continue
+            if observer.empty:
+                quantizer.encoding = None  # never produced (an untaken If branch): left unquantized
+                continue
+            quantizer.encoding = self._encoding_from_observer(quantizer, observer)
+        self._calibrated = set(members)
+        self._apply_fixed_ranges()
+        self._compute_bias_encodings()
+        self._apply_constants()
+
+    def _activation_groups(self) -> dict[str, list[str]]:
+        """Enabled, non-frozen activation quantizer groups: root -> member tensor names."""
+        groups: dict[str, list[str]] = {}
+        for name, q in self.quantizers.items():
+            if q.kind == "param" or not q.enabled:
+                continue
+            root = q.tied_to or name
+            groups.setdefault(root, []).append(name)
+        return {root: names for root, names in groups.items()
+                if not self.quantizers[root].frozen and self.quantizers[root].constraints is None}
+
+    def _calibration_outputs(self, observed) -> list[str]:
+        return list(self.graph.output_names)
+
+    def _encoding_from_observer(self, q: Quantizer, observer) -> Encoding:
+        if q.data_type == "float":
+            return fp16_encoding()
+        lo, hi = observer.range(q.bitwidth, q.symmetric, q.strict_symmetric, q.unsigned_symmetric)
+        return from_min_max(lo, hi, q.bitwidth, q.symmetric, q.strict_symmetric, q.unsigned_symmetric,
+                            axis=q.axis, block_size=q.block_size)
+
+    def _compute_param_encodings(self) -> None:
+        """One shot from each weight: the scheme's observer over the weight, per channel on its axis."""
+        for name, q in self.quantizers.items():
+            if q.kind != "param" or not q.enabled or q.frozen or q.role == "bias":
+                continue
+            weight = np.asarray(self.graph.initializers[name], dtype=np.float32)
+            if q.data_type == "float":
+                q.encoding = fp16_encoding()
+                continue
+            axis = None if q.axis is None else q.axis % weight.ndim
+            q.axis = axis
+            observer = make_observer(self.quant_scheme, axis=axis, **self.scheme_options)
+            observer.update(weight)
+            q.encoding = self._encoding_from_observer(q, observer)
+
+    def _apply_fixed_ranges(self) -> None:
+        """encoding_constraints from the config fix a quantizer's range (e.g. Sigmoid [0, 1])."""
+        for q in self.quantizers.values():
+            if q.kind != "param" and q.enabled and q.constraints is not None and not q.frozen:
+                if q.data_type == "float":
+                    q.encoding = fp16_encoding()
+                else:
+                    q.encoding = from_min_max(q.constraints[0], q.constraints[1], q.bitwidth, q.symmetric,
+                                              q.strict_symmetric, q.unsigned_symmetric)
+
+    def _compute_bias_encodings(self) -> None:
+        """An enabled bias quantizer is the int32 grid of input scale x weight scale."""
+        for name, q in self.quantizers.items():
+            if q.role != "bias" or not q.enabled or q.frozen:
+                continue
+            node = next(n for n in self.graph.nodes if len(n.inputs) > 2 and n.inputs[2] == name)
+            x_enc = self.encoding_of(node.inputs[0]) if node.inputs[0] in self.quantizers else None
+            w_enc = self.encoding_of(node.inputs[1]) if node.inputs[1] in self.quantizers else None
+            if x_enc is None or w_enc is None or x_enc.kind != "int" or w_enc.kind != "int":
+                q.encoding = None
+                continue
+            q.encoding = bias_encoding(x_enc.scale, w_enc.scale, axis=0)
+            q.bitwidth = 32
+
+    # ------------------------------------------------------------------ simulation
+    def _quantized_constants(self) -> dict[str, np.ndarray]:
+        constants = {}
+        for name, q in self.quantizers.items():
+            if q.kind in ("param", "constant") and q.enabled:
+                encoding = self.encoding_of(name)
+                if encoding is not None:
+                    constants[name] = quantize_dequantize(
+                        np.asarray(self.graph.initializers[name], dtype=np.float32), encoding, self.rounding
+                    ).astype(self.graph.initializers[name].dtype, copy=False)
+        return constants
+
+    def _apply_constants(self) -> None:
+        """Quantize parameters into the simulation session (once per encoding change)."""
+        constants = dict(self.graph.initializers)
+        constants.update(self._quantized_constants())
+        self.session.set_constants(constants)
+        self._hooked = {name: q for name, q in self.quantizers.items() if q.kind == "activation"}
+
+    def _qdq_hook(self, name, array, node):
+        quantizer = self._hooked.get(name)
+        if quantizer is None or not quantizer.enabled or array.dtype.kind != "f":
+            return None
+        encoding = self.encoding_of(name)
+        if encoding is None:
+            return None
+        return quantize_dequantize(array, encoding, self.rounding).astype(array.dtype, copy=False)
+
+    def run(self, feeds: dict, outputs: Iterable[str] | None = None, hooks=()) -> dict[str, np.ndarray]:
+        """Simulated (quantize-dequantize) inference."""
+        self._require_encodings("run")
+        self.refresh()
+        return self.session.run(feeds, outputs=outputs, hooks=hooks)
+
+    def run_float(self, feeds: dict, outputs: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """The FP32 reference on the same graph."""
+        return self._float_session.run(feeds, outputs=outputs)
+
+    def refresh(self) -> None:
+        """Re-quantize the parameters after quantizers or encodings were changed by hand."""
+        state = tuple((n, q.enabled, id(q.encoding), id(self.encoding_of(n))) for n, q in self.quantizers.items())
+        if state != getattr(self, "_state", None):
+            self._apply_constants()
+            self._state = state
+
+    def set_encoding(self, name: str, encoding: Encoding) -> None:
+        """Fix a quantizer's encoding by hand (calibration will not overwrite it)."""
+        if name not in self.quantizers:
+            raise RefquantError(f"no quantizer on tensor {name!r}")
+        self.quantizers[name].set_encoding(encoding)
+
+    def export(self, directory, prefix: str = "model", encoding_version: str = "1.0.0") -> dict[str, str]:
+        """Write ``prefix.onnx``, ``prefix.encodings`` (AIMET JSON) and ``prefix_qdq.onnx`` into ``directory``."""
+        from .export import export
+
+        self._require_encodings("export")
+        return export(self, directory, prefix, encoding_version)
+
+    def to_onnx_qdq(self):
+        """The simulated model as an ONNX QuantizeLinear/DequantizeLinear ModelProto."""
+        from .export import to_qdq_onnx
+
+        self._require_encodings("to_onnx_qdq")
+        return to_qdq_onnx(self)
+
+    def load_encodings(self, path, strict: bool = True) -> None:
+        """Set encodings from an AIMET encodings file (0.6.1, 1.0.0, 2.0.0): listed quantizers are
+        enabled and frozen with the file's encoding; with ``strict`` a name that has no quantizer is an
+        error, and quantizers the file does not list are disabled (as AIMET's load_encodings_to_sim)."""
+        from .encodings_io import read_encodings
+
+        data = read_encodings(path)
+        missing = [name for name in data.encodings if name not in self.quantizers and name not in self.graph.values
+                   and name not in self.graph.initializers]
+        if strict and missing:
+            raise RefquantError(f"{path}: encodings for tensors the model does not have: {missing[:5]}")
+        for name, encoding in data.encodings.items():
+            quantizer = self.quantizers.get(name)
+            if quantizer is None:
+                continue  # a data-movement output or int32 bias derived in 2.0.0 files
+            if encoding.axis is not None and quantizer.axis is not None and encoding.block_size is None:
+                encoding = _with_axis(encoding, quantizer.axis)
+            quantizer.bitwidth = encoding.bitwidth
+            quantizer.symmetric = encoding.symmetric
+            quantizer.enabled = True
+            quantizer.tied_to = None
+            quantizer.set_encoding(encoding)
+        if strict:
+            for name, quantizer in self.quantizers.items():
+                if name not in data.encodings:
+                    quantizer.enabled = False
+        self._state = None
+
+    def _require_encodings(self, what: str) -> None:
+        if not self._calibrated and not any(q.encoding is not None for q in self.quantizers.values()):
+            raise RefquantError(f"QuantSim.{what}: call compute_encodings (or load_encodings) first")
+
+    def summary(self) -> str:
+        lines = [f"{'tensor':<48} {'kind':<10} {'on':<3} {'bw':>3} {'sym':<4} {'axis':>4}  range"]
+        for name, q in self.quantizers.items():
+            enc = self.encoding_of(name)
+            span = "" if enc is None or enc.kind != "int" else f"[{np.min(enc.min):.5g}, {np.max(enc.max):.5g}]"
+            lines.append(f"{name[:48]:<48} {q.kind:<10} {'y' if q.enabled else 'n':<3} {q.bitwidth:>3} "
+                         f"{'y' if q.symmetric else 'n':<4} {'' if q.axis is None else q.axis:>4}  {span}"
+                         + (f"  tied to {q.tied_to}" if q.tied_to else ""))
+        return "\n".join(lines)
+
+
+def _with_axis(encoding: Encoding, axis: int) -> Encoding:
+    """A per-channel encoding read from a file (which has no axis) placed on the quantizer's axis."""
+    return Encoding(encoding.scale, encoding.offset, encoding.bitwidth, encoding.symmetric, encoding.steps, axis,
+                    encoding.block_size, encoding.kind)
+
+
+def _constraints(value) -> tuple[float, float] | None:
+    if not value:
+        return None
+    try:
+        return float(value["min"]), float(value["max"])
+    except (KeyError, TypeError, ValueError):
+        raise EncodingError(f"encoding_constraints {value!r}: expected {{'min': float, 'max': float}}") from None
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, enabled: bool, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", leave=False)
