@@ -333,7 +333,9 @@ class QuantSim:
         for name, encoding in data.encodings.items():
             quantizer = self.quantizers.get(name)
             if quantizer is None:
-                continue  # a data-movement output or int32 bias derived in 2.0.0 files
+                continue  # a data-movement output derived in 2.0.0 files
+            if quantizer.role == "bias" and encoding.bitwidth == 32 and not quantizer.enabled:
+                continue  # AIMET's 2.0.0 export derives int32 biases even when biases are not simulated
             if encoding.axis is not None and quantizer.axis is not None and encoding.block_size is None:
                 encoding = _with_axis(encoding, quantizer.axis)
             quantizer.bitwidth = encoding.bitwidth
