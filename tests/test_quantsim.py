@@ -357,3 +357,18 @@ def test_six_bit_grid_cannot_become_qdq_and_nothing_is_written(tmp_path):
     with pytest.raises(RefquantError, match="6-bit"):
         sim.export(tmp_path / "out", "model")
     assert not (tmp_path / "out").exists()
+
+
+@needs_samples
+def test_set_parameter_reaches_both_the_simulation_and_the_fp32_reference():
+    sim = sim_for("mlp", "w8a8_minmax")
+    sim.compute_encodings(calib_batches("mlp"), progress=False)
+    x = np.load(SAMPLES / "mlp" / "eval.npz")["input"][:4]
+    before_fp32, before_sim = sim.run_float({"input": x})["logits"], sim.run({"input": x})["logits"]
+    bias = sim.graph.initializers["l3.bias"]
+    sim.set_parameter("l3.bias", bias + 1.0)
+    # the last Gemm's bias is not quantized (default config): FP32 logits move by exactly +1
+    np.testing.assert_allclose(sim.run_float({"input": x})["logits"], before_fp32 + 1.0, rtol=0, atol=1e-5)
+    assert not np.array_equal(sim.run({"input": x})["logits"], before_sim)
+    with pytest.raises(RefquantError, match="shape"):
+        sim.set_parameter("l3.bias", np.zeros(3, np.float32))

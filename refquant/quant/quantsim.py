@@ -299,6 +299,19 @@ class QuantSim:
             self._apply_constants()
             self._state = state
 
+    def set_parameter(self, name: str, array: np.ndarray) -> None:
+        """Replace a float parameter (an initializer) of the simulated graph, e.g. a corrected bias; both
+        the FP32 reference and the simulation use the new value (re-quantized with the current encoding)."""
+        if name not in self.graph.initializers:
+            raise RefquantError(f"{name!r} is not a parameter (initializer) of the graph")
+        old = self.graph.initializers[name]
+        array = np.asarray(array, dtype=old.dtype)
+        if array.shape != old.shape:
+            raise RefquantError(f"parameter {name!r}: new shape {array.shape} differs from {old.shape}")
+        self.graph.initializers[name] = array
+        self._float_session.set_constant(name, array)
+        self._state = None  # the simulation session re-quantizes its constants on the next run
+
     def set_encoding(self, name: str, encoding: Encoding) -> None:
         """Fix a quantizer's encoding by hand (calibration will not overwrite it)."""
         if name not in self.quantizers:
