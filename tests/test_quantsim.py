@@ -372,3 +372,20 @@ def test_set_parameter_reaches_both_the_simulation_and_the_fp32_reference():
     assert not np.array_equal(sim.run({"input": x})["logits"], before_sim)
     with pytest.raises(RefquantError, match="shape"):
         sim.set_parameter("l3.bias", np.zeros(3, np.float32))
+
+
+@needs_samples
+def test_fp16_simulation_is_a_cast_and_its_qdq_export_matches_onnxruntime(tmp_path):
+    import onnxruntime as ort
+    sim = QuantSim(refquant.load(sample_model("convnet")), precision="fp16")
+    sim.compute_encodings(calib_batches("convnet"), progress=False)
+    x = np.load(SAMPLES / "convnet" / "eval.npz")["input"][:8]
+    # the graph input's quantizer is a cast: downstream sees exactly float16(x)
+    first = sim.run({"input": x}, outputs=["input"])["input"]
+    assert np.array_equal(first, x.astype(np.float16).astype(np.float32)) and not np.array_equal(first, x)
+    out = sim.run({"input": x})["logits"]
+    paths = sim.export(tmp_path, "m")
+    theirs = ort.InferenceSession(paths["qdq"], providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.array_equal(out, theirs)  # casts are exact operations: no chaos, whole-model identity
+    entry = json.loads(Path(paths["encodings"]).read_text())["activation_encodings"][0]
+    assert entry == {"bw": 16, "dtype": "FLOAT", "enc_type": "PER_TENSOR", "name": "input"}

@@ -29,6 +29,9 @@ def _matmul_rule(a, b):
 @register("MatMul", since=1, infer=_matmul_rule)
 def matmul(a, b):
     """Y = A @ B with NumPy's batching and 1-D promotion rules (those of ONNX)."""
+    if a.ndim > 2 and b.ndim == 2 and a.flags.c_contiguous:
+        # [..., K] @ [K, N] is one GEMM over all rows: one BLAS call instead of one per leading index
+        return np.matmul(a.reshape(-1, a.shape[-1]), b).reshape(a.shape[:-1] + (b.shape[1],))
     return np.matmul(a, b)
 
 
