@@ -147,6 +147,61 @@ def test_tf_enhanced_matches_aimet_golden(entry):
     assert lo / scale == golden["offset"][0]
 
 
+def synth(n, seed, kind):
+    """Deterministic test data without an RNG stream: Box-Muller on two Weyl sequences, then shaped."""
+    k = np.arange(n, dtype=np.float64)
+    u1 = (k * 0.6180339887498949 + seed * 0.1234567 + 0.5 / n) % 1.0
+    u2 = (k * 0.4142135623730951 + seed * 0.7654321) % 1.0
+    z = np.sqrt(-2.0 * np.log(1.0 - u1)) * np.cos(2.0 * np.pi * u2)
+    if kind == "relu":
+        z = np.maximum(z, 0.0)
+    elif kind == "exp":
+        z = np.exp(0.8 * z) - 1.0
+    elif kind == "neg":
+        z = -np.abs(z) * 2.0
+    elif kind == "outlier":
+        z = z.copy()
+        z[::997] *= 6.0
+    return z.astype(np.float32)
+
+
+# (data kind, batch sizes, batch scales, bitwidth, symmetric, strict, unsigned) -> AIMET (delta, offset).
+# The goldens were computed by aimet-onnx 2.42.0 itself (its _libpymo BlockTensorQuantizer with
+# QUANTIZATION_TF_ENHANCED, setStrictSymmetric/setUnsignedSymmetric, updateStats per batch,
+# computeEncodings(symmetric)) on exactly these batches; they pin down the parts the three model
+# inputs above do not exercise: symmetric/strict/unsigned candidates, 2/4/16 bits, outliers, one-sided data.
+AIMET_TFE = [
+    ("gauss", (4000, 2500, 3000), (1.0, 1.0, 1.3), 8, False, False, False, 0.03791440278291702, -129),
+    ("gauss", (4000, 2500, 3000), (1.0, 1.0, 1.3), 8, True, False, False, 0.035167399793863297, -128),
+    ("gauss", (4000, 2500, 3000), (1.0, 1.0, 1.3), 8, True, True, False, 0.03908010572195053, -127),
+    ("gauss", (5000,), (0.01,), 4, False, False, False, 0.0041349586099386215, -8),
+    ("gauss", (5000,), (0.01,), 4, True, False, False, 0.0038229082711040974, -8),
+    ("outlier", (6000, 6000), (1.0, 1.0), 4, False, False, False, 0.555651843547821, -5),
+    ("outlier", (6000, 6000), (1.0, 1.0), 8, False, False, False, 0.06334052234888077, -134),
+    ("outlier", (6000, 6000), (1.0, 1.0), 8, True, False, False, 0.0798381045460701, -128),
+    ("relu", (3000, 3000), (2.0, 2.0), 8, True, False, True, 0.028944719582796097, 0),
+    ("relu", (3000, 3000), (2.0, 2.0), 8, False, False, False, 0.03135538473725319, 0),
+    ("exp", (2000, 2000, 2000), (1.0, 2.0, 0.5), 8, False, False, False, 0.1438884437084198, -13),
+    ("exp", (2000, 2000, 2000), (1.0, 2.0, 0.5), 16, False, False, False, 0.00042294696322642267, -4589),
+    ("neg", (3000,), (1.0,), 8, False, False, False, 0.030206803232431412, -255),
+    ("gauss", (3000,), (3.0,), 2, False, False, False, 4.048769950866699, -2),
+    ("gauss", (3000,), (1e-4,), 8, False, False, False, 3.008457952091703e-06, -130),  # range < 0.01
+    ("relu", (3000,), (1e-4,), 8, True, False, True, 1.5686274537074496e-06, 0),
+]
+
+
+@pytest.mark.parametrize("case", range(len(AIMET_TFE)))
+def test_tf_enhanced_matches_aimet_library(case):
+    kind, sizes, scales, bw, sym, strict, unsigned, delta, offset = AIMET_TFE[case]
+    o = make_observer("tf_enhanced")
+    for j, (n, scale) in enumerate(zip(sizes, scales)):
+        o.update(synth(n, case * 10 + j, kind) * np.float32(scale))
+    lo, hi = o.range(bw, sym, strict, unsigned)
+    steps = 2 ** bw - 1 - (1 if sym and strict else 0)
+    assert (hi - lo) / steps == delta  # exact, as above
+    assert lo / delta == offset
+
+
 def test_tf_enhanced_histogram_layout():
     """First batch [-1, 1]: range widened 3x to [-3, 3], 1536 buckets of 6/1536 = 2^-8, edges on
     multiples of the bucket size; -1 falls in bucket (-1 - -3)/2^-8 = 512, +1 in bucket 1024."""
@@ -183,6 +238,14 @@ def test_tf_enhanced_zero_tensor_fallback():
     o.update(np.zeros((2, 3), dtype=np.float32))
     lo, hi = o.range(8, False)
     assert lo == -128 * (2 / 255) and hi == pytest.approx(127 * 2 / 255, rel=1e-15)
+
+
+def test_tf_enhanced_constant_far_from_zero_falls_back_to_min_max():
+    """All 1e6: the first batch's range [1e6, 1e6 + 0.01] is [1e6, 1e6] in float, the bucket size is 0,
+    and AIMET's search returns delta = -1 (min 1, max -254). refquant returns the observed range."""
+    o = make_observer("tf_enhanced")
+    o.update(np.full(100, 1e6, dtype=np.float32))
+    assert o.range(8, False) == (0.0, 1e6)
 
 
 def test_tf_enhanced_symmetric_grids():
@@ -225,9 +288,10 @@ def test_percentile_of_uniform_integers():
     o = make_observer("percentile", percentile=99.0)
     o.update(x)
     lo, hi = o.range(8, False)
-    bin_width = 9999 / 2048
-    assert abs(hi - np.percentile(x, 99)) <= bin_width  # 9899.01
-    assert abs(lo - np.percentile(x, 1)) <= bin_width   # 99.99
+    # a 2048-bin histogram has bins of 9999/2048 = 4.9; inside a bin the data are evenly spread (spacing
+    # 1), so interpolating inside the bin is right to within that spacing
+    assert abs(hi - np.percentile(x, 99)) <= 1.0  # 9899.01
+    assert abs(lo - np.percentile(x, 1)) <= 1.0   # 99.99
     exact = make_observer("percentile", percentile=100)
     exact.update(x)
     assert exact.range(8, False) == (0.0, 9999.0)
@@ -248,6 +312,10 @@ def test_percentile_streaming_growth_loses_nothing():
     lo, hi = o.range(8, False)
     assert abs(hi - np.percentile(allx, 99)) <= width and abs(lo - np.percentile(allx, 1)) <= width
     assert (h.min[0], h.max[0]) == (allx.min(), allx.max())
+    # the grown histogram is the histogram of all the data on the final edges, except for the first
+    # batch's maximum: it sat in the old last bin (closed), and in the grown one its value opens a bin
+    direct, _ = np.histogram(allx.astype(np.float64), bins=h.edges(0))
+    assert np.abs(direct - h.counts[0]).sum() <= 2
 
 
 # ---------------------------------------------------------------------------------------------- mse
@@ -365,13 +433,22 @@ def test_entropy_after_growth_is_onnxruntimes_search_on_the_grown_histogram():
     from onnxruntime.quantization.calibrate import HistogramCollector
 
     rng = np.random.default_rng(8)
-    batches = [rng.standard_normal(20000).astype(np.float32) * s for s in (1, 1, 3)]
+    batches = [rng.standard_normal(20000).astype(np.float32) * s for s in (1, 1, 1.8)]
     o = make_observer("entropy")
     for b in batches:
         o.update(b)
     h = o.hist
-    assert h.counts.sum() == 60000 and h.hi[0] >= np.abs(batches[2]).max()
+    t0 = np.abs(batches[0]).max()
+    assert h.hi[0] == 2 * t0 and 2 * t0 >= np.abs(batches[2]).max()  # one doubling
+    assert h.counts.sum() == 60000
     edges = h.edges(0)
+    # what the doubling means, computed with numpy: the first two batches on the first edges, adjacent
+    # pairs summed into the middle half of the new bins, plus the third batch on the new edges
+    first_edges = np.linspace(-t0, t0, h.bins + 1, dtype=np.float32)
+    old, _ = np.histogram(np.concatenate(batches[:2]), bins=first_edges)
+    expected, _ = np.histogram(batches[2], bins=edges)
+    expected[h.bins // 4: 3 * h.bins // 4] += old.reshape(-1, 2).sum(axis=1)
+    assert np.array_equal(h.counts[0], expected)
     ort = HistogramCollector("entropy", False, h.bins, 128, 99.99, "same")
     with contextlib.redirect_stdout(io.StringIO()):
         lo, hi = ort.get_entropy_threshold((h.counts[0], edges, h.min[0], h.max[0], np.float32(h.hi[0])), 128)
@@ -393,12 +470,19 @@ def _four_batches(seed):
 
 @pytest.mark.parametrize("scheme", ["tf_enhanced", "percentile", "mse", "entropy"])
 @pytest.mark.parametrize("axis", [None, 1])
-def test_histogram_merge_of_halves_equals_one_observer(scheme, axis):
+def test_histogram_merge_of_parts_equals_one_observer(scheme, axis):
+    """Observer A sees batch 0, observer B batches 2, 1, 3 (B starts with batch 2, whose min and max
+    equal batch 0's): A.merge(B) holds what one observer over batches 0..3 holds. The parts have 1 and
+    3 batches, so tf_enhanced's PDF average must weight them 1:3."""
     batches = _four_batches(9)
+    batches[1] *= 0.3  # batches of different spread, so that the weighting shows
+    batches[3] *= 0.5
     whole, first, second = (make_observer(scheme, axis=axis) for _ in range(3))
-    for i, b in enumerate(batches):
+    for b in batches:
         whole.update(b)
-        (first if i < 2 else second).update(b)
+    first.update(batches[0])
+    for i in (2, 1, 3):
+        second.update(batches[i])
     first.merge(second)
     assert first.batches == 4
     if scheme != "tf_enhanced":  # integer counts: the merged histogram is the same histogram

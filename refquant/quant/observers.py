@@ -204,10 +204,10 @@ class MinMaxObserver(Observer):
 # _libpymo binary and checked bit for bit against it; the public C++ in quic/aimet
 # TfEnhancedEncodingAnalyzer.cpp / math_functions.cpp is an older revision with 512 bins, round()
 # binning and a float cost). Every float32 step below is a float in the C++; the rest is double.
-_TFE_BINS = 1536                                   # PDF_SIZE
-_F32_MAX = np.float32(np.finfo(np.float32).max)
-_F32_099MAX = np.float32(0.99 * float(np.finfo(np.float32).max))
+_TFE_BINS = 1536  # PDF_SIZE (512 in the public source)
 _F32 = np.float32
+_F32_MAX = _F32(np.finfo(np.float32).max)
+_F32_099MAX = _F32(0.99 * float(np.finfo(np.float32).max))  # the histogram range is capped at 0.99*FLT_MAX
 
 
 @njit(cache=True)
@@ -246,6 +246,7 @@ def _maxss(dst, src):
 
 @njit(cache=True)
 def _minss(dst, src):
+    """SSE minss: dst if dst < src else src."""
     return dst if dst < src else src
 
 
@@ -308,7 +309,7 @@ def _tfe_cost(pdf, mids, first_edge, step, bw, delta, offset):
         d = np.float64(mids[i]) - np.float64(mids[hi])
         above = d * d * pdf[i] + above
     inside = 0.0
-    if lo < hi:
+    if lo < hi:  # rounded on the grid through 0: the integer offset does not move the grid points
         inv = np.float32(1.0) / delta
         for i in range(lo, hi):
             x = mids[i]
@@ -327,15 +328,15 @@ def _tfe_asym_candidates(vmin, vmax, steps):
     obs_delta = np.float32((np.float64(vmax) - np.float64(vmin)) / np.float64(steps))
     obs_offset = _c_int(_roundf(vmin / obs_delta))
     obs_off_f = np.float32(obs_offset)
-    obs_min = _maxss(-np.float32(3.4028234663852886e38), obs_delta * obs_off_f)
-    obs_max = _minss(np.float32(3.4028234663852886e38), (obs_off_f + steps) * obs_delta)
+    obs_min = _maxss(-_F32_MAX, obs_delta * obs_off_f)
+    obs_max = _minss(_F32_MAX, (obs_off_f + steps) * obs_delta)
     f = np.float32(0.0625)
     while True:
         test_delta = f * obs_delta
         for i in range(21):
             off = np.float32(_c_int(np.float64(steps) / 20.0 * i + (-np.float64(steps))))
-            t_min = _maxss(-np.float32(3.4028234663852886e38), test_delta * off)
-            t_max = _minss(np.float32(3.4028234663852886e38), (off + steps) * test_delta)
+            t_min = _maxss(-_F32_MAX, test_delta * off)
+            t_max = _minss(_F32_MAX, (off + steps) * test_delta)
             if obs_min > t_min and t_max > obs_max:  # wider than the data on both sides: skip
                 continue
             t_min = _maxss(t_min, obs_min)
@@ -422,7 +423,8 @@ class TfEnhancedObserver(Observer):
     ``range`` returns ``(delta*offset, delta*(offset+steps))`` computed in float64 from AIMET's float32
     delta: ``from_min_max`` of it gives AIMET's scale and offset exactly (AIMET's own min/max fields are
     those products rounded to float32). A tensor that was all zeros gets AIMET's fallback grid
-    ``delta = 2/steps``, ``offset = floor(-1/delta)`` (about [-1, 1]).
+    ``delta = 2/(2^bw-1)``, ``offset = floor(-1/delta)`` (about [-1, 1]). One deliberate difference: where
+    AIMET's search finds no grid (bucket size 0, see ``_range``) this returns the observed [min, max].
 
     Merge: averages the two PDFs weighted by their batch counts, which is what one observer would hold
     after all batches when both histograms have the same buckets (i.e. both first batches had the same
@@ -439,18 +441,24 @@ class TfEnhancedObserver(Observer):
         self.pdf = None      # (C, 1536) float64 running mean of per-batch PDFs
         self.iterations = None
         self.ready = None    # (C,) bool: histogram initialised
+        self.min = None      # (C,) exact extremes, for the fallback below
+        self.max = None
 
     def _allocate(self, n_ch):
         self.xleft = np.zeros((n_ch, _TFE_BINS))
         self.pdf = np.zeros((n_ch, _TFE_BINS))
         self.iterations = np.zeros(n_ch, dtype=np.int64)
         self.ready = np.zeros(n_ch, dtype=bool)
+        self.min = np.full(n_ch, np.inf, dtype=np.float32)
+        self.max = np.full(n_ch, -np.inf, dtype=np.float32)
 
     def _update(self, x3):
         if self.xleft is None:
             self._allocate(x3.shape[1])
+        lo, hi = _channel_min_max(x3)
+        self.min = np.minimum(self.min, lo)
+        self.max = np.maximum(self.max, hi)
         if not self.ready.all():
-            lo, hi = _channel_min_max(x3)
             for c in np.flatnonzero(~self.ready):
                 if lo[c] == 0 and hi[c] == 0:
                     continue  # AIMET cannot size a histogram from zeros: the batch is not counted
@@ -467,6 +475,8 @@ class TfEnhancedObserver(Observer):
     def _merge(self, other):
         if self.xleft is None:
             self._allocate(other.channels)
+        self.min = np.minimum(self.min, other.min)
+        self.max = np.maximum(self.max, other.max)
         for c in np.flatnonzero(other.ready):
             if not self.ready[c]:
                 self.xleft[c], self.pdf[c] = other.xleft[c], other.pdf[c]
@@ -500,6 +510,12 @@ class TfEnhancedObserver(Observer):
                 continue
             delta, offset, steps = _tfe_search(self.xleft[c], self.pdf[c], bitwidth, symmetric,
                                                strict_symmetric, unsigned_symmetric)
+            if not delta > 0:
+                # no candidate had a finite cost: the bucket size underflowed (a constant first batch
+                # far from 0, e.g. all 1e6, where 1e6 + 0.01 == 1e6 in float). AIMET then returns
+                # delta = -1 and min > max; use the observed range instead.
+                lo[c], hi[c] = min(float(self.min[c]), 0.0), max(float(self.max[c]), 0.0)
+                continue
             # float32 delta times integers below 2^17 is exact in float64: (hi - lo)/steps == delta
             lo[c] = float(delta) * offset
             hi[c] = float(delta) * (offset + float(steps))
