@@ -389,3 +389,35 @@ def test_fp16_simulation_is_a_cast_and_its_qdq_export_matches_onnxruntime(tmp_pa
     assert np.array_equal(out, theirs)  # casts are exact operations: no chaos, whole-model identity
     entry = json.loads(Path(paths["encodings"]).read_text())["activation_encodings"][0]
     assert entry == {"bw": 16, "dtype": "FLOAT", "enc_type": "PER_TENSOR", "name": "input"}
+
+
+@needs_samples
+def test_fixed_quantized_parameter_is_simulated_and_exported(tmp_path):
+    """AdaRound-style: a weight rounded the other way on the grid is what the simulation and both
+    exported models use, and re-quantizing it in onnxruntime gives it back exactly."""
+    sim = QuantSim(refquant.load(sample_model("mlp")), precision="w4a8")
+    sim.compute_encodings(calib_batches("mlp"), progress=False)
+    enc = sim.encoding_of("l3.weight")
+    weight = sim.graph.initializers["l3.weight"]
+    scale = enc.scale[:, None].astype(np.float32)
+    codes = np.clip(np.floor(weight / scale), enc.offset[:, None], enc.offset[:, None] + enc.steps).astype(np.float32)
+    down = codes * scale  # float32 product, as the QDQ kernels dequantize
+    with pytest.raises(RefquantError, match="grid"):
+        sim.set_quantized_parameter("l3.weight", weight)  # raw float weights are not on the grid
+    sim.set_quantized_parameter("l3.weight", down)
+    x = np.load(SAMPLES / "mlp" / "eval.npz")["input"][:8]
+    hidden = sim.run({"input": x}, outputs=["/relu_1/Relu_output_0"])["/relu_1/Relu_output_0"]
+    # the last Gemm uses the fixed weight (its bias is not quantized); then the logits quantizer
+    expected = quantize_dequantize_ref(hidden @ down.T + sim.graph.initializers["l3.bias"], sim.encoding_of("logits"))
+    assert np.array_equal(sim.run({"input": x})["logits"], expected)
+    paths = sim.export(tmp_path, "m")
+    exported = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(paths["model"]).graph.initializer}
+    assert np.array_equal(exported["l3.weight"], down)
+    report = teacher_forced_agreement(sim, onnx.load(paths["qdq"]), {"input": x})
+    assert report.weight_mismatches == [] and report.forced_code_mismatches == {}
+    assert np.array_equal(sim.run_float({"input": x})["logits"], sim._float_session.run({"input": x})["logits"])
+
+
+def quantize_dequantize_ref(x, enc):
+    from refquant.quant.qdq import quantize_dequantize
+    return quantize_dequantize(x.astype(np.float32), enc)

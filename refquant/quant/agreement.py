@@ -99,8 +99,8 @@ def teacher_forced_agreement(sim, qdq_model: onnx.ModelProto, feeds: dict) -> Ag
     for name, q in sim.quantizers.items():
         if q.kind in ("param", "constant") and q.enabled and sim.encoding_of(name) is not None \
                 and q.role != "bias":
-            ours = quantize_dequantize(np.asarray(sim.graph.initializers[name], np.float32), sim.encoding_of(name),
-                                       sim.rounding)
+            ours = q.fixed_value if q.fixed_value is not None else quantize_dequantize(
+                np.asarray(sim.graph.initializers[name], np.float32), sim.encoding_of(name), sim.rounding)
             dq = theirs.get(qdq_names(sim, name)[1])
             if dq is not None and not np.array_equal(ours, dq):
                 report.weight_mismatches.append(name)

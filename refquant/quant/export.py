@@ -63,7 +63,7 @@ def required_opset(sim) -> int:
 def to_qdq_onnx(sim) -> onnx.ModelProto:
     """The simulated model as QuantizeLinear/DequantizeLinear pairs around float ops."""
     opset = required_opset(sim)
-    graph = sim.graph.copy()
+    graph = sim.graph_for_export()
     graph.opset = dict(graph.opset, **{"": opset})
     encodings = active_encodings(sim)
     zero_points: dict[str, tuple[np.ndarray, str]] = {}
@@ -149,7 +149,7 @@ def export(sim, directory, prefix: str = "model", encoding_version: str = "1.0.0
     paths = {"model": directory / f"{prefix}.onnx", "encodings": directory / f"{prefix}.encodings",
              "qdq": directory / f"{prefix}_qdq.onnx"}
     try:
-        save(sim.graph, paths["model"])
+        save(sim.graph_for_export(), paths["model"])
         write_encodings(paths["encodings"], activations, params, version=encoding_version,
                         quantizer_args=quantizer_args(sim), extra_2_0_0=extra, order=aimet_order(sim, extra))
         with atomic_path(paths["qdq"]) as tmp:

@@ -51,6 +51,9 @@ class Quantizer:
     constraints: tuple[float, float] | None = None
     encoding: Encoding | None = None
     frozen: bool = field(default=False, repr=False)  # encoding set by hand/loaded: calibration keeps it
+    # a parameter's quantized value chosen by a technique (AdaRound's up/down decisions) instead of
+    # nearest rounding: on the encoding's grid, used as is by the simulation and the exports
+    fixed_value: np.ndarray | None = field(default=None, repr=False)
 
     def enable(self) -> None:
         self.enabled = True
@@ -258,7 +261,9 @@ class QuantSim:
     def _quantized_constants(self) -> dict[str, np.ndarray]:
         constants = {}
         for name, q in self.quantizers.items():
-            if q.kind in ("param", "constant") and q.enabled:
+            if q.kind in ("param", "constant") and q.enabled and q.fixed_value is not None:
+                constants[name] = q.fixed_value
+            elif q.kind in ("param", "constant") and q.enabled:
                 encoding = self.encoding_of(name)
                 if encoding is not None:
                     constants[name] = quantize_dequantize(
@@ -294,7 +299,8 @@ class QuantSim:
 
     def refresh(self) -> None:
         """Re-quantize the parameters after quantizers or encodings were changed by hand."""
-        state = tuple((n, q.enabled, id(q.encoding), id(self.encoding_of(n))) for n, q in self.quantizers.items())
+        state = tuple((n, q.enabled, id(q.encoding), id(self.encoding_of(n)), id(q.fixed_value))
+                      for n, q in self.quantizers.items())
         if state != getattr(self, "_state", None):
             self._apply_constants()
             self._state = state
@@ -312,11 +318,41 @@ class QuantSim:
         self._float_session.set_constant(name, array)
         self._state = None  # the simulation session re-quantizes its constants on the next run
 
+    def graph_for_export(self):
+        """A copy of the graph whose parameters with a fixed quantized value (AdaRound) carry that value,
+        so that quantizing them again in any runtime gives exactly the simulated weights."""
+        graph = self.graph.copy()
+        for name, q in self.quantizers.items():
+            if q.fixed_value is not None and q.enabled:
+                graph.initializers[name] = q.fixed_value.copy()
+        return graph
+
+    def set_quantized_parameter(self, name: str, array: np.ndarray) -> None:
+        """Fix the quantized value of a parameter (e.g. AdaRound's rounding): every element must lie on
+        the quantizer's grid, ``scale * (q + offset)`` with integer ``q`` in ``[0, steps]``. The FP32
+        reference keeps the float weight; the encoding is frozen."""
+        quantizer = self.quantizers.get(name)
+        if quantizer is None or quantizer.kind == "activation":
+            raise RefquantError(f"{name!r} has no parameter quantizer")
+        encoding = self.encoding_of(name)
+        if encoding is None or encoding.kind != "int":
+            raise RefquantError(f"parameter {name!r}: set an integer encoding before fixing its quantized value")
+        array = np.asarray(array, dtype=self.graph.initializers[name].dtype)
+        if array.shape != self.graph.initializers[name].shape:
+            raise RefquantError(f"parameter {name!r}: shape {array.shape} differs from {self.graph.initializers[name].shape}")
+        if not np.array_equal(quantize_dequantize(array, encoding, "half_even"), array):
+            raise RefquantError(f"parameter {name!r}: the given values are not on the encoding's grid")
+        quantizer.fixed_value = array
+        quantizer.frozen = True
+        self._state = None
+
     def set_encoding(self, name: str, encoding: Encoding) -> None:
-        """Fix a quantizer's encoding by hand (calibration will not overwrite it)."""
+        """Fix a quantizer's encoding by hand (calibration will not overwrite it); a fixed quantized
+        value set earlier is dropped, since it belonged to the old grid."""
         if name not in self.quantizers:
             raise RefquantError(f"no quantizer on tensor {name!r}")
         self.quantizers[name].set_encoding(encoding)
+        self.quantizers[name].fixed_value = None
 
     def export(self, directory, prefix: str = "model", encoding_version: str = "1.0.0") -> dict[str, str]:
         """Write ``prefix.onnx``, ``prefix.encodings`` (AIMET JSON) and ``prefix_qdq.onnx`` into ``directory``."""
