@@ -15,10 +15,17 @@ from .runtime import Session  # noqa: F401
 __version__ = "0.1.0"
 
 
+_PTQ = ("fold_batchnorms", "equalize", "bias_correction", "reestimate_batchnorm")
+
+
 def __getattr__(name):
-    # QuantSim pulls in the calibration machinery: import it when first asked for
+    # QuantSim and the PTQ techniques pull in the calibration machinery: import them when first asked for
     if name in ("QuantSim", "load_encodings"):
         from . import quant
 
         return getattr(quant, name)
+    if name in _PTQ:
+        from . import ptq
+
+        return getattr(ptq, name)
     raise AttributeError(f"module 'refquant' has no attribute {name!r}")

@@ -421,3 +421,20 @@ def test_fixed_quantized_parameter_is_simulated_and_exported(tmp_path):
 def quantize_dequantize_ref(x, enc):
     from refquant.quant.qdq import quantize_dequantize
     return quantize_dequantize(x.astype(np.float32), enc)
+
+
+def test_relu_then_min_by_constant_is_one_clip_with_one_quantizer():
+    """CLE's exact per-channel ReLU6 (Relu -> Min(x, c)) gets the same quantizers as Clip(0, 6) would."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    bound = np.full((1, 4, 1, 1), 6.0, np.float32) / np.float32([1, 2, 3, 4]).reshape(1, 4, 1, 1)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("Min", ["r", "bound"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bound, "bound")])
+    sim = QuantSim(refquant.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+    enabled = [n for n, q in sim.quantizers.items() if q.enabled and q.kind != "param"]
+    assert enabled == ["x", "y"]  # Conv output: Conv+Relu supergroup; Relu output: part of the clip

@@ -3,7 +3,11 @@ returns a new Graph or updated encodings; none reaches into the runtime.
 
 * :mod:`.bn_fold`: BatchNormalization folding (``fold_batchnorms``, ``fold_batchnorms_pass``)
 * :mod:`.cle`: cross-layer equalization and high-bias absorption (``equalize``, ``equalize_pass``)
+* :mod:`.bias_correction`: empirical and analytical bias correction (``bias_correction``)
+* :mod:`.bn_reestimation`: BatchNorm statistics re-estimated under quantization (``reestimate_batchnorm``)
 """
 
 from .bn_fold import FoldedBatchNorm, FoldError, fold_batchnorms, fold_batchnorms_info, fold_batchnorms_pass  # noqa: F401
 from .cle import EqualizationError, EqualizationReport, equalize, equalize_pass  # noqa: F401
+from .bias_correction import bias_correction  # noqa: F401,E402
+from .bn_reestimation import reestimate_batchnorm  # noqa: F401,E402

@@ -125,6 +125,7 @@ def place_quantizers(graph: Graph, config: QuantsimConfig) -> dict[str, Quantize
                                            None, node.op_type, constraints=op.get("encoding_constraints"))
     _apply_model_output(graph, config, specs)
     _apply_supergroups(graph, config, specs)
+    _apply_split_clips(graph, specs)
     _tie(graph, specs)
     return specs
 
@@ -159,6 +160,23 @@ def _apply_supergroups(graph: Graph, config: QuantsimConfig, specs) -> None:
                 for out in member.outputs:
                     if out in specs:
                         specs[out].enabled = False
+
+
+def _apply_split_clips(graph: Graph, specs) -> None:
+    """CLE writes a ReLU6 whose bound became per-channel as Relu -> Min(x, constant): together they are
+    one clip, so the Relu output (whose range is the unclipped one) gets no quantizer of its own, and the
+    bound is a setting like Clip's max input, not data to quantize."""
+    consumers = graph.consumers()
+    outputs = set(graph.output_names)
+    for node in graph.nodes:
+        if node.op_type != "Relu" or node.outputs[0] in outputs:
+            continue
+        users = consumers.get(node.outputs[0], [])
+        if (len(users) == 1 and users[0].op_type == "Min" and len(users[0].inputs) == 2
+                and users[0].inputs[1] in graph.initializers and node.outputs[0] in specs):
+            specs[node.outputs[0]].enabled = False
+            if users[0].inputs[1] in specs:
+                specs[users[0].inputs[1]].enabled = False
 
 
 def _match(first: Node, pattern: list[str], consumers, outputs, graph: Graph):
