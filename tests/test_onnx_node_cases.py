@@ -28,6 +28,7 @@ LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax MatMul Max MaxPool 
 Or PRelu Pad Pow QuantizeLinear Range Reciprocal ReduceL2 ReduceMax ReduceMean ReduceMin ReduceProd
 ReduceSum ReduceSumSquare Relu Reshape Resize Round Selu Shape Sigmoid Sign Sin Size Slice Softmax Softplus
 Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tanh Tile TopK Transpose Unsqueeze Upsample Where
+ConvInteger DynamicQuantizeLinear MatMulInteger QLinearConv QLinearMatMul
 """.split())
 
 RANDOM_DROPOUT = {"test_training_dropout", "test_training_dropout_default", "test_training_dropout_mask",

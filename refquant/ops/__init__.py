@@ -11,6 +11,7 @@ from . import (  # noqa: E402,F401  (each module registers its ops on import)
     linalg,
     nn,
     norm,
+    qoperators,
     quant,
     reduce,
     resize,
