@@ -24,6 +24,14 @@ def __getattr__(name):
         from . import quant
 
         return getattr(quant, name)
+    if name == "validate":
+        from .validate import validate
+
+        return validate
+    if name == "prepare":
+        from .prepare import prepare
+
+        return prepare
     if name in _PTQ:
         from . import ptq
 

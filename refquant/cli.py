@@ -82,6 +82,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", required=True)
     p.set_defaults(func=cmd_quantize)
 
+    p = sub.add_parser("validate", help="what will go wrong when quantizing a model: one finding per problem, "
+                                        "with why and the fix")
+    p.add_argument("model")
+    p.add_argument("--data", help="calibration data for the range checks: .npz, .npy, a folder of .npy or of images")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=8, help="calibration batches to look at (default 8)")
+    p.add_argument("--json", metavar="OUT", help="also write the report as JSON to this file")
+    p.add_argument("--all", action="store_true", help="list every finding (default: 12 per kind)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("prepare", help="rewrite a model for quantization (folding, fusions, mask clamping...), "
+                                       "each pass checked to keep the FP32 outputs")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="the prepared model (.onnx)")
+    p.add_argument("--passes", default="default", help="comma-separated pass names (default: all, in order: "
+                                                       "refquant.passes.DEFAULT_PASSES)")
+    p.add_argument("--data", help="data the passes are verified on (default: random feeds)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                   help="shape of an input's random verification feeds (for inputs with unknown dims)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-batches", type=int, default=2, help="verification batches (default 2)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="largest accepted max|a-b|/max|b| per output")
+    p.add_argument("--json", metavar="OUT", help="also write the report as JSON to this file")
+    p.add_argument("--all", action="store_true", help="list every change (default: 12 per pass)")
+    p.set_defaults(func=cmd_prepare)
+
     p = sub.add_parser("demo", help="the quantization walkthrough on the example model that ships with refquant")
     p.add_argument("--output-dir", help="where the exported files go (default: a new temporary folder)")
     p.set_defaults(func=cmd_demo)
@@ -188,6 +214,42 @@ def cmd_quantize(args) -> int:
         print(f"top-1 accuracy ({args.primary or graph.output_names[0]}): {scores.accuracy:.2%} (FP32 {scores.fp32_accuracy:.2%})")
     for kind, path in paths.items():
         print(f"wrote {kind:<10} {path}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .validate import validate
+
+    report = validate(args.model, data=args.data, batch_size=args.batch_size, max_batches=args.max_batches)
+    print(report.format(max_rows=None if args.all else 12))
+    if args.json:
+        report.write_json(args.json)
+        print(f"wrote {args.json}")
+    return 1 if report.errors else 0
+
+
+def cmd_prepare(args) -> int:
+    from .onnx_io import load, save
+    from .prepare import prepare
+
+    if Path(args.output).resolve() == Path(args.model).resolve():
+        raise RefquantError(f"-o {args.output}: refusing to overwrite the input model; choose another file")
+    shapes = {}
+    for item in args.shape:
+        name, _, dims = item.partition("=")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            raise RefquantError(f"--shape {item!r}: expected NAME=D0,D1,... with integer dimensions") from None
+    graph = load(args.model)
+    prepared, report = prepare(graph, passes=args.passes, data=args.data, rtol=args.rtol, shapes=shapes or None,
+                               batch_size=args.batch_size, max_batches=args.max_batches)
+    print(report.format(max_rows=None if args.all else 12))
+    save(prepared, args.output)
+    print(f"wrote {args.output}")
+    if args.json:
+        report.write_json(args.json)
+        print(f"wrote {args.json}")
     return 0
 
 
