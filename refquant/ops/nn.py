@@ -200,7 +200,21 @@ def _conv_transpose_geometry(in_size, kernel, strides, dilations, pads, auto_pad
     return begin, [f - b - e for f, b, e in zip(full, begin, end)]
 
 
-@register("ConvTranspose", since=1)
+def _conv_transpose_rule(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
+                         output_padding=None, output_shape=None, pads=None, strides=None):
+    """Output channels = w.shape[1] * group; spatial sizes from the transposed-conv geometry when known."""
+    if x.shape is None or w.shape is None or any(not isinstance(d, int) for d in w.shape):
+        return TensorInfo(x.dtype, None)
+    spatial = list(x.shape[2:])
+    if all(isinstance(d, int) for d in spatial):
+        _, out = _conv_transpose_geometry(spatial, list(kernel_shape or w.shape[2:]), strides, dilations, pads,
+                                          auto_pad, output_padding, output_shape)
+    else:
+        out = [None] * len(spatial)
+    return TensorInfo(x.dtype, (x.shape[0], w.shape[1] * group, *out))
+
+
+@register("ConvTranspose", since=1, infer=_conv_transpose_rule)
 def conv_transpose(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
                    output_padding=None, output_shape=None, pads=None, strides=None):
     """The adjoint of Conv: y[n, m, s*i + d*k - pad] += w[c, m, k] * x[n, c, i]  (GEMM + col2im)."""
