@@ -438,3 +438,20 @@ def test_relu_then_min_by_constant_is_one_clip_with_one_quantizer():
     sim = QuantSim(refquant.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
     enabled = [n for n, q in sim.quantizers.items() if q.enabled and q.kind != "param"]
     assert enabled == ["x", "y"]  # Conv output: Conv+Relu supergroup; Relu output: part of the clip
+
+
+@pytest.mark.parametrize("scheme", ["min_max", "tf_enhanced"])
+def test_pow_exponent_is_a_setting_not_data(scheme):
+    """A quantized exponent (2.0 -> 1.99...) makes x^e of negative x NaN: the exponent is left alone."""
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph(
+        [helper.make_node("Pow", ["x", "e"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.float32(2.0), "e")])
+    sim = QuantSim(refquant.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])),
+                   quant_scheme=scheme)
+    assert "e" not in sim.quantizers
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    sim.compute_encodings([{"x": x}], progress=False)
+    assert np.isfinite(sim.run({"x": x})["y"]).all()

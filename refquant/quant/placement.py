@@ -33,8 +33,9 @@ GRID_PRESERVING = {
 NON_FLOAT_OUTPUT = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "Greater", "Less",
                     "GreaterOrEqual", "LessOrEqual", "And", "Or", "Not", "Xor"}
 # constant float inputs that are settings, not data (clip bounds, pad value, resize scales, qparams)
+# (a Pow exponent too: a quantized 2.0 that becomes 1.99 turns x^2 of negative x into NaN)
 CONSTANT_INPUTS_IGNORED = {"Clip", "Pad", "Resize", "Upsample", "QuantizeLinear", "DequantizeLinear",
-                           "Dropout", "ConstantOfShape", "Range"}
+                           "Dropout", "ConstantOfShape", "Range", "Pow"}
 # outputs that share the encoding of their (first) input's quantizer
 TIED_TO_INPUT = {"Relu", "Concat", "AveragePool", "Resize", "Upsample"}
 
