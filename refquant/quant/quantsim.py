@@ -89,17 +89,26 @@ class QuantSim:
     rounding="half_even", precision=None)``: ``precision`` ("w8a16", "fp16"...) overrides the two
     bitwidths; ``config`` is a built-in name, an AIMET config file, or a dict; ``rounding`` is
     "half_even" (onnxruntime's QuantizeLinear) or "half_up" (AIMET's simulation).
-    Scheme options (``percentile=99.99``...) go in ``scheme_options``.
+    Scheme options (``percentile=99.99``...) go in ``scheme_options``. ``param_scheme`` is the weights'
+    scheme (default: ``quant_scheme`` for min_max/tf_enhanced as AIMET, else min_max as onnxruntime).
     """
 
     def __init__(self, graph: Graph, param_bw: int | str = 8, output_bw: int | str = 8,
                  quant_scheme: str = "min_max", config="default", rounding: str = "half_even",
-                 precision: str | None = None, threads: int | None = None, scheme_options: dict | None = None):
+                 precision: str | None = None, threads: int | None = None, scheme_options: dict | None = None,
+                 param_scheme: str | None = None):
         if precision is not None:
             param_bw, output_bw = parse_precision(precision)
         if rounding not in ROUNDING:
             raise RefquantError(f"rounding {rounding!r} is not one of {', '.join(ROUNDING)}")
+        # weights: AIMET applies min_max and tf_enhanced to them too (measured on aimet_samples); the
+        # distribution schemes (percentile, mse, entropy) are for activations, and onnxruntime's
+        # quantize_static takes weight ranges by min-max, so weights default to min_max there
+        if param_scheme is None:
+            param_scheme = quant_scheme if quant_scheme in ("min_max", "tf", "tf_enhanced") else "min_max"
         make_observer(quant_scheme)  # fail now on an unknown scheme, not after placing quantizers
+        make_observer(param_scheme)
+        self.param_scheme = param_scheme
         self.graph = graph
         self.config: QuantsimConfig = load_config(config)
         self.quant_scheme = quant_scheme
@@ -229,7 +238,8 @@ class QuantSim:
                 continue
             axis = None if q.axis is None else q.axis % weight.ndim
             q.axis = axis
-            observer = make_observer(self.quant_scheme, axis=axis, **self.scheme_options)
+            options = self.scheme_options if self.param_scheme == self.quant_scheme else {}
+            observer = make_observer(self.param_scheme, axis=axis, **options)
             observer.update(weight)
             q.encoding = self._encoding_from_observer(q, observer)
 
