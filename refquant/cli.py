@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="default", help="built-in name (default, per_tensor) or AIMET config JSON")
     p.add_argument("--scheme", default="min_max",
                    help="min_max (tf), tf_enhanced, percentile, mse, entropy (default min_max)")
+    p.add_argument("--percentile", type=float, help="the percentile scheme's value (default 99.99)")
     p.add_argument("--precision", default="w8a8", help="w8a8, w8a16, w4a8, w16a16, fp16... (default w8a8)")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weights (the per_tensor config)")
     p.add_argument("--rounding", default="half_even", choices=["half_even", "half_up"])
@@ -194,8 +195,9 @@ def cmd_quantize(args) -> int:
 
     graph = load(args.model)
     config = "per_tensor" if args.per_tensor and args.config == "default" else args.config
+    options = {"percentile": args.percentile} if args.percentile is not None else {}
     sim = QuantSim(graph, precision=args.precision, quant_scheme=args.scheme, config=config,
-                   rounding=args.rounding)
+                   rounding=args.rounding, scheme_options=options)
     preprocess = Preprocess.parse(args.preprocess) if args.preprocess else None
     labels = load_labels(args.labels) if args.labels else None  # before any work: a bad path fails fast
     start = time.perf_counter()
