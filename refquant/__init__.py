@@ -24,6 +24,10 @@ def __getattr__(name):
         from . import quant
 
         return getattr(quant, name)
+    if name in ("IntSim", "qdq_gap"):
+        from . import intsim
+
+        return getattr(intsim, name)
     if name == "validate":
         from .validate import validate
 

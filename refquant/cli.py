@@ -109,6 +109,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="list every change (default: 12 per pass)")
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser("intsim", help="lower a calibrated QuantSim to an integer program; QDQ-vs-integer gap")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="calibration data (as for quantize)")
+    p.add_argument("--eval-data", help="data for the gap report (default: the calibration data)")
+    p.add_argument("--precision", default="w8a8")
+    p.add_argument("--config", default="default")
+    p.add_argument("--scheme", default="min_max")
+    p.add_argument("--requant", default="ort", help="ort (default), onnx_reference, tflite_double, tflite_single, "
+                                                    "exact(half_even|half_up|half_away)")
+    p.add_argument("--float-fallback", action="store_true", help="run ops without an integer form in float")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--preprocess", help="image preprocessing spec (as for quantize)")
+    p.add_argument("--export", help="write the integer program as a QOperator ONNX model here")
+    p.set_defaults(func=cmd_intsim)
+
     p = sub.add_parser("demo", help="the quantization walkthrough on the example model that ships with refquant")
     p.add_argument("--output-dir", help="where the exported files go (default: a new temporary folder)")
     p.set_defaults(func=cmd_demo)
@@ -252,6 +267,27 @@ def cmd_prepare(args) -> int:
     if args.json:
         report.write_json(args.json)
         print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_intsim(args) -> int:
+    from .data import Preprocess, iter_feeds
+    from .intsim import IntSim, qdq_gap
+    from .onnx_io import load
+    from .quant import QuantSim
+
+    graph = load(args.model)
+    preprocess = Preprocess.parse(args.preprocess) if args.preprocess else None
+    sim = QuantSim(graph, precision=args.precision, quant_scheme=args.scheme, config=args.config)
+    sim.compute_encodings(args.data, batch_size=args.batch_size, preprocess=preprocess)
+    isim = IntSim(sim, requant=args.requant, float_fallback=args.float_fallback)
+    print(isim.summary())
+    feeds = next(iter(iter_feeds(args.eval_data or args.data, graph, batch_size=args.batch_size,
+                                 preprocess=preprocess)))
+    print(qdq_gap(sim, isim, feeds))
+    if args.export:
+        isim.export(args.export, overwrite=True)
+        print(f"wrote {args.export}")
     return 0
 
 

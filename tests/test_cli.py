@@ -118,3 +118,20 @@ def test_quantize_bad_labels_path_fails_before_any_work(tmp_path, capsys):
     assert code == 2
     assert "nope.npy" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_intsim_command_exports_a_program_onnxruntime_runs_bit_exactly(tmp_path, capsys):
+    import onnxruntime as ort
+    from refquant.examples import RNET, lfw_rnet_inputs
+    x, _ = lfw_rnet_inputs()
+    np.save(tmp_path / "x.npy", x[:32])
+    out = tmp_path / "rnet_int.onnx"
+    assert main(["intsim", str(RNET), "--data", str(tmp_path / "x.npy"), "--export", str(out)]) == 0
+    assert "prob" in capsys.readouterr().out
+    import refquant
+    from refquant.intsim import lowering  # noqa: F401  (registers the program's own ops)
+    theirs = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x[:8]})
+    ours = refquant.Session(refquant.load(out)).run({"input": x[:8]})
+    names = [o.name for o in ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_outputs()]
+    for name, value in zip(names, theirs):
+        assert np.array_equal(ours[name], value), name

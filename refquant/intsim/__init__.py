@@ -16,3 +16,20 @@ from .requant import (  # noqa: F401
     saturating_rounding_doubling_high_mul,
     tflite_multiplier,
 )
+
+# The integer program (lowering a calibrated QuantSim, running and exporting it). Imported on first use:
+# refquant.ops.qoperators imports this package for the requantization schemes, and the lowering imports the ops.
+_PROGRAM = ("IntSim", "qdq_gap", "GapReport", "LayerGap", "OutputGap", "sqnr")
+_LOWERING = ("lower", "LoweringError", "Program", "QTensor")
+
+
+def __getattr__(name):
+    if name in _PROGRAM:
+        from . import program
+
+        return getattr(program, name)
+    if name in _LOWERING:
+        from . import lowering
+
+        return getattr(lowering, name)
+    raise AttributeError(f"module 'refquant.intsim' has no attribute {name!r}")
