@@ -15,7 +15,8 @@ from .runtime import Session  # noqa: F401
 __version__ = "0.1.0"
 
 
-_PTQ = ("fold_batchnorms", "equalize", "bias_correction", "reestimate_batchnorm")
+_PTQ = ("fold_batchnorms", "equalize", "bias_correction", "reestimate_batchnorm", "adaround", "seq_mse")
+_ANALYSIS = ("analyze", "mixed_precision", "flip_to_higher_precision")
 
 
 def __getattr__(name):
@@ -36,6 +37,10 @@ def __getattr__(name):
         from .prepare import prepare
 
         return prepare
+    if name in _ANALYSIS:
+        from . import analysis
+
+        return getattr(analysis, name)
     if name in _PTQ:
         from . import ptq
 

@@ -109,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="list every change (default: 12 per pass)")
     p.set_defaults(func=cmd_prepare)
 
+    from .analysis.cli import add_amp_parser, add_analyze_parser
+
+    add_analyze_parser(sub)
+    add_amp_parser(sub)
+
     p = sub.add_parser("intsim", help="lower a calibrated QuantSim to an integer program; QDQ-vs-integer gap")
     p.add_argument("model")
     p.add_argument("--data", required=True, help="calibration data (as for quantize)")

@@ -1,0 +1,215 @@
+"""PTQ benchmark: W4A8 nearest rounding, SeqMSE and AdaRound on the AIMET sample models and MobileNetV2.
+
+    python bench/ptq.py                         # convnet, mlp, mobilenet_v2
+    python bench/ptq.py --models convnet mlp    # the small ones only (about a minute)
+    python bench/ptq.py --optimizers            # Adam vs L-BFGS-B on MobileNetV2 layers (loss vs seconds)
+
+Every row is a fresh ``QuantSim(precision="w4a8")`` (AIMET's default per-channel config, min-max) with
+``compute_encodings`` on the calibration set; then the technique on the same set; then
+``compute_encodings`` again (activation ranges for the new weights: frozen weight encodings and
+AdaRound's fixed weights are kept). Reported: logits SQNR against FP32 and top-1 agreement with FP32
+on the evaluation set, and the technique's wall seconds (calibration not included).
+
+Data: the AIMET samples' calib.npz (64) and eval.npz (128); MobileNetV2 gets ``--mnv2-calib`` (64)
+and ``--mnv2-eval`` (128) random 224x224 crops (and flips) of the photos in /work/shared/data, resized
+(shorter side 256) and normalized with ImageNet's mean and std (refquant.data.Preprocess), seeded.
+AIMET's figures are printed beside ours where we have them (see AIMET_* below). Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED = Path("/work/shared")
+SAMPLES = SHARED / "refs" / "aimet_samples"
+MOBILENET = SHARED / "models" / "mobilenet_v2_imagenet.onnx"
+PHOTOS = SHARED / "data"
+BATCH = 16
+
+# AIMET (aimet-onnx 2.42.0 / aimet-torch) figures given with the task: (SQNR dB, top-1 %, seconds)
+AIMET = {
+    ("convnet", "nearest"): (22.18, 100.0, None),  # aimet_samples/convnet/w4a8_minmax/meta.json
+    ("convnet", "adaround 200"): (None, None, 16.0),  # PyTorch AdaRound, 5-layer convnet
+    ("convnet", "adaround 1000"): (None, None, 37.0),
+    ("mlp", "nearest"): (23.15, 96.1, None),  # aimet_samples/mlp/w4a8_minmax/meta.json
+    ("mobilenet_v2", "nearest"): (-0.2, 6.0, None),
+    ("mobilenet_v2", "seq_mse"): (4.7, 58.0, None),
+    ("mobilenet_v2", "adaround 20 (AIMET)"): (1.5, 17.0, 1057.0),
+}
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+def photo_crops(count: int, seed: int, crop: int = 224) -> np.ndarray:
+    """``count`` ImageNet-normalized random crops (and horizontal flips) of the photos, [count,3,224,224]."""
+    from refquant.data import Preprocess, load_image
+
+    spec = Preprocess(resize_shorter=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".png", ".jpg"))
+    images = [load_image(p, spec) for p in photos]
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, 3, crop, crop), dtype=np.float32)
+    for i in range(count):
+        image = images[rng.integers(len(images))]
+        _, height, width = image.shape
+        top, left = rng.integers(height - crop + 1), rng.integers(width - crop + 1)
+        sample = image[:, top:top + crop, left:left + crop]
+        out[i] = sample[:, :, ::-1] if rng.random() < 0.5 else sample
+    return out
+
+
+def model_and_data(name: str, args):
+    """(graph, calibration set, evaluation set, output name)."""
+    import refquant
+
+    if name == "mobilenet_v2":
+        return (refquant.load(MOBILENET), photo_crops(args.mnv2_calib, seed=0), photo_crops(args.mnv2_eval, seed=1),
+                "logits")
+    file = "model_bnfolded.onnx" if name == "convnet" else "model.onnx"
+    return (refquant.load(SAMPLES / name / file), np.load(SAMPLES / name / "calib.npz")["input"],
+            np.load(SAMPLES / name / "eval.npz")["input"], "logits")
+
+
+# -- runs ------------------------------------------------------------------------------------------
+
+def batched(run, data, output):
+    return np.concatenate([run({"input": data[i:i + BATCH]}, outputs=[output])[output]
+                           for i in range(0, len(data), BATCH)])
+
+
+def scores(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
+    ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+    sqnr = 10 * np.log10(np.sum(ref64 ** 2) / np.sum((ref64 - out64) ** 2))
+    return float(sqnr), float(np.mean(ref.argmax(axis=1) == out.argmax(axis=1)) * 100)
+
+
+def run_row(graph, calib, ev, output, ref, technique):
+    """(SQNR, top-1 %, technique seconds) of one fresh W4A8 sim with ``technique(sim)`` applied."""
+    from refquant.quant import QuantSim
+
+    sim = QuantSim(graph, precision="w4a8")
+    sim.compute_encodings(calib, batch_size=BATCH, progress=False)
+    seconds = None
+    if technique is not None:
+        start = time.perf_counter()
+        technique(sim)
+        seconds = time.perf_counter() - start
+        sim.compute_encodings(calib, batch_size=BATCH, progress=False)
+    return (*scores(ref, batched(sim.run, ev, output)), seconds)
+
+
+def techniques(name: str, args, calib):
+    from refquant.ptq.adaround import adaround
+    from refquant.ptq.seq_mse import seq_mse
+
+    rows = [("nearest", None), ("seq_mse", lambda sim: seq_mse(sim, calib, progress=False))]
+    for iterations in args.iterations:
+        rows.append((f"adaround {iterations}",
+                     lambda sim, n=iterations: adaround(sim, calib, num_iterations=n, progress=False)))
+    for iterations in args.greedy:
+        rows.append((f"adaround {iterations} greedy",
+                     lambda sim, n=iterations: adaround(sim, calib, num_iterations=n, finish="greedy",
+                                                        progress=False)))
+    if name == "mlp":  # 64 samples are fitted, not generalized: the same distribution, more samples
+        more = np.random.default_rng(3).standard_normal((1024, 64)).astype(np.float32)
+        rows.append(("adaround 1000, 1024 N(0,1)",
+                     lambda sim: adaround(sim, more, num_iterations=1000, progress=False)))
+    return rows
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def bench_model(name: str, args) -> None:
+    import refquant
+
+    start = time.perf_counter()
+    graph, calib, ev, output = model_and_data(name, args)
+    ref = batched(refquant.Session(graph).run, ev, output)
+    print(f"\n{name}: calibration {calib.shape}, evaluation {ev.shape}, data + FP32 reference "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+    print(f"  {'W4A8 +':<28} {'SQNR dB':>8} {'top-1 %':>8} {'seconds':>8}   | AIMET {'SQNR':>6} {'top-1':>6} {'s':>7}")
+    for label, technique in techniques(name, args, calib):
+        sqnr, top1, seconds = run_row(graph, calib, ev, output, ref, technique)
+        aimet = AIMET.get((name, label), (None, None, None))
+        print(f"  {label:<28} {sqnr:8.2f} {top1:8.1f} {fmt(seconds, '8.1f'):>8}   | "
+              f"{fmt(aimet[0], '6.2f'):>12} {fmt(aimet[1], '6.1f'):>6} {fmt(aimet[2], '7.0f'):>7}", flush=True)
+    for (model, label), (sqnr, top1, seconds) in AIMET.items():
+        if model == name and "(AIMET)" in label:
+            print(f"  {label:<28} {'':>8} {'':>8} {'':>8}   | {fmt(sqnr, '6.2f'):>12} {fmt(top1, '6.1f'):>6} "
+                  f"{fmt(seconds, '7.0f'):>7}")
+
+
+# -- optimizer comparison ----------------------------------------------------------------------------
+
+OPTIMIZER_LAYERS = (3, 4, 5, 8)  # MobileNetV2: expansion 1x1 + ReLU6, depthwise 3x3 + ReLU6, projections
+
+
+def bench_optimizers(args) -> None:
+    """Adam vs L-BFGS-B on real layers: hard-rounding loss reached and seconds, FP32 layer inputs."""
+    from threadpoolctl import threadpool_limits
+
+    from refquant.ptq import adaround as A
+    from refquant.quant import QuantSim
+
+    graph, calib, _, _ = model_and_data("mobilenet_v2", args)
+    sim = QuantSim(graph, precision="w4a8")
+    layers, _ = A.find_layers(sim)
+    A.ensure_weight_encodings(sim, layers)
+    A.disable_activation_quantizers(sim)
+    inputs = A.LayerInputs(sim, calib, BATCH, use_fp32_inputs=True)
+    print(f"\nAdam (lr 1e-3) vs L-BFGS-B, MobileNetV2 layers, W4 per channel, {len(calib)} crops, FP32 inputs, "
+          "1 BLAS thread: hard-rounding loss (threshold V >= 0 / greedy finish) and seconds")
+    for index in OPTIMIZER_LAYERS:
+        layer = layers[index]
+        objective, form, positions = A.build_objective(sim, layer, inputs, rng=np.random.default_rng(0))
+        rounding = objective.rounding
+        nearest = objective.recon_hard(rounding.up(rounding.v0))
+        print(f"  {layer.name} W{list(layer.shape)} activation={layer.activation} loss={form} "
+              f"positions={positions}: nearest {nearest:.4g}", flush=True)
+        with threadpool_limits(1):
+            for iterations in (100, 200, 500, 1000, 2000):
+                for optimizer in ("adam", "lbfgs"):
+                    start = time.perf_counter()
+                    if optimizer == "adam":
+                        v = A.optimize_adam(objective, rounding.v0.copy(), iterations, (20, 2), 0.2, 1024,
+                                            np.random.default_rng(0))
+                    else:
+                        v = A.optimize_lbfgs(objective, rounding.v0.copy(), iterations, (20, 2), 0.2)
+                    seconds = time.perf_counter() - start
+                    threshold = objective.recon_hard(rounding.up(v))
+                    greedy = objective.recon_hard(A.settle(objective, v))
+                    print(f"    {optimizer:<5} {iterations:>5} its {seconds:7.2f} s   {threshold:.4g} / {greedy:.4g}",
+                          flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["convnet", "mlp", "mobilenet_v2"],
+                        choices=["convnet", "mlp", "mobilenet_v2"])
+    parser.add_argument("--iterations", nargs="+", type=int, default=[200, 1000], help="AdaRound iterations")
+    parser.add_argument("--greedy", nargs="*", type=int, default=[200],
+                        help="AdaRound iterations with finish='greedy' (none: skip)")
+    parser.add_argument("--mnv2-calib", type=int, default=64)
+    parser.add_argument("--mnv2-eval", type=int, default=128)
+    parser.add_argument("--optimizers", action="store_true", help="only the Adam vs L-BFGS-B layer comparison")
+    args = parser.parse_args(argv)
+    if args.optimizers:
+        bench_optimizers(args)
+        return 0
+    for name in args.models:
+        bench_model(name, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

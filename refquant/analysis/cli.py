@@ -1,0 +1,134 @@
+"""The ``refquant analyze`` and ``refquant amp`` subcommands (wired into refquant.cli by
+``add_analyze_parser(subparsers)`` / ``add_amp_parser(subparsers)``). The analysis machinery is
+imported when a command runs, not when the parser is built."""
+
+from __future__ import annotations
+
+
+# ------------------------------------------------------------------------------ analyze
+def add_analyze_parser(subparsers) -> None:
+    """``refquant analyze MODEL --data D -o DIR``: calibrate, analyze, write report.html/report.json."""
+    p = subparsers.add_parser("analyze", help="per-layer sensitivity, SQNR along the graph, histograms and "
+                                              "flags: an HTML report with the top culprits and their fixes")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="calibration data: .npz, .npy, a folder of .npy or of images")
+    p.add_argument("--eval-data", help="data the analysis runs on (default: the calibration data)")
+    _sim_arguments(p)
+    p.add_argument("--top", type=int, default=10, help="culprits listed (default 10)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="run the sweep's batches in this many processes (default: serially)")
+    p.add_argument("-o", "--output-dir", required=True, help="where report.html and report.json go")
+    p.set_defaults(func=cli_analyze)
+
+
+def _sim_arguments(p) -> None:
+    p.add_argument("--config", default="default", help="built-in name (default, per_tensor) or AIMET config JSON")
+    p.add_argument("--scheme", default="min_max", help="min_max (tf), tf_enhanced, percentile, mse, entropy")
+    p.add_argument("--precision", default="w8a8", help="w8a8, w8a16, w4a8... (default w8a8)")
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor weights (the per_tensor config)")
+    p.add_argument("--rounding", default="half_even", choices=["half_even", "half_up"])
+    p.add_argument("--preprocess", help="image preprocessing, e.g. 'resize_shorter=256;crop=224,224;"
+                                        "mean=0.485,0.456,0.406;std=0.229,0.224,0.225'")
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def calibrated_sim(args, precision=None):
+    """Load, build and calibrate the QuantSim the CLI arguments describe; returns (sim, preprocess)."""
+    from ..data import Preprocess
+    from ..onnx_io import load
+    from ..quant import QuantSim
+
+    graph = load(args.model)
+    config = "per_tensor" if args.per_tensor and args.config == "default" else args.config
+    sim = QuantSim(graph, precision=precision or args.precision, quant_scheme=args.scheme, config=config,
+                   rounding=args.rounding)
+    preprocess = Preprocess.parse(args.preprocess) if args.preprocess else None
+    sim.compute_encodings(args.data, batch_size=args.batch_size, preprocess=preprocess, progress=True)
+    return sim, preprocess
+
+
+def executor_for(workers: int):
+    if not workers or workers <= 1:
+        return None
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=workers)
+
+
+def cli_analyze(args) -> int:
+    from .sensitivity import analyze
+
+    sim, preprocess = calibrated_sim(args)
+    executor = executor_for(args.workers)
+    try:
+        report = analyze(sim, args.eval_data or args.data, batch_size=args.batch_size, progress=True,
+                         executor=executor, preprocess=preprocess, top=args.top)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    paths = report.save(args.output_dir)
+    print(report.format(top=args.top))
+    for kind, path in paths.items():
+        print(f"wrote {kind:<5} {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ amp
+def add_amp_parser(subparsers) -> None:
+    """``refquant amp MODEL --data D --candidates w4a8,w8a8,w8a16 --target w8a8 -o DIR``."""
+    p = subparsers.add_parser("amp", help="mixed precision: greedy Pareto search over per-layer precisions "
+                                          "(AIMET AMP); exports the encodings with per-tensor bitwidths")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="calibration data: .npz, .npy, a folder of .npy or of images")
+    p.add_argument("--eval-data", help="data the search is scored on (default: the calibration data)")
+    p.add_argument("--candidates", default="w8a8,w8a16,w4a8", help="comma-separated, e.g. w4a8,w8a8,w8a16")
+    p.add_argument("--target", help="metric to reach (SQNR dB vs FP32), or a candidate whose uniform metric to reach")
+    p.add_argument("--budget", help="largest cost, or a candidate whose uniform cost is the budget")
+    p.add_argument("--cost", default="bitops", choices=["bitops", "memory"])
+    _sim_arguments(p)
+    p.add_argument("--workers", type=int, default=0, help="evaluate in this many processes (default: serially)")
+    p.add_argument("--prefix", default=None, help="file name prefix of the export (default: the model's name)")
+    p.add_argument("-o", "--output-dir", required=True)
+    p.set_defaults(func=cli_amp)
+
+
+def _goal_arg(text):
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def cli_amp(args) -> int:
+    from pathlib import Path
+
+    from ..data import Preprocess
+    from ..onnx_io import load
+    from ..quant import QuantSim
+    from .amp import mixed_precision
+
+    graph = load(args.model)
+    config = "per_tensor" if args.per_tensor and args.config == "default" else args.config
+    sim = QuantSim(graph, precision=args.precision, quant_scheme=args.scheme, config=config, rounding=args.rounding)
+    preprocess = Preprocess.parse(args.preprocess) if args.preprocess else None
+    candidates = [c for c in args.candidates.split(",") if c.strip()]
+    executor = executor_for(args.workers)
+    try:
+        result = mixed_precision(sim, args.eval_data or args.data, candidates=candidates,
+                                 target=_goal_arg(args.target), budget=_goal_arg(args.budget),
+                                 batch_size=args.batch_size, progress=True, executor=executor, cost=args.cost,
+                                 calib_data=args.data, preprocess=preprocess)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = sim.export(out, args.prefix or Path(args.model).stem)
+    paths["amp"] = result.save(out / "amp.json")
+    paths["pareto"] = result.plot(out / "pareto.png")
+    print(result.format())
+    for kind, path in paths.items():
+        print(f"wrote {kind:<10} {path}")
+    return 0 if result.target_met is not False else 1

@@ -1,0 +1,203 @@
+"""Sequential MSE (AIMET's ``apply_seq_mse``, refs/aimet.md 5.2): a per-channel search of each
+weight's quantization range that minimizes the error of the layer's output, layer by layer.
+
+For a layer with weight ``W`` and current encoding range ``[min_c, max_c]`` per output channel ``c``
+(from ``compute_encodings``, or the parameter encodings computed here), candidate ``i`` in
+``0..n-1`` is the range ``[min_c (i+1)/n, max_c (i+1)/n]`` (AIMET's ``_get_candidate``: the
+encoding's min and max scaled alike, so for a symmetric grid ``scale_i = scale (i+1)/n`` and the last
+candidate is the current encoding). Each candidate gives ``W_i = qdq(W, encoding_i)`` (the sim's
+rounding). With ``x`` the layer input in the simulation so far (the layers before already chosen;
+activation quantizers off while searching, as AIMET) and ``y = W x`` the output with the FP32
+weight on that same input (AIMET's "symqt" target), channel ``c``'s loss is
+
+* ``mse``:  ``mean_p (y_c - W_i,c x_p)^2 = dW_c H dW_c^T``, ``dW = W_i - W``, ``H = mean_p x_p x_p^T``
+  (im2col columns): exact over every position of the data, with ``H`` accumulated while streaming;
+* ``sqnr``: ``-10 log10(mean_p y_c^2 / (mse_c + 1e-10))`` (AIMET's ``neg_sqnr``);
+* ``l1``:   ``mean_p |y_c - W_i,c x_p|`` (accumulated per candidate while streaming).
+
+Output channels are independent in these losses, so all channels are scored for every candidate at
+once, and channel ``c`` takes its best candidate (the first on ties). The chosen encoding is set and
+frozen (``sim.set_encoding``). Weight encodings already frozen (loaded, or set by an earlier
+technique) are left alone. Layers: Conv, Gemm and MatMul with a constant weight whose per-channel
+axis is the output-channel axis (AIMET: Conv, Gemm, MatMul; ``sequential_mse/dependency_graph.py``).
+
+Call ``sim.compute_encodings`` afterwards: activation ranges are then calibrated with the new weights.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import RefquantError
+from ..quant.encoding import Encoding, from_min_max
+from ..quant.qdq import quantize_dequantize
+from .adaround import (LayerInputs, LinearLayer, SimState, _blas_threads, _bmm, _Moments, _progress,
+                       disable_activation_quantizers, ensure_weight_encodings, find_layers, position_chunks)
+
+SEQ_MSE_OPS = ("Conv", "Gemm", "MatMul")
+LOSSES = ("mse", "l1", "sqnr")
+SQNR_EPS = 1e-10  # AIMET's neg_sqnr eps on the mean noise
+
+
+@dataclass
+class SeqMseLayerReport:
+    """One layer: the loss (summed over channels) of the original encoding and of the chosen one, and
+    which candidate each channel took (``n - 1`` = the original range)."""
+
+    layer: str
+    weight: str
+    loss_original: float
+    loss_chosen: float
+    chosen: np.ndarray
+    seconds: float
+
+
+def seq_mse(sim, data, num_candidates: int = 20, loss: str = "mse", batch_size: int = 16, progress: bool = True,
+            *, cache_activations: bool = True, threads: int | None = 1, report: list | None = None):
+    """Choose per-channel weight encodings of every Conv, Gemm and MatMul of ``sim`` (graph order) by
+    the layer-output loss of ``num_candidates`` shrunk ranges (see the module docstring).
+
+    ``data``: anything :func:`refquant.data.iter_feeds` accepts. ``cache_activations``: keep every
+    batch's live tensors in memory and advance them layer by layer (one forward pass in total) instead
+    of a forward prefix per layer (see :class:`~refquant.ptq.adaround.LayerInputs`). ``report``: a list
+    that receives one :class:`SeqMseLayerReport` per layer. On any error or Ctrl-C ``sim`` is left
+    as it was. Returns ``sim``.
+    """
+    if loss not in LOSSES:
+        raise RefquantError(f"seq_mse: loss {loss!r} is not one of {', '.join(LOSSES)}")
+    if int(num_candidates) < 1:
+        raise RefquantError(f"seq_mse: num_candidates must be >= 1, got {num_candidates}")
+    layers, skipped = find_layers(sim, SEQ_MSE_OPS)
+    with SimState(sim):
+        ensure_weight_encodings(sim, layers)
+        layers, more = _searchable(sim, layers)
+        skipped += more
+        if skipped:
+            warnings.warn(f"seq_mse: layers not optimized: {', '.join(skipped)}", stacklevel=2)
+        if not layers:
+            warnings.warn(f"seq_mse: graph {sim.graph.name!r} has no layer to optimize", stacklevel=2)
+            return sim
+        disable_activation_quantizers(sim)
+        inputs = LayerInputs(sim, data, batch_size, use_fp32_inputs=False, carry=cache_activations)
+        for layer in _progress(layers, progress, "seq_mse"):
+            result = seq_mse_layer(sim, layer, inputs, num_candidates, loss, threads)
+            if report is not None:
+                report.append(result)
+    return sim
+
+
+def seq_mse_layer(sim, layer: LinearLayer, inputs: LayerInputs, num_candidates: int = 20, loss: str = "mse",
+                  threads: int | None = 1) -> SeqMseLayerReport:
+    """Search one layer's weight encoding and set it (frozen) in ``sim``."""
+    start = time.perf_counter()
+    quantizer = sim.quantizers[layer.weight]
+    encoding = sim.encoding_of(layer.weight)
+    candidates = candidate_encodings(encoding, quantizer, num_candidates)
+    with _blas_threads(threads):
+        losses = candidate_losses(sim, layer, inputs, candidates, loss)  # [candidates, channels]
+    best = np.argmin(losses, axis=0)
+    channels = np.arange(losses.shape[1])
+    chosen = pick_channels(candidates, best)
+    sim.set_encoding(layer.weight, chosen)
+    return SeqMseLayerReport(layer.name, layer.weight, float(losses[-1].sum()),
+                             float(losses[best, channels].sum()), best, time.perf_counter() - start)
+
+
+def candidate_ranges(encoding: Encoding, num_candidates: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(min, max)`` of every candidate, ``[n, channels]``: the encoding's range times ``(i+1)/n``."""
+    factor = (np.arange(num_candidates, dtype=np.float64) + 1) / num_candidates
+    lo = np.atleast_1d(np.asarray(encoding.min, dtype=np.float64))
+    hi = np.atleast_1d(np.asarray(encoding.max, dtype=np.float64))
+    return lo[None, :] * factor[:, None], hi[None, :] * factor[:, None]
+
+
+def encoding_from_range(quantizer, lo: np.ndarray, hi: np.ndarray, like: Encoding) -> Encoding:
+    """The quantizer's kind of grid (bitwidth, symmetry) on ``[lo, hi]``, per tensor or per channel like ``like``."""
+    if like.axis is None:
+        lo, hi = lo.reshape(()), hi.reshape(())
+    return from_min_max(lo, hi, like.bitwidth, quantizer.symmetric, quantizer.strict_symmetric,
+                        quantizer.unsigned_symmetric, axis=like.axis)
+
+
+def candidate_encodings(encoding: Encoding, quantizer, num_candidates: int) -> list[Encoding]:
+    """The candidates' encodings; the last is ``encoding`` itself (recomputing it from its own range
+    can move an asymmetric float64 scale by an ulp)."""
+    lo, hi = candidate_ranges(encoding, num_candidates)
+    return [encoding_from_range(quantizer, lo[i], hi[i], encoding) for i in range(num_candidates - 1)] + [encoding]
+
+
+def pick_channels(candidates: list[Encoding], best: np.ndarray) -> Encoding:
+    """One encoding taking channel ``c``'s scale and offset from candidate ``best[c]``."""
+    first = candidates[0]
+    scales = np.stack([np.atleast_1d(c.scale) for c in candidates])
+    offsets = np.stack([np.atleast_1d(np.broadcast_to(c.offset, np.shape(c.scale))) for c in candidates])
+    channels = np.arange(scales.shape[1])
+    scale, offset = scales[best, channels], offsets[best, channels]
+    if first.axis is None:
+        scale, offset = scale.reshape(()), offset.reshape(())
+    return Encoding(scale, offset, first.bitwidth, first.symmetric, first.steps, first.axis, first.block_size,
+                    first.kind)
+
+
+def candidate_losses(sim, layer: LinearLayer, inputs: LayerInputs, candidates: list[Encoding],
+                     loss: str = "mse") -> np.ndarray:
+    """``[candidates, channels]`` losses of the layer output against ``W x`` on the layer's inputs."""
+    weight = np.asarray(sim.graph.initializers[layer.weight], dtype=np.float32)
+    w_mat = layer.to_matrix(weight).astype(np.float64)
+    deltas = np.stack([layer.to_matrix(quantize_dequantize(weight, enc, sim.rounding)).astype(np.float64) - w_mat
+                       for enc in candidates])  # [n, G, M/G, K/G]
+    moments = _Moments()
+    signal = 0.0
+    l1 = 0.0
+    count = 0
+    for x, z, _ in inputs.batches(layer, fp32_target=False):
+        columns = layer.columns(x)
+        for positions in position_chunks(columns):
+            cols = columns.take(positions)
+            if loss == "l1":
+                l1 = l1 + np.stack([np.abs(_bmm(d.astype(np.float32), cols)).sum(axis=2, dtype=np.float64)
+                                    for d in deltas])
+            else:
+                moments.add(cols, None)
+                if loss == "sqnr":
+                    signal = signal + np.square(layer.output_matrix(z, positions), dtype=np.float64).sum(axis=2)
+        count += columns.count
+    if count == 0:
+        raise RefquantError("seq_mse: the data set is empty: no batch was produced")
+    if loss == "l1":
+        per_output = l1 / count
+    else:
+        h = moments.h / count
+        per_output = np.stack([np.sum(_bmm(d, h) * d, axis=2) for d in deltas])  # mean squared error
+        if loss == "sqnr":
+            per_output = -10 * np.log10((signal / count)[None] / (per_output + SQNR_EPS))
+    per_output = per_output.reshape(len(candidates), -1)  # output channel o = g * M/G + m
+    return per_output if candidates[0].axis is not None else per_output.sum(axis=1, keepdims=True)
+
+
+def _searchable(sim, layers) -> tuple[list[LinearLayer], list[str]]:
+    """Layers whose weight encoding can be searched: not frozen, integer, per tensor or per channel
+    on the output-channel axis (per-block grids are not searched)."""
+    keep, skipped = [], []
+    for layer in layers:
+        quantizer = sim.quantizers[layer.weight]
+        encoding = sim.encoding_of(layer.weight)
+        if quantizer.frozen or quantizer.tied_to is not None:
+            skipped.append(f"{layer.name} (weight encoding frozen)")
+        elif encoding is None or encoding.kind != "int":
+            skipped.append(f"{layer.name} (no integer weight encoding)")
+        elif encoding.block_size is not None:
+            skipped.append(f"{layer.name} (per-block weight encoding)")
+        elif encoding.axis is not None and encoding.axis % len(layer.shape) != layer.output_axis:
+            skipped.append(f"{layer.name} (per-channel axis {encoding.axis} is not the output channels)")
+        else:
+            keep.append(layer)
+    return keep, skipped
+
+
+__all__ = ["LOSSES", "SeqMseLayerReport", "candidate_encodings", "candidate_losses", "candidate_ranges",
+           "pick_channels", "seq_mse", "seq_mse_layer"]
