@@ -25,36 +25,19 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/_models.py
 DEFAULT = [f"light_{n}" for n in ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50",
                                   "shufflenet", "squeezenet", "vgg19", "zfnet512")] + ["mobilenet_v2"]
 
 
 def batched_model(name: str, batch: int, workdir: Path) -> Path:
     """The zoo model, with a dynamic batch dim where it declares a fixed 1 (for batch > 1)."""
-    import onnx
-    from onnx import numpy_helper
+    from _models import dynamic_batch_model
 
     from refquant import zoo
 
     path = zoo.fetch(name)
-    model = onnx.load(str(path))
-    # old-IR models also list every initializer as a graph input: the data input is the first that is not one
-    initializers = {init.name for init in model.graph.initializer}
-    data_input = next(i for i in model.graph.input if i.name not in initializers)
-    dim = data_input.type.tensor_type.shape.dim
-    if batch == 1 or not dim or dim[0].dim_param:
-        return path
-    dim[0].dim_param = "N"
-    shapes = {n.input[1] for n in model.graph.node if n.op_type == "Reshape"}
-    for init in model.graph.initializer:
-        if init.name in shapes:
-            value = numpy_helper.to_array(init).copy()
-            if value.size and value[0] == 1:
-                value[0] = -1
-                init.CopyFrom(numpy_helper.from_array(value, init.name))
-    out = workdir / f"{name}_dynamic.onnx"
-    onnx.save(model, str(out))
-    return out
+    return path if batch == 1 else dynamic_batch_model(path, workdir)
 
 
 def feeds_for(path: Path, batch: int) -> dict:
