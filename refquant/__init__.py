@@ -15,7 +15,10 @@ from .runtime import Session  # noqa: F401
 __version__ = "0.1.0"
 
 
-_PTQ = ("fold_batchnorms", "equalize", "bias_correction", "reestimate_batchnorm", "adaround", "seq_mse")
+# technique -> its module in refquant.ptq (functions named like their modules are not re-exported by the
+# package, so that ``refquant.ptq.adaround`` stays the module)
+_PTQ = {"fold_batchnorms": "bn_fold", "equalize": "cle", "bias_correction": "bias_correction",
+        "reestimate_batchnorm": "bn_reestimation", "adaround": "adaround", "seq_mse": "seq_mse"}
 _ANALYSIS = ("analyze", "mixed_precision", "flip_to_higher_precision")
 
 
@@ -42,7 +45,7 @@ def __getattr__(name):
 
         return getattr(analysis, name)
     if name in _PTQ:
-        from . import ptq
+        from importlib import import_module
 
-        return getattr(ptq, name)
+        return getattr(import_module(f".ptq.{_PTQ[name]}", __name__), name)
     raise AttributeError(f"module 'refquant' has no attribute {name!r}")

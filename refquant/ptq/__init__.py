@@ -11,7 +11,3 @@ returns a new Graph or updated encodings; none reaches into the runtime.
 
 from .bn_fold import FoldedBatchNorm, FoldError, fold_batchnorms, fold_batchnorms_info, fold_batchnorms_pass  # noqa: F401
 from .cle import EqualizationError, EqualizationReport, equalize, equalize_pass  # noqa: F401
-from .bias_correction import bias_correction  # noqa: F401,E402
-from .bn_reestimation import reestimate_batchnorm  # noqa: F401,E402
-from .adaround import adaround  # noqa: F401,E402
-from .seq_mse import seq_mse  # noqa: F401,E402

@@ -541,11 +541,12 @@ class QuadraticLoss:
         self.w = w_float
         self.count = moments.count
 
-    def __call__(self, w: np.ndarray, grad: bool = True, sample=None):
+    def __call__(self, w: np.ndarray, grad: bool = True, sample=None, value: bool = True):
+        """The loss (None unless ``value``) and, with ``grad``, ``dL/dW``."""
         dw = w - self.w
         dwh = _bmm(dw, self.h)
-        value = float(np.sum(dwh * dw) - 2 * np.sum(dw * self.g) + np.sum(self.c))
-        return (value, 2 * (dwh - self.g)) if grad else value
+        loss = float(np.sum(dwh * dw) - 2 * np.sum(dw * self.g) + np.sum(self.c)) if value or not grad else None
+        return (loss, 2 * (dwh - self.g)) if grad else loss
 
     def per_channel(self, w: np.ndarray) -> np.ndarray:
         """The loss of each output channel, ``[G, M/G]`` (they sum to the loss)."""
@@ -555,36 +556,47 @@ class QuadraticLoss:
 
 class SampledLoss:
     """``L(W) = sum_channels mean_positions (f(t) - f(z + (W - W_fp32) cols))^2`` on cached positions,
-    ``f`` = clip to ``activation`` (identity when None); ``dL/dW = dY @ cols^T``. ``sample``: a subset
-    of the cached positions (Adam's minibatch)."""
+    ``f`` = clip to ``activation`` (identity when None); ``dL/dW = dY @ cols^T``. ``sample``: a slice
+    of the cached positions (Adam's minibatch; :meth:`shuffle` reorders them once per epoch, so a
+    minibatch is a view, not a gather)."""
 
     def __init__(self, reservoir: _Reservoir, w_float: np.ndarray, activation):
-        # both layouts kept contiguous: [G, K, B] for Y = dW cols, [G, B, K] for dY cols^T and for
-        # gathering a minibatch (a strided gather feeds matmul a slow non-BLAS operand)
-        self.cols = np.ascontiguousarray(reservoir.cols)
-        self.cols_t = np.ascontiguousarray(reservoir.cols.transpose(0, 2, 1))
         self.w = w_float.astype(np.float32)
         self.lo, self.hi = activation if activation is not None else (-math.inf, math.inf)
-        self.z = np.ascontiguousarray(reservoir.z)
-        self.target = np.clip(reservoir.t, self.lo, self.hi)
+        self.clipped = activation is not None
+        self._store(reservoir.cols, reservoir.z, np.clip(reservoir.t, self.lo, self.hi))
         self.count = self.cols.shape[2]
 
-    def __call__(self, w: np.ndarray, grad: bool = True, sample=None):
-        if sample is None:
-            cols, cols_t, z, target = self.cols, self.cols_t, self.z, self.target
-        else:
-            cols_t = np.ascontiguousarray(self.cols_t[:, sample])
-            cols = np.ascontiguousarray(cols_t.transpose(0, 2, 1))
-            z, target = self.z[:, :, sample], self.target[:, :, sample]
-        y = z + _bmm((w - self.w).astype(np.float32), cols)
-        diff = np.clip(y, self.lo, self.hi) - target
-        value = float(np.sum(np.square(diff, dtype=np.float64)) / cols.shape[2])
+    def _store(self, cols, z, target):
+        # both layouts contiguous: [G, K, B] for Y = dW cols, [G, B, K] for dY cols^T (BLAS operands)
+        self.cols = np.ascontiguousarray(cols)
+        self.cols_t = np.ascontiguousarray(cols.transpose(0, 2, 1))
+        self.z = np.ascontiguousarray(z)
+        self.target = np.ascontiguousarray(target)
+
+    def shuffle(self, rng: np.random.Generator) -> None:
+        """Reorder the cached positions at random (one copy per epoch)."""
+        order = rng.permutation(self.count)
+        self._store(np.take(self.cols, order, axis=2), np.take(self.z, order, axis=2),
+                    np.take(self.target, order, axis=2))
+
+    def __call__(self, w: np.ndarray, grad: bool = True, sample: slice | None = None, value: bool = True):
+        """The loss (None unless ``value``) and, with ``grad``, ``dL/dW``."""
+        part = sample if sample is not None else slice(None)
+        cols, cols_t = self.cols[:, :, part], self.cols_t[:, part]
+        count = cols.shape[2]
+        y = _bmm((w - self.w).astype(np.float32), cols)
+        y += self.z[:, :, part]
+        diff = np.clip(y, self.lo, self.hi) if self.clipped else y
+        diff -= self.target[:, :, part]
+        # the value in float64 (L-BFGS's line search compares values); Adam does not ask for it
+        loss = float(np.square(diff, dtype=np.float64).sum()) / count if value or not grad else None
         if not grad:
-            return value
-        dy = diff * np.float32(2.0 / cols.shape[2])  # float32 on purpose: the GEMM below is the cost
-        if self.lo > -math.inf or self.hi < math.inf:
-            dy *= (y > self.lo) & (y < self.hi)
-        return value, _bmm(dy, cols_t).astype(np.float64)
+            return loss
+        diff *= np.float32(2.0 / count)  # float32 on purpose: the GEMM below is the cost
+        if self.clipped:
+            diff *= (y > self.lo) & (y < self.hi)
+        return loss, _bmm(diff, cols_t).astype(np.float64)
 
     def per_channel(self, w: np.ndarray) -> np.ndarray:
         """The loss of each output channel, ``[G, M/G]`` (they sum to the loss)."""
@@ -671,16 +683,17 @@ class Objective:
     def __init__(self, rounding: SoftRounding, loss, reg_param: float):
         self.rounding, self.loss, self.reg_param = rounding, loss, reg_param
 
-    def __call__(self, v, beta, sample=None):
-        w_soft, dw_dh = self.rounding.soft(v)
-        value, grad_w = self.loss(w_soft, sample=sample)
+    def __call__(self, v, beta, sample=None, value: bool = True):
+        """``(objective or None unless value, gradient in V)``."""
         h, dh_dv = self.rounding.h(v)
+        w_soft, dw_dh = self.rounding.soft_h(h)
+        loss, grad_w = self.loss(w_soft, sample=sample, value=value)
         grad_h = grad_w * dw_dh
         if beta is not None:
             reg, reg_grad = rounding_regularizer(h, beta)
-            value += self.reg_param * reg
+            loss = loss + self.reg_param * reg if value else None
             grad_h = grad_h + self.reg_param * reg_grad
-        return value, grad_h * dh_dv * self.rounding.free
+        return loss, grad_h * dh_dv * self.rounding.free
 
     def in_h(self, h, beta):
         """The same objective as a function of ``h`` in [0, 1] (for a bound-constrained optimizer)."""
@@ -735,19 +748,21 @@ def settle(objective: Objective, v, passes: int = 2) -> np.ndarray:
 def optimize_adam(objective: Objective, v, num_iterations, beta_range, warm_start, sample_size=None,
                   rng=None, lr: float = ADAM_LR, should_stop=None):
     """Adam (torch defaults: betas 0.9/0.999, eps 1e-8) with the annealed regularizer; a sampled loss
-    gets ``sample_size`` random cached positions per iteration (reshuffled each epoch)."""
+    gets ``sample_size`` random cached positions per iteration (each epoch a new random order)."""
     m = np.zeros_like(v)
     s = np.zeros_like(v)
-    count = getattr(objective.loss, "count", None)
-    order, cursor = None, 0
+    count = objective.loss.count
+    minibatches = sample_size is not None and count > sample_size and hasattr(objective.loss, "shuffle")
+    cursor = count  # shuffle before the first minibatch
     for it in range(num_iterations):
         sample = None
-        if sample_size is not None and count is not None and count > sample_size:
-            if order is None or cursor + sample_size > count:
-                order, cursor = rng.permutation(count), 0
-            sample = np.sort(order[cursor:cursor + sample_size])
+        if minibatches:
+            if cursor + sample_size > count:
+                objective.loss.shuffle(rng)
+                cursor = 0
+            sample = slice(cursor, cursor + sample_size)
             cursor += sample_size
-        _, grad = objective(v, annealed_beta(it, num_iterations, beta_range, warm_start), sample)
+        _, grad = objective(v, annealed_beta(it, num_iterations, beta_range, warm_start), sample, value=False)
         m = 0.9 * m + 0.1 * grad
         s = 0.999 * s + 0.001 * grad * grad
         step = lr * (m / (1 - 0.9 ** (it + 1))) / (np.sqrt(s / (1 - 0.999 ** (it + 1))) + 1e-8)
