@@ -356,10 +356,6 @@ def mixed_precision(sim, data, candidates=DEFAULT_CANDIDATES, eval_fn=None, targ
             if target_value is not None and path[i].metric >= target_value:
                 stop = True
     bar.close()
-    pareto = []
-    for p in path:
-        if p.metric is not None and (not pareto or p.metric > pareto[-1].metric):
-            pareto.append(p)
     timings["search_s"] = time.perf_counter() - t0
 
     # 4. choose, 5. apply and re-evaluate
@@ -383,6 +379,10 @@ def mixed_precision(sim, data, candidates=DEFAULT_CANDIDATES, eval_fn=None, targ
             chosen.metric = engine.evaluate({"retry": assemble(assignments[chosen.step])}, eval_fn)["retry"]
     timings["apply_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - start
+    pareto = []  # the measured points that beat every cheaper one
+    for p in path:
+        if p.metric is not None and (not pareto or p.metric > pareto[-1].metric):
+            pareto.append(p)
     group_rows = [{"name": g.name, "kind": g.kind, "position": g.position, "macs": g.macs,
                    "parameters": g.parameters, "output_elements": g.output_elements,
                    "quantizers": g.quantizers, "options": [c.label for c in options[g.name]],

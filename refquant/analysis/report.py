@@ -385,13 +385,14 @@ class _Html:
                   if (t.kind == "activation") == (kind == "activation") and t.role != "bias"]
         parts = []
         flagged = {f.tensor for f in self.r.findings}
+        serious = {f.tensor for f in self.r.findings if f.severity != "info"}
         for t in chosen:
             head = (f"{html.escape(t.name)} &mdash; {t.bitwidth}-bit{' per-channel' if t.axis is not None else ''}, "
                     f"range [{t.min:.4g}, {t.max:.4g}], SQNR {_num(t.sqnr_db)} dB"
                     + (f" <b>[{', '.join(sorted({f.code for f in self.r.findings if f.tensor == t.name}))}]</b>"
                        if t.name in flagged else ""))
             body = self.tensor_plot(t) if self.plots else ""
-            parts.append(f"<details{' open' if t.name in flagged else ''}><summary>{head}</summary>{body}</details>")
+            parts.append(f"<details{' open' if t.name in serious else ''}><summary>{head}</summary>{body}</details>")
         return "\n".join(parts) or "<p>none</p>"
 
     def tensor_plot(self, t: TensorStats) -> str:

@@ -557,8 +557,7 @@ class QuadraticLoss:
 class SampledLoss:
     """``L(W) = sum_channels mean_positions (f(t) - f(z + (W - W_fp32) cols))^2`` on cached positions,
     ``f`` = clip to ``activation`` (identity when None); ``dL/dW = dY @ cols^T``. ``sample``: a slice
-    of the cached positions (Adam's minibatch; :meth:`shuffle` reorders them once per epoch, so a
-    minibatch is a view, not a gather)."""
+    of the cached positions (Adam's minibatch; after a :meth:`shuffle`, a view rather than a gather)."""
 
     def __init__(self, reservoir: _Reservoir, w_float: np.ndarray, activation):
         self.w = w_float.astype(np.float32)
@@ -575,7 +574,7 @@ class SampledLoss:
         self.target = np.ascontiguousarray(target)
 
     def shuffle(self, rng: np.random.Generator) -> None:
-        """Reorder the cached positions at random (one copy per epoch)."""
+        """Reorder the cached positions at random."""
         order = rng.permutation(self.count)
         self._store(np.take(self.cols, order, axis=2), np.take(self.z, order, axis=2),
                     np.take(self.target, order, axis=2))
@@ -746,28 +745,41 @@ def settle(objective: Objective, v, passes: int = 2) -> np.ndarray:
 
 # ======================================================================================= optimizers
 def optimize_adam(objective: Objective, v, num_iterations, beta_range, warm_start, sample_size=None,
-                  rng=None, lr: float = ADAM_LR, should_stop=None):
-    """Adam (torch defaults: betas 0.9/0.999, eps 1e-8) with the annealed regularizer; a sampled loss
-    gets ``sample_size`` random cached positions per iteration (each epoch a new random order)."""
+                  rng=None, lr: float = ADAM_LR):
+    """Adam (torch's defaults: betas 0.9/0.999, eps 1e-8) with the annealed regularizer; a sampled
+    loss gets a minibatch of ``sample_size`` cached positions per iteration (:func:`_minibatches`)."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    v = v.copy()
     m = np.zeros_like(v)
     s = np.zeros_like(v)
-    count = objective.loss.count
-    minibatches = sample_size is not None and count > sample_size and hasattr(objective.loss, "shuffle")
-    cursor = count  # shuffle before the first minibatch
+    batches = _minibatches(objective.loss, sample_size, rng)
     for it in range(num_iterations):
-        sample = None
-        if minibatches:
-            if cursor + sample_size > count:
-                objective.loss.shuffle(rng)
-                cursor = 0
-            sample = slice(cursor, cursor + sample_size)
-            cursor += sample_size
-        _, grad = objective(v, annealed_beta(it, num_iterations, beta_range, warm_start), sample, value=False)
-        m = 0.9 * m + 0.1 * grad
-        s = 0.999 * s + 0.001 * grad * grad
-        step = lr * (m / (1 - 0.9 ** (it + 1))) / (np.sqrt(s / (1 - 0.999 ** (it + 1))) + 1e-8)
-        v = v - step
+        _, grad = objective(v, annealed_beta(it, num_iterations, beta_range, warm_start), next(batches), value=False)
+        m *= 0.9
+        m += 0.1 * grad
+        s *= 0.999
+        s += 0.001 * grad * grad
+        # v -= lr * m_hat / (sqrt(s_hat) + eps), m_hat = m / (1 - 0.9^t), s_hat = s / (1 - 0.999^t)
+        v -= (lr / (1 - 0.9 ** (it + 1))) * m / (np.sqrt(s / (1 - 0.999 ** (it + 1))) + 1e-8)
     return v
+
+
+def _minibatches(loss, size, rng):
+    """Endless minibatch slices of a sampled loss's cached positions (None: the whole loss). The
+    positions are shuffled once, so a minibatch is a contiguous slice (a view, no copy); each epoch
+    starts at a random offset, so epochs cut the order into different minibatches."""
+    count = getattr(loss, "count", 0)
+    if size is None or count <= size or not hasattr(loss, "shuffle"):
+        while True:
+            yield None
+    loss.shuffle(rng)
+    per_epoch = count // size
+    if per_epoch > 1 and count - per_epoch * size < size // 2:
+        per_epoch -= 1  # leave room for the offset to move
+    while True:
+        offset = int(rng.integers(count - per_epoch * size + 1))
+        for k in range(per_epoch):
+            yield slice(offset + k * size, offset + (k + 1) * size)
 
 
 def lbfgs_stages(num_iterations: int, beta_range, warm_start: float, stages: int = LBFGS_STAGES):
