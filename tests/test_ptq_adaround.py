@@ -114,13 +114,12 @@ def small_problem(activation):
     w = rng.normal(size=(g, m, k))
     scale = np.full((g, m, k), 0.3)
     rounding = A.SoftRounding(w, scale, np.full_like(scale, -8), np.full_like(scale, 7))
-    reservoir = A._Reservoir(1000, rng)
-    reservoir.cols = rng.normal(size=(g, k, b)).astype(np.float32)
-    reservoir.z = rng.normal(size=(g, m, b)).astype(np.float32)
-    reservoir.t = rng.normal(size=(g, m, b)).astype(np.float32)
+    cols = rng.normal(size=(g, k, b)).astype(np.float32)
+    z = rng.normal(size=(g, m, b)).astype(np.float32)
+    t = rng.normal(size=(g, m, b)).astype(np.float32)
     moments = A._Moments()
-    moments.add(reservoir.cols, reservoir.t - reservoir.z)
-    sampled = A.SampledLoss(reservoir, w, activation)
+    moments.add(cols, t - z)
+    sampled = A.SampledLoss(cols, z, t, w, activation)
     return rounding, sampled, A.QuadraticLoss(moments, w), rng
 
 
@@ -173,6 +172,35 @@ def test_beta_follows_aimets_cosine_schedule():
     assert stages[0] == (None, 200) and sum(n for _, n in stages) == 1000
     betas = [b for b, _ in stages[1:]]
     assert betas == sorted(betas, reverse=True) and 2 < betas[-1] < betas[0] < 20
+
+
+@pytest.mark.parametrize("size", [7, 40, 1000])
+def test_the_column_cache_is_the_bottom_k_of_random_keys_with_matching_data(size):
+    node = helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])
+    sim = one_node_sim(node, ("N", 2, 5, 5), {"W": _f(3, 2, 3, 3)})
+    (layer,), _ = find_layers(sim)
+    rng = np.random.default_rng(0)
+    reservoir = A._Reservoir(size, rng)
+    keys, cols, outputs = [], [], []
+    for b in range(5):
+        x = np.random.default_rng(b).normal(size=(3, 2, 5, 5)).astype(np.float32)
+        columns = layer.columns(x)
+        y = refquant.Session(sim.graph).run({"x": x})["y"]
+        state = rng.bit_generator.state
+        keys.append(rng.random(columns.count))  # the keys the reservoir is about to draw
+        rng.bit_generator.state = state
+        cols.append(columns.take())
+        outputs.append(layer.output_matrix(y))
+        reservoir.offer(layer, columns, y, 2 * y)
+    keys, cols, outputs = np.concatenate(keys), np.concatenate(cols, axis=2), np.concatenate(outputs, axis=2)
+    assert reservoir.filled == min(size, len(keys)) and reservoir.complete == (size >= len(keys))
+    np.testing.assert_array_equal(np.sort(reservoir.keys[:reservoir.filled]), np.sort(keys)[:reservoir.filled])
+    where = {k: i for i, k in enumerate(keys)}
+    index = np.array([where[k] for k in reservoir.keys[:reservoir.filled]])
+    got_cols, got_z, got_t = reservoir.arrays()
+    np.testing.assert_array_equal(got_cols, cols[:, :, index])
+    np.testing.assert_array_equal(got_z, outputs[:, :, index])
+    np.testing.assert_array_equal(got_t, 2 * outputs[:, :, index])
 
 
 # ----------------------------------------------------------------------------------- carried inputs

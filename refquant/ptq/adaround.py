@@ -45,8 +45,9 @@ Two exact forms of the reconstruction loss (each layer uses the cheaper that app
   An iteration costs ``M K^2`` flops whatever the data size.
 * sampled (activation in the loss; or all positions fit in the cache and number fewer than K/2, e.g.
   a Gemm on 64 samples, where it is exact and cheaper): a uniform random sample of at most
-  ``num_columns`` positions (bottom-k reservoir over the stream), their columns and both outputs cached; Adam draws ``columns_per_iteration`` of them per
-  iteration (AIMET draws 32 samples per iteration), L-BFGS uses them all.
+  ``num_columns`` positions (bottom-k reservoir over the stream), their columns and both outputs
+  cached; Adam draws ``columns_per_iteration`` of them per iteration (AIMET draws 32 samples per
+  iteration), L-BFGS uses them all.
 
 Optimizers: Adam in NumPy (default, lr 1e-3 as AIMET) or SciPy L-BFGS-B (see :func:`adaround` for the
 measurement that chose Adam). A final step ``finish="greedy"`` (not in the paper or AIMET, off by
@@ -463,35 +464,52 @@ def _node_reads(node: Node) -> list[str]:
 
 class _Reservoir:
     """A uniform random sample, without replacement, of at most ``size`` positions of a stream
-    (bottom-k of uniform keys), with their columns and both outputs: memory O(size)."""
+    (the ``size`` smallest of uniform random keys), with their columns and both outputs. Preallocated
+    and position-major: a new batch only writes the positions that enter, over those they evict."""
 
     def __init__(self, size: int, rng: np.random.Generator):
         self.size, self.rng = size, rng
         self.keys = np.empty(0)
-        self.cols = self.z = self.t = None
-        self.seen = 0
+        self.rows = None  # [size, G, K/G], [size, G, M/G] x 2 once the first batch is seen
+        self.filled = self.seen = 0
 
     def offer(self, layer: LinearLayer, columns, z, t) -> None:
         keys = self.rng.random(columns.count)
         self.seen += columns.count
-        pick = np.arange(columns.count) if columns.count <= self.size else np.sort(
-            np.argpartition(keys, self.size)[:self.size])
-        parts = (columns.take(pick), layer.output_matrix(z, pick).astype(np.float32),
-                 layer.output_matrix(t, pick).astype(np.float32))
-        if self.cols is None:
-            self.keys, (self.cols, self.z, self.t) = keys[pick], parts
-        else:
-            self.keys = np.concatenate([self.keys, keys[pick]])
-            self.cols, self.z, self.t = (np.concatenate([a, b], axis=2) for a, b in zip((self.cols, self.z, self.t),
-                                                                                        parts))
-        if len(self.keys) > self.size:
-            keep = np.argpartition(self.keys, self.size)[:self.size]
-            self.keys = self.keys[keep]
-            self.cols, self.z, self.t = (np.ascontiguousarray(a[:, :, keep]) for a in (self.cols, self.z, self.t))
+        mine = np.arange(columns.count) if columns.count <= self.size else np.argpartition(keys, self.size)[:self.size]
+        if self.rows is None:
+            g, mg = layer.index.shape[:2]
+            shapes = ((g, columns.height // g), (g, mg), (g, mg))
+            self.rows = [np.empty((self.size,) + shape, dtype=np.float32) for shape in shapes]
+            self.keys = np.full(self.size, np.inf)
+        # slots: the free ones first, then those holding the largest keys, while a new key is smaller
+        free = np.arange(self.filled, self.size)
+        held = np.argsort(self.keys[:self.filled])[::-1]
+        slots = np.concatenate([free, held])
+        incoming = mine[np.argsort(keys[mine])]
+        limit = min(len(incoming), len(slots))
+        # smallest new keys against largest held ones: once one does not enter, none after it does
+        enter = np.ones(limit, dtype=bool)
+        enter[len(free):] = keys[incoming[len(free):limit]] < self.keys[slots[len(free):limit]]
+        accepted = limit if enter.all() else int(np.argmin(enter))
+        if accepted == 0:
+            return
+        slots, incoming = slots[:accepted], incoming[:accepted]
+        order = np.argsort(incoming)  # take() wants sorted positions
+        slots, incoming = slots[order], incoming[order]
+        self.keys[slots] = keys[incoming]
+        for store, part in zip(self.rows, (columns.take(incoming), layer.output_matrix(z, incoming),
+                                           layer.output_matrix(t, incoming))):
+            store[slots] = part.transpose(2, 0, 1)
+        self.filled += min(accepted, len(free))
+
+    def arrays(self):
+        """``(cols [G, K/G, B], z [G, M/G, B], t [G, M/G, B])`` of the cached positions."""
+        return tuple(np.ascontiguousarray(rows[:self.filled].transpose(1, 2, 0)) for rows in self.rows)
 
     @property
     def complete(self) -> bool:
-        return self.seen == len(self.keys)
+        return self.seen == self.filled
 
 
 class _Moments:
@@ -503,7 +521,8 @@ class _Moments:
 
     def add(self, cols: np.ndarray, residual: np.ndarray | None) -> None:
         cols = cols.astype(np.float64)
-        h = _bmm(cols, np.ascontiguousarray(cols.transpose(0, 2, 1)))
+        # A @ A.T of one buffer: NumPy calls BLAS syrk (half the work of a GEMM on a transposed copy)
+        h = (cols[0] @ cols[0].T)[None] if cols.shape[0] == 1 else np.matmul(cols, cols.transpose(0, 2, 1))
         if residual is None:
             g = np.zeros((cols.shape[0], cols.shape[1], 0))
             c = 0.0
@@ -559,11 +578,11 @@ class SampledLoss:
     ``f`` = clip to ``activation`` (identity when None); ``dL/dW = dY @ cols^T``. ``sample``: a slice
     of the cached positions (Adam's minibatch; after a :meth:`shuffle`, a view rather than a gather)."""
 
-    def __init__(self, reservoir: _Reservoir, w_float: np.ndarray, activation):
+    def __init__(self, cols: np.ndarray, z: np.ndarray, t: np.ndarray, w_float: np.ndarray, activation):
         self.w = w_float.astype(np.float32)
         self.lo, self.hi = activation if activation is not None else (-math.inf, math.inf)
         self.clipped = activation is not None
-        self._store(reservoir.cols, reservoir.z, np.clip(reservoir.t, self.lo, self.hi))
+        self._store(cols, z, np.clip(t, self.lo, self.hi))
         self.count = self.cols.shape[2]
 
     def _store(self, cols, z, target):
@@ -906,7 +925,8 @@ def adaround_layer(sim, layer: LinearLayer, inputs: LayerInputs, *, num_iteratio
     """AdaRound one layer of ``sim`` (its weight encoding must exist) and fix its rounding in ``sim``."""
     start = time.perf_counter()
     rng = rng if rng is not None else np.random.default_rng(0)
-    objective, form, columns = build_objective(sim, layer, inputs, reg_param, include_activation, num_columns, rng)
+    objective, form, columns = build_objective(sim, layer, inputs, reg_param, include_activation, num_columns, rng,
+                                               threads)
     rounding = objective.rounding
     v = rounding.v0.copy()
     nearest = rounding.up(v)
@@ -930,7 +950,7 @@ def adaround_layer(sim, layer: LinearLayer, inputs: LayerInputs, *, num_iteratio
 
 
 def build_objective(sim, layer: LinearLayer, inputs: LayerInputs, reg_param=0.01, include_activation=True,
-                    num_columns=8192, rng=None):
+                    num_columns=8192, rng=None, threads: int | None = None):
     """Go through the layer's data once: ``(Objective, "quadratic" | "sampled", positions used)``."""
     rng = rng if rng is not None else np.random.default_rng(0)
     w = np.asarray(sim.graph.initializers[layer.weight], dtype=np.float32)
@@ -942,18 +962,20 @@ def build_objective(sim, layer: LinearLayer, inputs: LayerInputs, reg_param=0.01
     reservoir = _Reservoir(num_columns, rng)
     moments = None if activation is not None else _Moments()
     for x, z, t in inputs.batches(layer):
-        columns = layer.columns(x)
-        reservoir.offer(layer, columns, z, t)
-        if moments is not None:
-            for positions in position_chunks(columns):
-                residual = None if z is t else layer.output_matrix(t, positions) - layer.output_matrix(z, positions)
-                moments.add(columns.take(positions), residual)
-    if reservoir.cols is None:
+        with _blas_threads(threads):  # the simulation's forward passes above keep their own threads
+            columns = layer.columns(x)
+            reservoir.offer(layer, columns, z, t)
+            if moments is not None:
+                for positions in position_chunks(columns):
+                    residual = None if z is t else layer.output_matrix(t, positions) - layer.output_matrix(z, positions)
+                    moments.add(columns.take(positions), residual)
+    if reservoir.rows is None:
         raise RefquantError("adaround: the data set is empty: no batch was produced")
-    # the quadratic form costs M K^2 per evaluation, the sampled loss ~2 M K B: use the exact cheaper one
+    # the quadratic form costs M K^2 per evaluation, the sampled loss ~4 M K B: use the exact cheaper one
     kg = rounding.base.shape[2]
     if moments is None or (reservoir.complete and 2 * reservoir.seen < kg):
-        return Objective(rounding, SampledLoss(reservoir, w_mat, activation), reg_param), "sampled", reservoir.seen
+        loss = SampledLoss(*reservoir.arrays(), w_mat, activation)
+        return Objective(rounding, loss, reg_param), "sampled", reservoir.filled
     return Objective(rounding, QuadraticLoss(moments, w_mat), reg_param), "quadratic", \
         moments.count
 

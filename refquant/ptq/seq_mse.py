@@ -97,8 +97,7 @@ def seq_mse_layer(sim, layer: LinearLayer, inputs: LayerInputs, num_candidates: 
     quantizer = sim.quantizers[layer.weight]
     encoding = sim.encoding_of(layer.weight)
     candidates = candidate_encodings(encoding, quantizer, num_candidates)
-    with _blas_threads(threads):
-        losses = candidate_losses(sim, layer, inputs, candidates, loss)  # [candidates, channels]
+    losses = candidate_losses(sim, layer, inputs, candidates, loss, threads)  # [candidates, channels]
     best = np.argmin(losses, axis=0)
     channels = np.arange(losses.shape[1])
     chosen = pick_channels(candidates, best)
@@ -144,8 +143,9 @@ def pick_channels(candidates: list[Encoding], best: np.ndarray) -> Encoding:
 
 
 def candidate_losses(sim, layer: LinearLayer, inputs: LayerInputs, candidates: list[Encoding],
-                     loss: str = "mse") -> np.ndarray:
-    """``[candidates, channels]`` losses of the layer output against ``W x`` on the layer's inputs."""
+                     loss: str = "mse", threads: int | None = None) -> np.ndarray:
+    """``[candidates, channels]`` losses of the layer output against ``W x`` on the layer's inputs
+    (``threads``: BLAS threads for this math; the forward passes keep the simulation's)."""
     weight = np.asarray(sim.graph.initializers[layer.weight], dtype=np.float32)
     w_mat = layer.to_matrix(weight).astype(np.float64)
     deltas = np.stack([layer.to_matrix(quantize_dequantize(weight, enc, sim.rounding)).astype(np.float64) - w_mat
@@ -155,24 +155,26 @@ def candidate_losses(sim, layer: LinearLayer, inputs: LayerInputs, candidates: l
     l1 = 0.0
     count = 0
     for x, z, _ in inputs.batches(layer, fp32_target=False):
-        columns = layer.columns(x)
-        for positions in position_chunks(columns):
-            cols = columns.take(positions)
-            if loss == "l1":
-                l1 = l1 + np.stack([np.abs(_bmm(d.astype(np.float32), cols)).sum(axis=2, dtype=np.float64)
-                                    for d in deltas])
-            else:
-                moments.add(cols, None)
-                if loss == "sqnr":
-                    signal = signal + np.square(layer.output_matrix(z, positions), dtype=np.float64).sum(axis=2)
-        count += columns.count
+        with _blas_threads(threads):
+            columns = layer.columns(x)
+            for positions in position_chunks(columns):
+                cols = columns.take(positions)
+                if loss == "l1":
+                    l1 = l1 + np.stack([np.abs(_bmm(d.astype(np.float32), cols)).sum(axis=2, dtype=np.float64)
+                                        for d in deltas])
+                else:
+                    moments.add(cols, None)
+                    if loss == "sqnr":
+                        signal = signal + np.square(layer.output_matrix(z, positions), dtype=np.float64).sum(axis=2)
+            count += columns.count
     if count == 0:
         raise RefquantError("seq_mse: the data set is empty: no batch was produced")
     if loss == "l1":
         per_output = l1 / count
     else:
         h = moments.h / count
-        per_output = np.stack([np.sum(_bmm(d, h) * d, axis=2) for d in deltas])  # mean squared error
+        with _blas_threads(threads):
+            per_output = np.stack([np.sum(_bmm(d, h) * d, axis=2) for d in deltas])  # mean squared error
         if loss == "sqnr":
             per_output = -10 * np.log10((signal / count)[None] / (per_output + SQNR_EPS))
     per_output = per_output.reshape(len(candidates), -1)  # output channel o = g * M/G + m
