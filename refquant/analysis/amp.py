@@ -228,6 +228,9 @@ def mixed_precision(sim, data, candidates=DEFAULT_CANDIDATES, eval_fn=None, targ
     cands = list(dict.fromkeys(parse_candidate(c) for c in candidates))
     if not cands:
         raise RefquantError("mixed precision needs at least one candidate")
+    for value, what in ((target, "target"), (budget, "budget")):  # a named candidate must be one of them
+        if value is not None and not isinstance(value, (int, float, np.integer, np.floating)):
+            _goal(value, cands, {c.label: {} for c in cands}, "metric", what)
     calib = data if calib_data is None else calib_data
     timings = {}
 
@@ -424,7 +427,7 @@ def _goal(value, cands, uniform, field_name: str, what: str):
     if cand.label not in uniform:
         raise RefquantError(f"mixed precision {what} {value!r}: {cand.label} is not one of the candidates "
                             f"{', '.join(c.label for c in cands)}")
-    return float(uniform[cand.label][field_name])
+    return float(uniform[cand.label][field_name]) if field_name in uniform[cand.label] else None
 
 
 def _members(sim, names):
