@@ -489,7 +489,7 @@ def calibrate_candidate(sim, cand: Candidate, data, batch_size: int, preprocess)
 
 def _invalidate(sim) -> None:
     """Make the sim re-quantize its parameters on its next run (encodings were swapped under it)."""
-    sim._state = None
+    sim.invalidate()
 
 
 def apply_assignment(sim, groups, assignment: dict[str, Candidate], data, batch_size: int, preprocess) -> None:

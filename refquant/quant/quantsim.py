@@ -307,6 +307,11 @@ class QuantSim:
         """The FP32 reference on the same graph."""
         return self._float_session.run(feeds, outputs=outputs)
 
+    def invalidate(self) -> None:
+        """Forget the quantized parameters: the next run re-quantizes them (after encodings were swapped
+        in place, which :meth:`refresh` cannot see)."""
+        self._state = None
+
     def refresh(self) -> None:
         """Re-quantize the parameters after quantizers or encodings were changed by hand."""
         state = tuple((n, q.enabled, id(q.encoding), id(self.encoding_of(n)), id(q.fixed_value))
