@@ -63,9 +63,11 @@ def seq_mse(sim, data, num_candidates: int = 20, loss: str = "mse", batch_size: 
 
     ``data``: anything :func:`refquant.data.iter_feeds` accepts. ``cache_activations``: keep every
     batch's live tensors in memory and advance them layer by layer (one forward pass in total) instead
-    of a forward prefix per layer (see :class:`~refquant.ptq.adaround.LayerInputs`). ``report``: a list
-    that receives one :class:`SeqMseLayerReport` per layer. On any error or Ctrl-C ``sim`` is left
-    as it was. Returns ``sim``.
+    of a forward prefix per layer (see :class:`~refquant.ptq.adaround.LayerInputs`). ``threads``: BLAS
+    threads for the search's own math (None: unchanged; the simulation's forward passes keep theirs).
+    ``report``: a list that receives one :class:`SeqMseLayerReport` per layer. Weight encodings
+    missing are computed first (``sim`` need not be calibrated). On any error or Ctrl-C ``sim`` is
+    left as it was. Returns ``sim``.
     """
     if loss not in LOSSES:
         raise RefquantError(f"seq_mse: loss {loss!r} is not one of {', '.join(LOSSES)}")
