@@ -292,14 +292,14 @@ def test_adaround_raises_the_convnet_logits_sqnr():
     assert nearest == pytest.approx(22.18, abs=0.05)  # AIMET's w4a8_minmax
     adaround(sim, calib, num_iterations=1000, progress=False)
     sim.compute_encodings(calib, progress=False)  # activation ranges for the AdaRounded weights
-    assert logits_sqnr(sim, ev) > nearest + 3  # measured 26.9 dB
+    assert logits_sqnr(sim, ev) > nearest + 3  # measured 25.8 dB (AIMET's PyTorch AdaRound: 37 s; ours ~2 s)
 
 
 @needs_samples
 def test_adaround_raises_the_mlp_logits_sqnr_given_enough_samples():
-    """The MLP has 16,384 weights in fully connected layers; its 64 calibration samples are fitted
-    (calibration SQNR 23 -> 31 dB) without generalizing (eval 23.2 -> 23.4). With 1,024 samples of
-    the same N(0, 1) distribution the gain is real."""
+    """The MLP has 17,024 weights in fully connected layers; its 64 calibration samples are fitted
+    (calibration-set SQNR 23.1 -> 29.3 dB) without generalizing (eval 23.2 -> 23.3). With 1,024
+    samples of the same N(0, 1) distribution the gain is real."""
     sim, calib, ev = sample_sim("mlp")
     nearest = logits_sqnr(sim, ev)
     more = np.random.default_rng(3).standard_normal((1024, 64)).astype(np.float32)
@@ -320,7 +320,7 @@ def test_greedy_finish_and_lbfgs_also_round_down_or_up_and_beat_nearest():
             assert np.all((codes == down) | (codes == up))
             assert r.loss_adaround <= r.loss_nearest
         sim.compute_encodings(calib, progress=False)
-        assert logits_sqnr(sim, ev) > nearest + 3, kwargs  # measured greedy 39.3, lbfgs 25.7 dB
+        assert logits_sqnr(sim, ev) > nearest + 3, kwargs  # measured greedy 38.0, lbfgs 25.8 dB
 
 
 @needs_samples

@@ -872,13 +872,15 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
 
     ``optimizer``: "adam" (default) or "lbfgs". Measured with ``bench/ptq.py --optimizers`` on real
     MobileNetV2 layers (W4 per channel, 64 photo crops, FP32 inputs, one BLAS thread), hard-rounding
-    loss reached and seconds: projection conv 24x96 (nearest 0.191): Adam 200 its 0.079 in 0.04 s,
-    1000 its 0.038 in 0.17 s; L-BFGS-B 200 its 0.102 in 0.11 s, 1000 its 0.053 in 0.28 s. Expansion
-    conv 96x16 + ReLU6 (0.0243): Adam 1000 0.0169 in 1.2 s, L-BFGS 1000 0.0190 in 4.2 s. Adam is
-    ahead at equal time on every layer measured: an L-BFGS iteration costs 2-4 Adam steps (full loss,
-    line search), and the cheap, exact loss does not buy it a better rounding, because what matters
-    is the path of the annealing, not the minimum of any one stage (L-BFGS optimizes ``h`` in [0, 1]
-    under bounds; through the rectified sigmoid it saturated weights where their gradient is zero).
+    loss reached and seconds: projection conv 24x96 (nearest 0.191): Adam 200 its 0.079 in 0.03 s,
+    1000 its 0.038 in 0.17 s; L-BFGS-B 200 its 0.102 in 0.20 s, 1000 its 0.054 in 0.34 s. Expansion
+    conv 96x16 + ReLU6 (0.0243): Adam 1000 its 0.0172 in 0.43 s, L-BFGS-B 0.0191 in 5.0 s. Depthwise
+    3x3 + ReLU6 (0.102): Adam 1000 its 0.031 in 0.9 s, L-BFGS-B at best 0.036 (1000 its, 9 s). Adam is
+    ahead at equal time on all four layers measured: an L-BFGS iteration evaluates the full cached
+    loss (Adam a 1,024-position minibatch) plus line searches, and its better minimum of each stage
+    does not make a better rounding: what decides is the path of the annealing. (L-BFGS optimizes
+    ``h`` in [0, 1] under bounds: through the rectified sigmoid its steps saturated weights where
+    their gradient is zero, for good.)
     ``num_iterations`` counts Adam steps or L-BFGS iterations.
     ``include_activation``: put a following Relu/Clip in the loss (AIMET, the paper's f_a).
     ``quantize_activations``: layer inputs with the activation quantizers on (default off, as AIMET).
