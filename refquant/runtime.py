@@ -13,12 +13,14 @@ may replace (quantized weights) without touching the graph.
 
 from __future__ import annotations
 
+import sys
 from collections import ChainMap
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from . import parallel
 from .errors import FeedError, OpError, RefquantError
 from .ir import Graph, Node, node_reads
 from .ops import lookup
@@ -36,6 +38,7 @@ class _Step:
     kernel: Callable
     kwargs: dict
     frees: tuple[str, ...]  # tensors whose last reader is this node
+    inplace: Callable | None = None  # the kernel's in-place form, when inputs[0] dies here
 
 
 class Context:
@@ -54,7 +57,7 @@ class Context:
 class Session:
     """Runs a :class:`Graph` in float mode.
 
-    ``Session(graph, threads=None)``: threads caps Numba's and BLAS's thread pools (None: all cores).
+    ``Session(graph, threads=None)``: threads its kernels share (None: every core this process may use).
     ``run(feeds, outputs=None, hooks=())`` returns ``{name: array}`` for the graph outputs, or for the
     named tensors (any intermediate tensor may be named).
     """
@@ -142,7 +145,11 @@ class Session:
             if "ctx" in kwargs:
                 kwargs = dict(kwargs, ctx=Context(self, scope, hooks))
             try:
-                result = step.kernel(*args, **kwargs)
+                result = None
+                if step.inplace is not None and _is_private(args[0]):
+                    result = step.inplace(*args, **kwargs)
+                if result is None:
+                    result = step.kernel(*args, **kwargs)
             except RefquantError:
                 raise
             except Exception as exc:
@@ -156,6 +163,7 @@ class Session:
                     env[name] = _apply_hooks(hooks, name, array, node)
             for name in step.frees:
                 env.pop(name, None)
+            result = array = args = None  # hold no stale references: _is_private counts them
         missing = [name for name in wanted if name not in scope]
         if missing:
             raise FeedError(f"graph {graph.name!r}: requested tensor(s) {missing} are not produced by the graph")
@@ -187,9 +195,16 @@ class Session:
         for index, node in enumerate(nodes):  # outputs nobody reads are dropped at once
             frees[index].extend(o for o in node.outputs if o and o not in last_reader and o not in keep)
         plan = []
+        graph_inputs = set(self.graph.input_names)
         for node, free in zip(nodes, frees):
             kernel, kwargs = self._compiled[id(node)]
-            plan.append(_Step(node, kernel, kwargs, tuple(free)))
+            opdef = lookup(node.op_type, node.domain, node.version)
+            donor = node.inputs[0] if node.inputs else ""
+            inplace = None
+            if (opdef.inplace is not None and donor and donor in free and donor not in graph_inputs
+                    and node.inputs.count(donor) == 1 and donor not in self.constants and donor in producer):
+                inplace = opdef.inplace
+            plan.append(_Step(node, kernel, kwargs, tuple(free), inplace))
         self._plans[wanted] = plan
         return plan
 
@@ -243,6 +258,28 @@ def _compile(node: Node) -> tuple[Callable, dict]:
     return opdef.kernel, kwargs
 
 
+# references to a tensor while _execute calls its consumer: env, the args list, _is_private's parameter and
+# getrefcount's argument. One more means someone else holds it: a view's base, a hook that kept it, a
+# caller-visible output.
+_PRIVATE_REFCOUNT = 4
+
+
+def _is_private(array) -> bool:
+    """True when nothing but the running plan can see ``array``'s memory, so a kernel may overwrite it in
+    place (the tensor dies at this node): it owns its memory, or it is a contiguous reshape of a whole
+    buffer that only it refers to (kernels return such views), and no other reference to it exists."""
+    if type(array) is not np.ndarray or not (array.flags.writeable and array.flags.c_contiguous):
+        return False
+    if sys.getrefcount(array) > _PRIVATE_REFCOUNT:
+        return False
+    if array.flags.owndata:
+        return True
+    base = array.base
+    # references to base: array.base and getrefcount's argument (this frame's ``base`` makes three)
+    return (type(base) is np.ndarray and base.flags.owndata and base.size == array.size
+            and base.dtype == array.dtype and sys.getrefcount(base) <= 3)
+
+
 def _apply_hooks(hooks, name, array, node):
     for hook in hooks:
         replaced = hook(name, array, node)
@@ -256,28 +293,19 @@ def _describe(a) -> str:
 
 
 class _thread_limit:
-    """Caps BLAS and Numba threads for the duration of a run (no-op when threads is None)."""
+    """For the duration of a run: refquant's kernels share ``threads`` threads (None: every core) through
+    :mod:`refquant.parallel`, and BLAS runs single-threaded inside them (see that module for why)."""
 
     def __init__(self, threads: int | None):
-        self.threads = threads
+        self._budget = parallel.thread_budget(threads)
+        self._blas = parallel.single_threaded_blas()
 
     def __enter__(self):
-        if self.threads is None:
-            return self
-        import numba
-        from threadpoolctl import threadpool_limits
-
-        self._numba = numba.get_num_threads()
-        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-        self._blas = threadpool_limits(self.threads)
+        self._budget.__enter__()
+        self._blas.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.threads is None:
-            return False
-        import numba
-
-        numba.set_num_threads(self._numba)
-        self._blas.unregister()
+        self._blas.__exit__(*exc)
+        self._budget.__exit__(*exc)
         return False
-

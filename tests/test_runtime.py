@@ -47,21 +47,24 @@ def test_intermediate_tensors_are_freed_after_last_use():
 
     session = refquant.Session(refquant.load(_chain()))
     outputs = session.run({"x": np.ones((4, 3), np.float32)}, hooks=[keep_weakref])
-    assert refs["a"]() is None and refs["b"]() is None and refs["e"]() is None
-    assert refs["y"]() is outputs["y"]
+    # each intermediate buffer is either freed or handed on in place to the next tensor (e becomes y)
+    alive = {name: ref() for name, ref in refs.items() if ref() is not None}
+    assert all(array is outputs["y"] for array in alive.values()), sorted(alive)
+    assert refs["y"]() is outputs["y"] and refs["a"]() is None
 
 
 def test_freeing_happens_during_the_run_not_after():
-    alive_when_exp_ran = {}
+    alive_when_sub_ran = {}
     refs = {}
 
     def probe(name, array, node):
         refs[name] = weakref.ref(array)
-        if name == "e":  # "a" was last read by "mul", which ran before "exp"
-            alive_when_exp_ran["a"] = refs["a"]() is not None
+        if name == "y":  # "b" (which took over a's buffer in place) was last read by "exp", before "sub"
+            alive_when_sub_ran["a"] = refs["a"]() is not None
+            alive_when_sub_ran["b"] = refs["b"]() is not None
 
     refquant.Session(refquant.load(_chain())).run({"x": np.ones((1, 3), np.float32)}, hooks=[probe])
-    assert alive_when_exp_ran == {"a": False}
+    assert alive_when_sub_ran == {"a": False, "b": False}
 
 
 def test_matches_onnxruntime_and_dynamic_batch():
@@ -108,3 +111,46 @@ def test_kernel_failure_names_the_node():
     session = refquant.Session(refquant.load(model))
     with pytest.raises(OpError, match="bad_add"):
         session.run({"x": np.ones((2, 3), np.float32), "w": np.ones((4,), np.float32)})
+
+
+# ------------------------------------------------------------------ in-place kernels
+def _aliasing_graph():
+    """t = x + c; u = Reshape(t) (a view of t); v = Relu(t) is t's last reader and may run in place,
+    but u still needs t's values: y = Reshape(u) + v."""
+    nodes = [helper.make_node("Add", ["x", "c"], ["t"], name="add"),
+             helper.make_node("Reshape", ["t", "flat"], ["u"], name="reshape"),
+             helper.make_node("Relu", ["t"], ["v"], name="relu"),
+             helper.make_node("Reshape", ["u", "shape"], ["w"], name="back"),
+             helper.make_node("Add", ["w", "v"], ["y"], name="sum")]
+    return make_model(nodes, [("x", FLOAT, [2, 3])], [("y", FLOAT, [2, 3])],
+                      {"c": np.array([1.0, -2.0, 0.5], np.float32), "flat": np.array([6], np.int64),
+                       "shape": np.array([2, 3], np.int64)})
+
+
+def test_in_place_kernels_never_overwrite_a_live_view():
+    x = np.array([[0.5, 1.0, -2.0], [-1.0, 3.0, 0.25]], np.float32)
+    t = x + np.array([1.0, -2.0, 0.5], np.float32)
+    expected = t + np.maximum(t, 0)  # hand-computed: Relu in place on t would give 2 * relu(t)
+    y = refquant.Session(refquant.load(_aliasing_graph())).run({"x": x})["y"]
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_in_place_kernels_never_overwrite_what_a_hook_kept_or_a_feed():
+    kept = {}
+    x = np.array([[0.5, 1.0, -2.0], [-1.0, 3.0, 0.25]], np.float32)
+    x_before = x.copy()
+    refquant.Session(refquant.load(_chain())).run({"x": x}, hooks=[lambda n, a, node: kept.setdefault(n, a)])
+    a = x + np.array([1.0, -2.0, 0.5], np.float32)
+    np.testing.assert_array_equal(kept["a"], a)  # mul would have run in place on a, but the hook holds it
+    np.testing.assert_array_equal(kept["b"], a * x)
+    np.testing.assert_array_equal(x, x_before)
+
+
+def test_in_place_kernels_do_run_when_nothing_else_sees_the_tensor():
+    seen = {}
+
+    def probe(name, array, node):
+        seen[name] = id(array)  # an id, not a reference: the buffer stays private
+
+    refquant.Session(refquant.load(_chain())).run({"x": np.ones((2, 3), np.float32)}, hooks=[probe])
+    assert seen["b"] == seen["a"]  # Mul wrote into a's buffer

@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def col2im(cols, kernel, stride, dilation, pad_begin, in_size, out):
     """The adjoint of im2col: out[c, iz*s + kd*d - p, ...] += cols[(c, kd, kh, kw), (iz, iy, ix)].
 
@@ -41,7 +41,7 @@ def col2im(cols, kernel, stride, dilation, pad_begin, in_size, out):
                                     out[c, z, y, xx] += cols[row, base + e]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def depthwise2d(xp, w, stride, dilation, out):
     """out[n, c, oy, ox] = sum_{i,j} xp[n, c // m, oy*s + i*d, ox*s + j*d] * w[c, 0, i, j]  (m = multiplier).
 
@@ -72,7 +72,7 @@ def depthwise2d(xp, w, stride, dilation, out):
                                 dst_row[ox] += weight * src_row[col0 + ox * sx]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def depthwise3x3(xp, w, sy, sx, out):
     """depthwise2d for the common 3x3, undilated, multiplier-1 case: the nine taps are named
     registers and each output element is written once, which lets LLVM vectorize the row loop

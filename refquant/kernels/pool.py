@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def max_pool(x, kernel, stride, dilation, pad_begin, out, indices, want_indices):
     """out[p, o] = max over the window of x[p]; indices = flat index (d, h, w) of the max in x[p].
 
@@ -44,7 +44,7 @@ def max_pool(x, kernel, stride, dilation, pad_begin, out, indices, want_indices)
                         indices[p, a, b, e] = best_index
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def avg_pool(x, kernel, stride, dilation, pad_begin, pad_end, count_include_pad, out):
     """out[p, o] = sum over the window / count; count = taps inside x, or inside x plus explicit pads.
 
@@ -79,7 +79,7 @@ def avg_pool(x, kernel, stride, dilation, pad_begin, pad_end, count_include_pad,
                     out[p, a, b, e] = total / count if count > 0 else 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def max_pool_padded(xp, kernel, stride, out):
     """out[p, a, b, e] = max over the window of an input already padded with -inf: no bounds checks,
     and each output row is updated tap by tap so the row loop vectorizes."""
@@ -106,7 +106,7 @@ def max_pool_padded(xp, kernel, stride, out):
                                     dst[e] = v if v > dst[e] else dst[e]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def sum_pool_padded(xp, kernel, stride, dilation, out):
     """out[p, a, b, e] = sum over the window of an input already padded (with zeros); no bounds checks."""
     planes = xp.shape[0]

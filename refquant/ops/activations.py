@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.special
 
-from .registry import register
+from .. import parallel
+from .registry import register, register_inplace
 from .shapes import TensorInfo, same_as_first
 
 
@@ -16,7 +17,14 @@ def _f(value, like: np.ndarray):
 
 @register("Relu", since=6, infer=same_as_first)
 def relu(x):
+    if type(x) is np.ndarray and x.dtype.kind == "f":
+        return parallel.elementwise(np.maximum, np.empty_like(x), x, _f(0, x))
     return np.maximum(x, _f(0, x))
+
+
+@register_inplace(relu)
+def relu_inplace(x):
+    return parallel.elementwise(np.maximum, x, x, _f(0, x)) if x.dtype.kind == "f" else None
 
 
 @register("LeakyRelu", since=6, infer=same_as_first)

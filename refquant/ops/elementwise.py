@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.special
 
-from .. import dtypes
-from .registry import register
+from .. import dtypes, parallel
+from .registry import register, register_inplace
 from .shapes import TensorInfo, broadcast_rule, comparison_rule, same_as_first
 
 
@@ -19,13 +19,29 @@ def _typed(result: np.ndarray, like: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- binary arithmetic
-def _binary(op_type, fn, since=7):
+def _same_float(a, b) -> bool:
+    return (type(a) is np.ndarray and type(b) is np.ndarray and a.dtype == b.dtype and a.dtype.kind == "f")
+
+
+def _binary(op_type, fn, since=7, ufunc=None):
+    """Register ``op_type``; with a ufunc, float tensors of one dtype take the threaded (and in-place) path."""
+
     @register(op_type, since=since, infer=broadcast_rule)
     def kernel(a, b):
+        if ufunc is not None and _same_float(a, b):
+            out = np.empty(np.broadcast_shapes(a.shape, b.shape), dtype=a.dtype)
+            return parallel.elementwise(ufunc, out, a, b)
         with np.errstate(all="ignore"):
             return _typed(np.asarray(fn(a, b)), a)
 
     kernel.__name__ = op_type.lower()
+    if ufunc is not None:
+        @register_inplace(kernel)
+        def inplace(a, b):
+            if not _same_float(a, b) or np.broadcast_shapes(a.shape, b.shape) != a.shape:
+                return None
+            return parallel.elementwise(ufunc, a, a, b)
+
     return kernel
 
 
@@ -38,10 +54,10 @@ def _int_div(a, b):
     return np.divide(a, b)
 
 
-_binary("Add", np.add)
-_binary("Sub", np.subtract)
-_binary("Mul", np.multiply)
-_binary("Div", _int_div)
+_binary("Add", np.add, ufunc=np.add)
+_binary("Sub", np.subtract, ufunc=np.subtract)
+_binary("Mul", np.multiply, ufunc=np.multiply)
+_binary("Div", _int_div, ufunc=np.divide)
 _binary("Pow", np.power)
 
 
@@ -144,11 +160,24 @@ def clip(x, min=None, max=None):
     """y = min(max(x, min), max); an omitted bound is no bound."""
     if min is None and max is None:
         return x.copy()
+    return _clip_into(np.empty_like(x) if type(x) is np.ndarray else None, x, min, max)
+
+
+def _clip_into(out, x, min, max):
+    if out is None:  # a NumPy scalar
+        out = np.empty(np.shape(x), dtype=x.dtype)
     if min is not None and max is not None:
-        return np.asarray(np.clip(x, min.astype(x.dtype), max.astype(x.dtype)))  # one pass over x
+        return parallel.elementwise(np.clip, out, x, min.astype(x.dtype), max.astype(x.dtype))  # one pass
     if min is not None:
-        return np.asarray(np.maximum(x, min.astype(x.dtype)))
-    return np.asarray(np.minimum(x, max.astype(x.dtype)))
+        return parallel.elementwise(np.maximum, out, x, min.astype(x.dtype))
+    return parallel.elementwise(np.minimum, out, x, max.astype(x.dtype))
+
+
+@register_inplace(clip)
+def clip_inplace(x, min=None, max=None):
+    if min is None and max is None:
+        return x
+    return _clip_into(x, x, min, max)
 
 
 def _cast_rule(x, *, to, saturate=1, round_mode="up"):

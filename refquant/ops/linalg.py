@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import parallel
 from .registry import register
 from .shapes import TensorInfo, broadcast_shapes
 
@@ -31,7 +32,9 @@ def matmul(a, b):
     """Y = A @ B with NumPy's batching and 1-D promotion rules (those of ONNX)."""
     if a.ndim > 2 and b.ndim == 2 and a.flags.c_contiguous:
         # [..., K] @ [K, N] is one GEMM over all rows: one BLAS call instead of one per leading index
-        return np.matmul(a.reshape(-1, a.shape[-1]), b).reshape(a.shape[:-1] + (b.shape[1],))
+        return parallel.matmul(a.reshape(-1, a.shape[-1]), b).reshape(a.shape[:-1] + (b.shape[1],))
+    if a.ndim == 2 and b.ndim == 2:
+        return parallel.matmul(a, b)
     return np.matmul(a, b)
 
 
@@ -46,7 +49,7 @@ def gemm(a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0):
     """Y = alpha * A' @ B' + beta * C, A' = A^T if transA, B' = B^T if transB, C broadcast to [M, N]."""
     a = a.T if transA else a
     b = b.T if transB else b
-    y = np.matmul(a, b)
+    y = parallel.matmul(a, b)
     if alpha != 1.0:
         y *= np.asarray(alpha, dtype=y.dtype)
     if c is not None:

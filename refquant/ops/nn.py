@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from .. import parallel
 from ..kernels import conv as conv_kernels
 from ..kernels import pool as pool_kernels
 from .registry import register
@@ -102,9 +103,16 @@ def conv(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_sha
         if any(s != 1 for s in stride3):
             x3 = np.ascontiguousarray(x3[:, :, ::stride3[0], ::stride3[1], ::stride3[2]])
             x3 = x3[:, :, :out3[0], :out3[1], :out3[2]]
-        cg = c_in // group
-        y = np.empty((n, group, m // group, x3[0, 0].size), dtype=x3.dtype)
-        np.matmul(w3.reshape(group, m // group, cg), x3.reshape(n, group, cg, -1), out=y)
+        cg, mg = c_in // group, m // group
+        y = np.empty((n, group, mg, x3[0, 0].size), dtype=x3.dtype)
+        xg = x3.reshape(n, group, cg, -1)
+        wg = w3.reshape(group, mg, cg)
+        if n * group >= 2 * parallel.budget():
+            parallel.parallel_for(n * group, lambda i: np.matmul(wg[i % group], xg[i // group, i % group],
+                                                                 out=y[i // group, i % group]))
+        else:  # few GEMMs: split each one's columns instead
+            for i in range(n * group):
+                parallel.matmul(wg[i % group], xg[i // group, i % group], out=y[i // group, i % group])
         y = y.reshape(n, m, -1)
     else:
         y = _im2col_conv(x3, w3, group, stride3, dilation3, begin3, _i64(_to3(end, 0)), out3)
@@ -142,24 +150,32 @@ def _im2col_conv(x3, w3, group, stride3, dilation3, begin3, end3, out3):
         # small images: one GEMM over the whole batch keeps BLAS busy
         cols = np.empty((k_rows, n, positions), dtype=x3.dtype)
         for g in range(group):
-            for i in range(n):
+            def fill(i, g=g):
                 cols[:, i] = _windows(xp[i, g * cg:(g + 1) * cg], kernel3, stride3, dilation3, out3).reshape(
                     k_rows, positions)
-            y[:, g * mg:(g + 1) * mg] = np.matmul(weights[g], cols.reshape(k_rows, -1)).reshape(
+
+            parallel.parallel_for(n, fill)
+            y[:, g * mg:(g + 1) * mg] = parallel.matmul(weights[g], cols.reshape(k_rows, -1)).reshape(
                 mg, n, positions).transpose(1, 0, 2)
         return y
     ow = out3[2]
-    band = max(1, min(out3[1], COLS_BUDGET // max(1, k_rows * ow)))  # output rows per GEMM
-    for i in range(n):
-        for g in range(group):
-            view = _windows(xp[i, g * cg:(g + 1) * cg], kernel3, stride3, dilation3, out3)
-            for a in range(out3[0]):
-                for r0 in range(0, out3[1], band):
-                    r1 = min(out3[1], r0 + band)
-                    cols = np.ascontiguousarray(view[:, :, :, :, a, r0:r1]).reshape(k_rows, -1)
-                    start = (a * out3[1] + r0) * ow
-                    # out= writes the GEMM result in place: a temporary plus a copy costs ~10x the GEMM
-                    np.matmul(weights[g], cols, out=y[i, g * mg:(g + 1) * mg, start:start + cols.shape[1]])
+    threads = parallel.budget()
+    band = max(1, min(out3[1], COLS_BUDGET // max(1, k_rows * ow * threads)))  # output rows per GEMM
+    if threads > 1 and n * group * out3[0] * -(-out3[1] // band) < 2 * threads:
+        band = max(1, -(-out3[1] // (2 * threads)))  # one large image: enough bands for every thread
+    items = [(i, g, a, r0) for i in range(n) for g in range(group) for a in range(out3[0])
+             for r0 in range(0, out3[1], band)]
+
+    def band_gemm(item_index):
+        i, g, a, r0 = items[item_index]
+        view = _windows(xp[i, g * cg:(g + 1) * cg], kernel3, stride3, dilation3, out3)
+        r1 = min(out3[1], r0 + band)
+        cols = np.ascontiguousarray(view[:, :, :, :, a, r0:r1]).reshape(k_rows, -1)
+        start = (a * out3[1] + r0) * ow
+        # out= writes the GEMM result in place: a temporary plus a copy costs ~10x the GEMM
+        np.matmul(weights[g], cols, out=y[i, g * mg:(g + 1) * mg, start:start + cols.shape[1]])
+
+    parallel.parallel_for(len(items), band_gemm)
     return y
 
 
@@ -170,12 +186,24 @@ def _depthwise(x3, w3, stride3, dilation3, begin, end, out3, n_spatial):
     xp = np.pad(x4, ((0, 0), (0, 0), (begin2[0], end2[0]), (begin2[1], end2[1])))
     w4 = np.ascontiguousarray(w3[:, :, 0])
     xp = np.ascontiguousarray(xp)
-    if w4.shape[2:] == (3, 3) and w4.shape[0] == x4.shape[1] and not np.any(dilation3 != 1):
-        y = np.empty((x3.shape[0], w3.shape[0], int(out3[1]), int(out3[2])), dtype=x3.dtype)
-        conv_kernels.depthwise3x3(xp, w4, int(stride3[1]), int(stride3[2]), y)
-        return y
-    y = np.zeros((x3.shape[0], w3.shape[0], int(out3[1]), int(out3[2])), dtype=x3.dtype)
-    conv_kernels.depthwise2d(xp, w4, stride3[1:], dilation3[1:], y)
+    n, c_out = x3.shape[0], w3.shape[0]
+    y = np.zeros((n, c_out, int(out3[1]), int(out3[2])), dtype=x3.dtype)
+    threads = parallel.budget()
+    if w4.shape[0] == x4.shape[1]:  # multiplier 1: items are (image, channel block)
+        c_blocks = parallel.split(c_out, max(1, -(-4 * threads // n)) if threads > 1 else 1)
+    else:  # output channel c reads input channel c // multiplier: split images only
+        c_blocks = [(0, c_out)]
+    three = w4.shape[2:] == (3, 3) and w4.shape[0] == x4.shape[1] and not np.any(dilation3 != 1)
+
+    def channels(item):
+        i, (c0, c1) = item // len(c_blocks), c_blocks[item % len(c_blocks)]
+        x_part = xp[i:i + 1, c0:c1] if len(c_blocks) > 1 else xp[i:i + 1]
+        if three:
+            conv_kernels.depthwise3x3(x_part, w4[c0:c1], int(stride3[1]), int(stride3[2]), y[i:i + 1, c0:c1])
+        else:
+            conv_kernels.depthwise2d(x_part, w4[c0:c1], stride3[1:], dilation3[1:], y[i:i + 1, c0:c1])
+
+    parallel.parallel_for(n * len(c_blocks), channels)
     return y
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .registry import register
+from .. import parallel
+from .registry import register, register_inplace
 from .shapes import TensorInfo, same_as_first
 
 
@@ -35,9 +36,27 @@ def batch_normalization(x, scale, bias, mean, var, *, epsilon=1e-5, momentum=0.9
     b = bias.astype(np.float64) - mean.astype(np.float64) * a
     if a.ndim > 1:  # opset < 9 spatial=0: statistics per (C, *spatial) element
         return (x * a.astype(dtype)[None] + b.astype(dtype)[None]).astype(dtype)
-    y = np.multiply(x, _channel(a.astype(dtype), x.ndim))
-    y += _channel(b.astype(dtype), x.ndim)
-    return y
+    return _affine_into(np.empty_like(x), x, _channel(a.astype(dtype), x.ndim), _channel(b.astype(dtype), x.ndim))
+
+
+def _affine_into(out, x, a, b):
+    """out = x * a + b in one threaded pass over cache-sized blocks (rounded after the product, as before)."""
+
+    def multiply_add(x, a, b, out):
+        np.multiply(x, a, out=out)
+        out += b
+
+    return parallel.elementwise(multiply_add, out, x, a, b)
+
+
+@register_inplace(batch_normalization)
+def batch_normalization_inplace(x, scale, bias, mean, var, *, epsilon=1e-5, momentum=0.9, training_mode=0,
+                                noutputs=1):
+    if training_mode or noutputs > 1 or x.dtype.kind != "f" or scale.ndim != 1:
+        return None
+    a = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + epsilon)
+    b = bias.astype(np.float64) - mean.astype(np.float64) * a
+    return _affine_into(x, x, _channel(a.astype(x.dtype), x.ndim), _channel(b.astype(x.dtype), x.ndim))
 
 
 @register("InstanceNormalization", since=1, infer=same_as_first)

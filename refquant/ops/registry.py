@@ -29,6 +29,9 @@ class OpDef:
     shape_inputs: tuple = ()  # inputs whose *values* decide the output shape (Reshape's shape, ...)
     special: frozenset = field(default_factory=frozenset)
     attr_names: frozenset | None = None  # None: the kernel takes **attrs
+    # inplace(*inputs, **attrs): the same result written into inputs[0]'s memory, or None when it cannot be
+    # (dtype or broadcast shape differ); the runtime calls it only when nothing else can see inputs[0]
+    inplace: Callable | None = None
 
 
 _REGISTRY: dict[tuple[str, str], list[OpDef]] = {}
@@ -57,6 +60,22 @@ def register(op_type: str, since: int = 1, domain: str = "", infer: Callable | N
         versions = _REGISTRY.setdefault((domain, op_type), [])
         versions[:] = [v for v in versions if v.since != since] + [entry]
         versions.sort(key=lambda v: v.since)
+        return fn
+
+    return wrap
+
+
+def register_inplace(forward: Callable):
+    """Decorator: ``fn`` is the in-place form of the kernel ``forward`` (every op version using it)."""
+
+    def wrap(fn: Callable) -> Callable:
+        found = False
+        for versions in _REGISTRY.values():
+            for entry in versions:
+                if entry.kernel is forward:
+                    entry.inplace, found = fn, True
+        if not found:
+            raise ValueError(f"{forward.__name__} is not a registered kernel")
         return fn
 
     return wrap
