@@ -129,11 +129,13 @@ def split(length: int, parts: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
-def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
+           epilogue: Callable[[np.ndarray, slice], None] | None = None) -> np.ndarray:
     """``out = a @ b`` for 2-D a [M, K] and b [K, N], split into row or column blocks over the thread budget.
 
     The wider of M and N is cut into about 4 blocks per thread (so a slow thread holds back one small
-    block); each block is one single-threaded BLAS call writing its slice of ``out`` in place.
+    block); each block is one single-threaded BLAS call writing its slice of ``out`` in place, then
+    ``epilogue(block, rows)`` (rows: the block's row slice of out) while the block is in cache.
     """
     m, k = a.shape
     n = b.shape[1]
@@ -142,15 +144,29 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nd
     threads = budget()
     if threads <= 1 or m * n * k < MIN_PARALLEL_FLOPS * 2:
         np.matmul(a, b, out=out)
+        if epilogue is not None:
+            epilogue(out, slice(None))
         return out
     if n >= m:
         blocks = split(n, 4 * threads if n >= 64 * threads else threads)
-        parallel_for(len(blocks), lambda i: np.matmul(a, b[:, blocks[i][0]:blocks[i][1]],
-                                                      out=out[:, blocks[i][0]:blocks[i][1]]))
+
+        def column_block(i):
+            cols = slice(*blocks[i])
+            np.matmul(a, b[:, cols], out=out[:, cols])
+            if epilogue is not None:
+                epilogue(out[:, cols], slice(None))
+
+        parallel_for(len(blocks), column_block)
     else:
         blocks = split(m, 4 * threads if m >= 64 * threads else threads)
-        parallel_for(len(blocks), lambda i: np.matmul(a[blocks[i][0]:blocks[i][1]], b,
-                                                      out=out[blocks[i][0]:blocks[i][1]]))
+
+        def row_block(i):
+            rows = slice(*blocks[i])
+            np.matmul(a[rows], b, out=out[rows])
+            if epilogue is not None:
+                epilogue(out[rows], rows)
+
+        parallel_for(len(blocks), row_block)
     return out
 
 

@@ -138,7 +138,7 @@ class Session:
         scope = ChainMap(env, self.constants, outer) if outer is not None else ChainMap(env, self.constants)
         for name, array in feeds.items():
             env[name] = _apply_hooks(hooks, name, array, None)
-        for step in self._plan(wanted):
+        for step in self._plan(wanted, fuse=not hooks):
             node = step.node
             args = [scope[name] if name else None for name in node.inputs]
             kwargs = step.kwargs
@@ -169,10 +169,12 @@ class Session:
             raise FeedError(f"graph {graph.name!r}: requested tensor(s) {missing} are not produced by the graph")
         return {name: scope[name] for name in wanted}
 
-    def _plan(self, wanted: tuple[str, ...]) -> list[_Step]:
-        """The nodes needed for ``wanted``, in order, each with the tensors it is last to read."""
-        if wanted in self._plans:
-            return self._plans[wanted]
+    def _plan(self, wanted: tuple[str, ...], fuse: bool = False) -> list[_Step]:
+        """The nodes needed for ``wanted``, in order, each with the tensors it is last to read; with ``fuse``
+        (no hooks to show intermediate tensors to), Conv + Relu/Clip pairs become one step."""
+        key = (wanted, fuse)
+        if key in self._plans:
+            return self._plans[key]
         producer = self.graph.producers()
         needed: set[int] = set()
         stack = [producer[name] for name in wanted if name in producer]
@@ -205,8 +207,54 @@ class Session:
                     and node.inputs.count(donor) == 1 and donor not in self.constants and donor in producer):
                 inplace = opdef.inplace
             plan.append(_Step(node, kernel, kwargs, tuple(free), inplace))
-        self._plans[wanted] = plan
+        if fuse:
+            plan = self._fuse_conv_activations(plan, keep)
+        self._plans[key] = plan
         return plan
+
+    def _fuse_conv_activations(self, plan: list[_Step], keep: set[str]) -> list[_Step]:
+        """Conv whose only reader is a Relu, or a Clip with constant bounds, runs as one step that applies the
+        activation to each output block in cache (refquant.ops.nn.conv_activation); same values."""
+        from .ops.nn import conv, conv_activation
+
+        readers: dict[str, list[int]] = {}
+        for index, step in enumerate(plan):
+            for name in node_reads(step.node):
+                readers.setdefault(name, []).append(index)
+        fused: dict[int, _Step] = {}
+        dropped: set[int] = set()
+        for index, step in enumerate(plan):
+            node = step.node
+            if step.kernel is not conv or len(node.outputs) != 1 or node.outputs[0] in keep:
+                continue
+            users = readers.get(node.outputs[0], [])
+            if len(users) != 1:
+                continue
+            act = plan[users[0]].node
+            activation = self._activation_of(act)
+            if activation is None or act.inputs[0] != node.outputs[0]:
+                continue
+            merged = Node("Conv", list(node.inputs), list(act.outputs), {}, f"{node.name}+{act.name}",
+                          node.domain, node.version)
+            frees = tuple(dict.fromkeys(f for f in step.frees + plan[users[0]].frees if f != node.outputs[0]))
+            fused[index] = _Step(merged, conv_activation, dict(step.kwargs, activation=activation), frees)
+            dropped.add(users[0])
+        if not fused:
+            return plan
+        return [fused.get(i, step) for i, step in enumerate(plan) if i not in dropped]
+
+    def _activation_of(self, node: Node):
+        """("relu",) or ("clip", lo, hi) when ``node`` is one with constant bounds, else None."""
+        if node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+            return None
+        if node.op_type == "Relu":
+            return ("relu",)
+        if node.op_type == "Clip" and all(not name or name in self.constants for name in node.inputs[1:]):
+            bounds = [self.constants[name] if name else None for name in node.inputs[1:3]]
+            bounds += [None] * (2 - len(bounds))
+            if all(b is None or np.size(b) == 1 for b in bounds):
+                return ("clip", *[None if b is None else float(np.asarray(b).reshape(())) for b in bounds])
+        return None
 
     def _subsession(self, graph: Graph) -> "Session":
         if id(graph) not in self._subsessions:

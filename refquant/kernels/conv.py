@@ -42,25 +42,38 @@ def col2im(cols, kernel, stride, dilation, pad_begin, in_size, out):
 
 
 @njit(cache=True, nogil=True)
-def depthwise2d(xp, w, stride, dilation, out):
-    """out[n, c, oy, ox] = sum_{i,j} xp[n, c // m, oy*s + i*d, ox*s + j*d] * w[c, 0, i, j]  (m = multiplier).
+def _pad_plane(src, pad_top, pad_left, plane):
+    """plane[r, q] = src[r - pad_top, q - pad_left] inside src, 0 outside (plane already sized)."""
+    h, w = src.shape
+    for r in range(plane.shape[0]):
+        y = r - pad_top
+        for q in range(plane.shape[1]):
+            x = q - pad_left
+            plane[r, q] = src[y, x] if 0 <= y < h and 0 <= x < w else 0.0
 
-    xp is the already padded input [N, C_in, Hp, Wp]; w is [C_in*m, 1, KH, KW]; out is zeroed.
-    Single-threaded on purpose: a Numba thread pool next to BLAS's spinning threads oversubscribes
-    the cores (measured 7x slower on 2 cores). The unit-stride case gets its own inner loop so
-    LLVM vectorizes it.
+
+@njit(cache=True, nogil=True)
+def depthwise2d(x, w, pad_top, pad_left, stride, dilation, out):
+    """out[n, c, oy, ox] = sum_{i,j} xpad[n, c // m, oy*s + i*d, ox*s + j*d] * w[c, 0, i, j]  (m = multiplier).
+
+    x is the unpadded input [N, C_in, H, W]; each channel is zero-padded into a small scratch plane that
+    stays in cache (no padded copy of the whole tensor). w is [C_in*m, 1, KH, KW]; out is zeroed.
+    The unit-stride case gets its own inner loop so LLVM vectorizes it.
     """
     n_batch, c_out, oh, ow = out.shape
-    mult = c_out // xp.shape[1]
+    mult = c_out // x.shape[1]
     kh, kw = w.shape[2], w.shape[3]
     sy, sx = stride[0], stride[1]
+    plane = np.empty(((oh - 1) * sy + (kh - 1) * dilation[0] + 1, (ow - 1) * sx + (kw - 1) * dilation[1] + 1),
+                     dtype=x.dtype)
     for n in range(n_batch):
         for c in range(c_out):
-            src = xp[n, c // mult]
+            if c % mult == 0:
+                _pad_plane(x[n, c // mult], pad_top, pad_left, plane)
             for oy in range(oh):
                 dst_row = out[n, c, oy]  # one output row stays in L1 while every tap adds into it
                 for i in range(kh):
-                    src_row = src[oy * sy + i * dilation[0]]
+                    src_row = plane[oy * sy + i * dilation[0]]
                     for j in range(kw):
                         weight = w[c, 0, i, j]
                         col0 = j * dilation[1]
@@ -73,26 +86,49 @@ def depthwise2d(xp, w, stride, dilation, out):
 
 
 @njit(cache=True, nogil=True)
-def depthwise3x3(xp, w, sy, sx, out):
-    """depthwise2d for the common 3x3, undilated, multiplier-1 case: the nine taps are named
-    registers and each output element is written once, which lets LLVM vectorize the row loop
-    (about 7x the generic loop at stride 1)."""
+def depthwise3x3(x, w, pad_top, pad_left, sy, sx, out):
+    """depthwise2d for the common 3x3, undilated, multiplier-1 case: the nine taps are named registers and
+    each output element is written once, which lets LLVM vectorize the row loop (about 7x the generic loop).
+
+    Each channel is zero-padded into a scratch plane; at stride 2 the plane is split into its even and odd
+    columns, so every tap reads unit-stride rows too: padded column 2*ox + j is even[ox + j // 2] for
+    j = 0, 2 and odd[ox] for j = 1. The sum's order is the same at every stride.
+    """
     n_batch, c_out, oh, ow = out.shape
+    hp = (oh - 1) * sy + 3
+    wp = (ow - 1) * sx + 3
+    plane = np.empty((hp, wp), dtype=x.dtype)
+    even = np.empty((hp, ow + 1), dtype=x.dtype)
+    odd = np.empty((hp, ow), dtype=x.dtype)
     for n in range(n_batch):
         for c in range(c_out):
-            src = xp[n, c]
+            _pad_plane(x[n, c], pad_top, pad_left, plane)
             w00, w01, w02 = w[c, 0, 0, 0], w[c, 0, 0, 1], w[c, 0, 0, 2]
             w10, w11, w12 = w[c, 0, 1, 0], w[c, 0, 1, 1], w[c, 0, 1, 2]
             w20, w21, w22 = w[c, 0, 2, 0], w[c, 0, 2, 1], w[c, 0, 2, 2]
+            if sx == 2:
+                for r in range(hp):
+                    for q in range(ow + 1):
+                        even[r, q] = plane[r, 2 * q]
+                    for q in range(ow):
+                        odd[r, q] = plane[r, 2 * q + 1]
             for oy in range(oh):
-                r0, r1, r2 = src[oy * sy], src[oy * sy + 1], src[oy * sy + 2]
                 dst = out[n, c, oy]
                 if sx == 1:
+                    r0, r1, r2 = plane[oy * sy], plane[oy * sy + 1], plane[oy * sy + 2]
                     for ox in range(ow):
                         dst[ox] = (w00 * r0[ox] + w01 * r0[ox + 1] + w02 * r0[ox + 2]
                                    + w10 * r1[ox] + w11 * r1[ox + 1] + w12 * r1[ox + 2]
                                    + w20 * r2[ox] + w21 * r2[ox + 1] + w22 * r2[ox + 2])
+                elif sx == 2:
+                    e0, e1, e2 = even[oy * sy], even[oy * sy + 1], even[oy * sy + 2]
+                    o0, o1, o2 = odd[oy * sy], odd[oy * sy + 1], odd[oy * sy + 2]
+                    for ox in range(ow):
+                        dst[ox] = (w00 * e0[ox] + w01 * o0[ox] + w02 * e0[ox + 1]
+                                   + w10 * e1[ox] + w11 * o1[ox] + w12 * e1[ox + 1]
+                                   + w20 * e2[ox] + w21 * o2[ox] + w22 * e2[ox + 1])
                 else:
+                    r0, r1, r2 = plane[oy * sy], plane[oy * sy + 1], plane[oy * sy + 2]
                     for ox in range(ow):
                         b = ox * sx
                         dst[ox] = (w00 * r0[b] + w01 * r0[b + 1] + w02 * r0[b + 2]

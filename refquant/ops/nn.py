@@ -84,6 +84,15 @@ def _conv_rule(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kern
 @register("Conv", since=1, infer=_conv_rule)
 def conv(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None, pads=None, strides=None):
     """y[n, m] = b[m] + sum_{c in group(m), k} w[m, c, k] * x[n, c, s*o + d*k - pad]"""
+    return conv_activation(x, w, b, activation=None, auto_pad=auto_pad, dilations=dilations, group=group,
+                           kernel_shape=kernel_shape, pads=pads, strides=strides)
+
+
+def conv_activation(x, w, b=None, *, activation, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
+                    pads=None, strides=None):
+    """Conv followed by ``activation`` (None, ("relu",) or ("clip", lo, hi)), applied with the bias to each
+    output block right after its GEMM, while the block is still in cache (the runtime fuses Conv + Relu/Clip
+    this way when no hook needs the conv's own output). The same values as the two ops one after the other."""
     dtype = _compute_dtype(x)
     kernel = list(kernel_shape or w.shape[2:])
     begin, end, out_size = conv_geometry(list(x.shape[2:]), kernel, strides, dilations, pads, auto_pad)
@@ -96,8 +105,9 @@ def conv(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_sha
     dilation3 = _i64(_to3(dilations or [1] * n_spatial, 1))
     begin3 = _i64(_to3(begin, 0))
     out3 = _i64(_to3(out_size, 1))
+    finish = _epilogue(None if b is None else b.astype(dtype, copy=False), activation, dtype)
     if group == c_in and w.shape[1] == 1 and x3.shape[2] == 1 and group > 1:
-        y = _depthwise(x3, w3, stride3, dilation3, begin, end, out3, n_spatial)
+        y = _depthwise(x3, w3, stride3, dilation3, begin, end, out3, finish)
     elif all(k == 1 for k in kernel) and not any(begin) and not any(end):
         # a 1x1 conv is a GEMM per group over the (subsampled) pixels: no im2col needed
         if any(s != 1 for s in stride3):
@@ -107,19 +117,52 @@ def conv(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_sha
         y = np.empty((n, group, mg, x3[0, 0].size), dtype=x3.dtype)
         xg = x3.reshape(n, group, cg, -1)
         wg = w3.reshape(group, mg, cg)
+
+        def pointwise(i):
+            image, g = divmod(i, group)
+            np.matmul(wg[g], xg[image, g], out=y[image, g])
+            finish(y[image, g], slice(g * mg, (g + 1) * mg))
+
         if n * group >= 2 * parallel.budget():
-            parallel.parallel_for(n * group, lambda i: np.matmul(wg[i % group], xg[i // group, i % group],
-                                                                 out=y[i // group, i % group]))
+            parallel.parallel_for(n * group, pointwise)
         else:  # few GEMMs: split each one's columns instead
             for i in range(n * group):
-                parallel.matmul(wg[i % group], xg[i // group, i % group], out=y[i // group, i % group])
+                image, g = divmod(i, group)
+                parallel.matmul(wg[g], xg[image, g], out=y[image, g],
+                                epilogue=lambda block, rows, g=g: finish(block, _shift(rows, g * mg, mg)))
         y = y.reshape(n, m, -1)
     else:
-        y = _im2col_conv(x3, w3, group, stride3, dilation3, begin3, _i64(_to3(end, 0)), out3)
+        y = _im2col_conv(x3, w3, group, stride3, dilation3, begin3, _i64(_to3(end, 0)), out3, finish)
     y = y.reshape((n, m) + tuple(out_size))
-    if b is not None:
-        y += b.astype(dtype, copy=False).reshape((m,) + (1,) * n_spatial)
     return y.astype(x.dtype, copy=False)
+
+
+def _shift(rows: slice, offset: int, size: int) -> slice:
+    start = 0 if rows.start is None else rows.start
+    stop = size if rows.stop is None else rows.stop
+    return slice(offset + start, offset + stop)
+
+
+def _epilogue(bias, activation, dtype):
+    """finish(block, channels): block [..., C_block, P] += bias[channels]; then the activation, in place."""
+    if activation is not None:
+        bounds = [np.asarray(v, dtype=dtype) for v in activation[1:]]
+
+    def finish(block, channels):
+        if bias is not None:
+            block += bias[channels].reshape(-1, 1)
+        if activation is None:
+            return
+        if activation[0] == "relu":
+            np.maximum(block, bounds[0] if bounds else np.zeros((), dtype), out=block)
+        elif bounds[0] is not None and bounds[1] is not None:
+            np.clip(block, bounds[0], bounds[1], out=block)
+        elif bounds[0] is not None:
+            np.maximum(block, bounds[0], out=block)
+        elif bounds[1] is not None:
+            np.minimum(block, bounds[1], out=block)
+
+    return finish
 
 
 def _windows(xp, kernel3, stride3, dilation3, out3):
@@ -134,7 +177,7 @@ def _windows(xp, kernel3, stride3, dilation3, out3):
     return np.lib.stride_tricks.as_strided(xp, shape, strides, writeable=False)
 
 
-def _im2col_conv(x3, w3, group, stride3, dilation3, begin3, end3, out3):
+def _im2col_conv(x3, w3, group, stride3, dilation3, begin3, end3, out3, finish):
     """Grouped conv as GEMMs: y_g = W_g [M/g, C/g*K] @ cols_g [C/g*K, pixels]."""
     n, c_in = x3.shape[:2]
     m = w3.shape[0]
@@ -157,6 +200,7 @@ def _im2col_conv(x3, w3, group, stride3, dilation3, begin3, end3, out3):
             parallel.parallel_for(n, fill)
             y[:, g * mg:(g + 1) * mg] = parallel.matmul(weights[g], cols.reshape(k_rows, -1)).reshape(
                 mg, n, positions).transpose(1, 0, 2)
+            finish(y[:, g * mg:(g + 1) * mg], slice(g * mg, (g + 1) * mg))
         return y
     ow = out3[2]
     threads = parallel.budget()
@@ -173,19 +217,20 @@ def _im2col_conv(x3, w3, group, stride3, dilation3, begin3, end3, out3):
         cols = np.ascontiguousarray(view[:, :, :, :, a, r0:r1]).reshape(k_rows, -1)
         start = (a * out3[1] + r0) * ow
         # out= writes the GEMM result in place: a temporary plus a copy costs ~10x the GEMM
-        np.matmul(weights[g], cols, out=y[i, g * mg:(g + 1) * mg, start:start + cols.shape[1]])
+        block = y[i, g * mg:(g + 1) * mg, start:start + cols.shape[1]]
+        np.matmul(weights[g], cols, out=block)
+        finish(block, slice(g * mg, (g + 1) * mg))
 
     parallel.parallel_for(len(items), band_gemm)
     return y
 
 
-def _depthwise(x3, w3, stride3, dilation3, begin, end, out3, n_spatial):
-    """Depthwise (group == C_in) conv on 1-D/2-D inputs: pad once, then a direct loop per channel."""
-    begin2, end2 = _to3(begin, 0)[1:], _to3(end, 0)[1:]
-    x4 = x3[:, :, 0]
-    xp = np.pad(x4, ((0, 0), (0, 0), (begin2[0], end2[0]), (begin2[1], end2[1])))
+def _depthwise(x3, w3, stride3, dilation3, begin, end, out3, finish):
+    """Depthwise (group == C_in) conv on 1-D/2-D inputs: a direct loop per channel, padded plane by plane
+    inside the kernel; (image, channel block) items spread over the thread budget."""
+    begin2 = _to3(begin, 0)[1:]
+    x4 = np.ascontiguousarray(x3[:, :, 0])
     w4 = np.ascontiguousarray(w3[:, :, 0])
-    xp = np.ascontiguousarray(xp)
     n, c_out = x3.shape[0], w3.shape[0]
     y = np.zeros((n, c_out, int(out3[1]), int(out3[2])), dtype=x3.dtype)
     threads = parallel.budget()
@@ -194,14 +239,18 @@ def _depthwise(x3, w3, stride3, dilation3, begin, end, out3, n_spatial):
     else:  # output channel c reads input channel c // multiplier: split images only
         c_blocks = [(0, c_out)]
     three = w4.shape[2:] == (3, 3) and w4.shape[0] == x4.shape[1] and not np.any(dilation3 != 1)
+    top, left = int(begin2[0]), int(begin2[1])
 
     def channels(item):
         i, (c0, c1) = item // len(c_blocks), c_blocks[item % len(c_blocks)]
-        x_part = xp[i:i + 1, c0:c1] if len(c_blocks) > 1 else xp[i:i + 1]
+        x_part = x4[i:i + 1, c0:c1] if len(c_blocks) > 1 else x4[i:i + 1]
         if three:
-            conv_kernels.depthwise3x3(x_part, w4[c0:c1], int(stride3[1]), int(stride3[2]), y[i:i + 1, c0:c1])
+            conv_kernels.depthwise3x3(x_part, w4[c0:c1], top, left, int(stride3[1]), int(stride3[2]),
+                                      y[i:i + 1, c0:c1])
         else:
-            conv_kernels.depthwise2d(x_part, w4[c0:c1], stride3[1:], dilation3[1:], y[i:i + 1, c0:c1])
+            conv_kernels.depthwise2d(x_part, w4[c0:c1], top, left, stride3[1:], dilation3[1:],
+                                     y[i:i + 1, c0:c1])
+        finish(y[i, c0:c1].reshape(c1 - c0, -1), slice(c0, c1))
 
     parallel.parallel_for(n * len(c_blocks), channels)
     return y
@@ -314,7 +363,8 @@ def max_pool(x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape,
         reach = [(o - 1) * s + k for o, s, k in zip(out3, params["stride"], params["kernel"])]
         widths = [(0, 0)] + [(int(b), max(0, int(r - b - n))) for b, r, n in zip(begin3, reach, x3.shape[1:])]
         xp = np.pad(x3, widths, constant_values=-np.inf) if any(w != (0, 0) for w in widths) else x3
-        pool_kernels.max_pool_padded(xp, params["kernel"], params["stride"], y)
+        _over_planes(lambda a, b: pool_kernels.max_pool_padded(xp[a:b], params["kernel"], params["stride"], y[a:b]),
+                     y.shape[0])
         return y.reshape(x.shape[:2] + tuple(out_size)).astype(x.dtype, copy=False)
     indices = np.empty(y.shape if want else (1, 1, 1, 1), dtype=np.int64)
     pool_kernels.max_pool(x3, params["kernel"], params["stride"], params["dilation"], params["pad_begin"], y,
@@ -347,7 +397,8 @@ def average_pool(x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dila
     # explicit padding with count_include_pad (never the overhang that ceil_mode adds)
     xp = np.pad(x3, [(0, 0)] + widths)
     sums = np.empty((x3.shape[0], *out3), dtype=dtype)
-    pool_kernels.sum_pool_padded(xp, params["kernel"], params["stride"], params["dilation"], sums)
+    _over_planes(lambda a, b: pool_kernels.sum_pool_padded(xp[a:b], params["kernel"], params["stride"],
+                                                           params["dilation"], sums[a:b]), sums.shape[0])
     counted = np.zeros((1,) + xp.shape[1:], dtype=dtype)
     if count_include_pad:
         inner = tuple(slice(0, min(n + b + e, n + w0 + w1)) for n, b, e, (w0, w1) in
@@ -359,6 +410,13 @@ def average_pool(x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dila
     pool_kernels.sum_pool_padded(counted, params["kernel"], params["stride"], params["dilation"], counts)
     y = sums / np.maximum(counts, 1)
     return y.reshape(x.shape[:2] + tuple(out_size)).astype(x.dtype, copy=False)
+
+
+def _over_planes(body, planes: int) -> None:
+    """body(start, stop) over blocks of the [N*C] planes, spread over the thread budget."""
+    threads = parallel.budget()
+    blocks = parallel.split(planes, 4 * threads if threads > 1 else 1)
+    parallel.parallel_for(len(blocks), lambda i: body(*blocks[i]))
 
 
 def _global_rule(x):
