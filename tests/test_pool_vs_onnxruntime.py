@@ -32,3 +32,16 @@ def test_pool_matches_onnxruntime(op, k, s, p, ceil, cip):
     else:
         # a sum of at most 9 floats then one division: summation order differs from onnxruntime's by a few ulp
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_with_nan_matches_onnxruntime():
+    """A NaN sends MaxPool to the exact loop: the result must still be onnxruntime's, NaN where it has one."""
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 7, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    x = np.random.default_rng(5).standard_normal((2, 3, 7, 8)).astype(np.float32)
+    x[1, 2, 3, 4] = np.nan
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = refquant.Session(refquant.load(model)).run({"x": x})["y"]
+    assert np.array_equal(got, expected, equal_nan=True)

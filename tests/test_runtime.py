@@ -154,3 +154,29 @@ def test_in_place_kernels_do_run_when_nothing_else_sees_the_tensor():
 
     refquant.Session(refquant.load(_chain())).run({"x": np.ones((2, 3), np.float32)}, hooks=[probe])
     assert seen["b"] == seen["a"]  # Mul wrote into a's buffer
+
+
+# ------------------------------------------------------------------ refquant.parallel
+def test_parallel_for_runs_every_item_once_and_waits_for_all():
+    from refquant import parallel
+
+    for n_items in (1, 2, 7, 200):
+        counts = np.zeros(n_items, np.int64)
+
+        def body(i, counts=counts):
+            counts[i] += 1  # each item is claimed by exactly one thread: no race on counts[i]
+            np.dot(np.ones(2000), np.ones(2000))  # releases the GIL: other threads get to claim
+
+        parallel.parallel_for(n_items, body, threads=3)
+        assert counts.tolist() == [1] * n_items
+
+
+def test_parallel_for_reraises_an_item_error():
+    from refquant import parallel
+
+    def body(i):
+        if i == 5:
+            raise ValueError("item 5")
+
+    with pytest.raises(ValueError, match="item 5"):
+        parallel.parallel_for(20, body, threads=2)

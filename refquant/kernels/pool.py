@@ -129,3 +129,59 @@ def sum_pool_padded(xp, kernel, stride, dilation, out):
                             else:
                                 for e in range(ow):
                                     dst[e] += src[e * sx + first]
+
+
+@njit(cache=True, nogil=True)
+def _fill_plane(src, pad_begin, value, plane):
+    """plane[a, b, q] = src[a - p0, b - p1, q - p2] inside src, ``value`` outside; True if src had a NaN."""
+    d, h, w = src.shape
+    saw_nan = False
+    for a in range(plane.shape[0]):
+        z = a - pad_begin[0]
+        for b in range(plane.shape[1]):
+            y = b - pad_begin[1]
+            row = plane[a, b]
+            if 0 <= z < d and 0 <= y < h:
+                src_row = src[z, y]
+                for q in range(plane.shape[2]):
+                    xx = q - pad_begin[2]
+                    if 0 <= xx < w:
+                        v = src_row[xx]
+                        saw_nan |= v != v
+                        row[q] = v
+                    else:
+                        row[q] = value
+            else:
+                for q in range(plane.shape[2]):
+                    row[q] = value
+    return saw_nan
+
+
+@njit(cache=True, nogil=True)
+def max_pool_planes(x, kernel, stride, pad_begin, extent, out):
+    """max_pool_padded without a padded copy of the tensor: each plane is padded with -inf into a scratch
+    plane of size ``extent`` (the last window's reach) that stays in cache. Returns True (and stops) at the
+    first NaN, so the caller can use the exact NaN-propagating kernel instead."""
+    plane = np.empty((1, extent[0], extent[1], extent[2]), dtype=x.dtype)
+    for p in range(x.shape[0]):
+        if _fill_plane(x[p], pad_begin, -np.inf, plane[0]):
+            return True
+        max_pool_padded(plane, kernel, stride, out[p:p + 1])
+    return False
+
+
+@njit(cache=True, nogil=True)
+def avg_pool_planes(x, kernel, stride, dilation, pad_begin, extent, counts, out):
+    """out[p] = (sum over each window of x[p] zero-padded) / counts, one scratch plane in cache per plane;
+    ``counts`` [OD, OH, OW] is how many taps each window counts (at least 1)."""
+    plane = np.empty((1, extent[0], extent[1], extent[2]), dtype=x.dtype)
+    od, oh, ow = out.shape[1], out.shape[2], out.shape[3]
+    for p in range(x.shape[0]):
+        _fill_plane(x[p], pad_begin, 0.0, plane[0])
+        sum_pool_padded(plane, kernel, stride, dilation, out[p:p + 1])
+        for a in range(od):
+            for b in range(oh):
+                row = out[p, a, b]
+                count_row = counts[a, b]
+                for e in range(ow):
+                    row[e] = row[e] / count_row[e]

@@ -357,15 +357,20 @@ def max_pool(x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape,
     out3 = _to3(out_size, 1)
     y = np.empty((x3.shape[0], *out3), dtype=x3.dtype)
     want = noutputs > 1
-    if not want and all(d == 1 for d in params["dilation"]) and not np.isnan(x3).any():
-        # pad with -inf up to the last window's reach (ceil_mode windows may pass the explicit padding)
-        begin3 = params["pad_begin"]
-        reach = [(o - 1) * s + k for o, s, k in zip(out3, params["stride"], params["kernel"])]
-        widths = [(0, 0)] + [(int(b), max(0, int(r - b - n))) for b, r, n in zip(begin3, reach, x3.shape[1:])]
-        xp = np.pad(x3, widths, constant_values=-np.inf) if any(w != (0, 0) for w in widths) else x3
-        _over_planes(lambda a, b: pool_kernels.max_pool_padded(xp[a:b], params["kernel"], params["stride"], y[a:b]),
-                     y.shape[0])
-        return y.reshape(x.shape[:2] + tuple(out_size)).astype(x.dtype, copy=False)
+    if not want and all(d == 1 for d in params["dilation"]):
+        # windows read a -inf padded plane up to the last window's reach (ceil_mode windows may pass the
+        # explicit padding); a NaN anywhere sends the whole op to the exact NaN-propagating loop below
+        extent = _i64([(o - 1) * s + k for o, s, k in zip(out3, params["stride"], params["kernel"])])
+        saw_nan = []  # list.append is atomic; `flag |= kernel(...)` across threads would lose updates
+
+        def block(a, b):
+            if pool_kernels.max_pool_planes(x3[a:b], params["kernel"], params["stride"], params["pad_begin"],
+                                            extent, y[a:b]):
+                saw_nan.append((a, b))
+
+        _over_planes(block, y.shape[0])
+        if not saw_nan:
+            return y.reshape(x.shape[:2] + tuple(out_size)).astype(x.dtype, copy=False)
     indices = np.empty(y.shape if want else (1, 1, 1, 1), dtype=np.int64)
     pool_kernels.max_pool(x3, params["kernel"], params["stride"], params["dilation"], params["pad_begin"], y,
                           indices, want)
@@ -395,11 +400,8 @@ def average_pool(x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dila
     widths = [(int(b), max(0, int(r - b - n))) for b, r, n in zip(begin3, reach, x3.shape[1:])]
     # sums over zero-padded windows, divided by how many taps count: those inside x, plus the
     # explicit padding with count_include_pad (never the overhang that ceil_mode adds)
-    xp = np.pad(x3, [(0, 0)] + widths)
-    sums = np.empty((x3.shape[0], *out3), dtype=dtype)
-    _over_planes(lambda a, b: pool_kernels.sum_pool_padded(xp[a:b], params["kernel"], params["stride"],
-                                                           params["dilation"], sums[a:b]), sums.shape[0])
-    counted = np.zeros((1,) + xp.shape[1:], dtype=dtype)
+    counted = np.zeros((1,) + tuple(int(x3.shape[i + 1] + w0 + w1) for i, (w0, w1) in enumerate(widths)),
+                       dtype=dtype)
     if count_include_pad:
         inner = tuple(slice(0, min(n + b + e, n + w0 + w1)) for n, b, e, (w0, w1) in
                       zip(x3.shape[1:], begin3, end3, widths))
@@ -408,7 +410,12 @@ def average_pool(x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dila
     counted[(slice(None),) + inner] = 1
     counts = np.empty((1, *out3), dtype=dtype)
     pool_kernels.sum_pool_padded(counted, params["kernel"], params["stride"], params["dilation"], counts)
-    y = sums / np.maximum(counts, 1)
+    counts = np.maximum(counts[0], 1)
+    y = np.empty((x3.shape[0], *out3), dtype=dtype)
+    reach = _i64(reach)
+    _over_planes(lambda a, b: pool_kernels.avg_pool_planes(x3[a:b], params["kernel"], params["stride"],
+                                                           params["dilation"], begin3, reach, counts, y[a:b]),
+                 y.shape[0])
     return y.reshape(x.shape[:2] + tuple(out_size)).astype(x.dtype, copy=False)
 
 
