@@ -357,19 +357,10 @@ def max_pool(x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape,
     out3 = _to3(out_size, 1)
     y = np.empty((x3.shape[0], *out3), dtype=x3.dtype)
     want = noutputs > 1
-    if not want and all(d == 1 for d in params["dilation"]):
-        # windows read a -inf padded plane up to the last window's reach (ceil_mode windows may pass the
-        # explicit padding); a NaN anywhere sends the whole op to the exact NaN-propagating loop below
-        extent = _i64([(o - 1) * s + k for o, s, k in zip(out3, params["stride"], params["kernel"])])
-        saw_nan = []  # list.append is atomic; `flag |= kernel(...)` across threads would lose updates
-
-        def block(a, b):
-            if pool_kernels.max_pool_planes(x3[a:b], params["kernel"], params["stride"], params["pad_begin"],
-                                            extent, y[a:b]):
-                saw_nan.append((a, b))
-
-        _over_planes(block, y.shape[0])
-        if not saw_nan:
+    if not want and x3.shape[1] == 1 and params["kernel"][0] == 1:
+        # 1-D/2-D windows over a -inf padded scratch plane up to the last window's reach (ceil_mode windows
+        # may pass the explicit padding); a NaN anywhere sends the op to the exact NaN-propagating loop
+        if not _pool2d(x3, params, out3, y, -np.inf, None):
             return y.reshape(x.shape[:2] + tuple(out_size)).astype(x.dtype, copy=False)
     indices = np.empty(y.shape if want else (1, 1, 1, 1), dtype=np.int64)
     pool_kernels.max_pool(x3, params["kernel"], params["stride"], params["dilation"], params["pad_begin"], y,
@@ -412,11 +403,33 @@ def average_pool(x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dila
     pool_kernels.sum_pool_padded(counted, params["kernel"], params["stride"], params["dilation"], counts)
     counts = np.maximum(counts[0], 1)
     y = np.empty((x3.shape[0], *out3), dtype=dtype)
-    reach = _i64(reach)
-    _over_planes(lambda a, b: pool_kernels.avg_pool_planes(x3[a:b], params["kernel"], params["stride"],
-                                                           params["dilation"], begin3, reach, counts, y[a:b]),
-                 y.shape[0])
+    if x3.shape[1] == 1 and params["kernel"][0] == 1:
+        _pool2d(x3, params, out3, y, 0.0, counts[0])
+    else:  # 3-D pools: the zero-padded tensor, then the window sums
+        xp = np.pad(x3, [(0, 0)] + widths)
+        _over_planes(lambda a, b: pool_kernels.sum_pool_padded(xp[a:b], params["kernel"], params["stride"],
+                                                               params["dilation"], y[a:b]), y.shape[0])
+        y /= counts
     return y.reshape(x.shape[:2] + tuple(out_size)).astype(x.dtype, copy=False)
+
+
+def _pool2d(x3, params, out3, y, pad_value, counts) -> bool:
+    """Max (counts None) or average pooling of [planes, 1, H, W] into y [planes, 1, OH, OW], blocks of planes
+    over the thread budget; True if a NaN stopped a max pool (y is then incomplete)."""
+    kernel, stride, dilation, begin = params["kernel"], params["stride"], params["dilation"], params["pad_begin"]
+    reach = [(o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(out3[1:], stride[1:], kernel[1:], dilation[1:])]
+    stopped = []  # list.append is atomic; `flag |= kernel(...)` across threads would lose updates
+    empty = np.ones((1, 1), dtype=x3.dtype)
+
+    def block(a, b):
+        plane = np.full(reach, pad_value, dtype=x3.dtype)
+        if pool_kernels.pool2d_planes(x3[a:b, 0], int(kernel[1]), int(kernel[2]), int(stride[1]), int(stride[2]),
+                                      int(dilation[1]), int(dilation[2]), int(begin[1]), int(begin[2]), plane,
+                                      empty if counts is None else counts, counts is None, y[a:b, 0]):
+            stopped.append((a, b))
+
+    _over_planes(block, y.shape[0])
+    return bool(stopped)
 
 
 def _over_planes(body, planes: int) -> None:
