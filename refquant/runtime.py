@@ -171,7 +171,7 @@ class Session:
 
     def _plan(self, wanted: tuple[str, ...], fuse: bool = False) -> list[_Step]:
         """The nodes needed for ``wanted``, in order, each with the tensors it is last to read; with ``fuse``
-        (no hooks to show intermediate tensors to), Conv + Relu/Clip pairs become one step."""
+        (no hooks to show intermediate tensors to), a Conv and the per-channel ops after it become one step."""
         key = (wanted, fuse)
         if key in self._plans:
             return self._plans[key]
@@ -208,14 +208,15 @@ class Session:
                 inplace = opdef.inplace
             plan.append(_Step(node, kernel, kwargs, tuple(free), inplace))
         if fuse:
-            plan = self._fuse_conv_activations(plan, keep)
+            plan = self._fuse_conv_epilogues(plan, keep)
         self._plans[key] = plan
         return plan
 
-    def _fuse_conv_activations(self, plan: list[_Step], keep: set[str]) -> list[_Step]:
-        """Conv whose only reader is a Relu, or a Clip with constant bounds, runs as one step that applies the
-        activation to each output block in cache (refquant.ops.nn.conv_activation); same values."""
-        from .ops.nn import conv, conv_activation
+    def _fuse_conv_epilogues(self, plan: list[_Step], keep: set[str]) -> list[_Step]:
+        """A Conv followed by a chain of BatchNormalization / per-channel Mul, Add / Relu / Clip (each the only
+        reader of the tensor before it) runs as one step that applies the chain to each output block in
+        cache (refquant.ops.nn.conv_epilogue); the values are the same as the ops one after the other."""
+        from .ops.nn import conv, conv_epilogue
 
         readers: dict[str, list[int]] = {}
         for index, step in enumerate(plan):
@@ -225,35 +226,73 @@ class Session:
         dropped: set[int] = set()
         for index, step in enumerate(plan):
             node = step.node
-            if step.kernel is not conv or len(node.outputs) != 1 or node.outputs[0] in keep:
+            if step.kernel is not conv or len(node.outputs) != 1 or index in dropped:
                 continue
-            users = readers.get(node.outputs[0], [])
-            if len(users) != 1:
+            weight = self.constants.get(node.inputs[1])
+            if weight is None or weight.dtype.kind != "f":
                 continue
-            act = plan[users[0]].node
-            activation = self._activation_of(act)
-            if activation is None or act.inputs[0] != node.outputs[0]:
+            tensor, chain, frees, last = node.outputs[0], [], list(step.frees), node
+            while tensor not in keep and len(readers.get(tensor, [])) == 1:
+                follower = plan[readers[tensor][0]]
+                epilogue_step = self._epilogue_step(follower.node, tensor, weight)
+                if epilogue_step is None:
+                    break
+                chain.append(epilogue_step)
+                dropped.add(readers[tensor][0])
+                frees.extend(follower.frees)
+                tensor, last = follower.node.outputs[0], follower.node
+            if not chain:
                 continue
-            merged = Node("Conv", list(node.inputs), list(act.outputs), {}, f"{node.name}+{act.name}",
-                          node.domain, node.version)
-            frees = tuple(dict.fromkeys(f for f in step.frees + plan[users[0]].frees if f != node.outputs[0]))
-            fused[index] = _Step(merged, conv_activation, dict(step.kwargs, activation=activation), frees)
-            dropped.add(users[0])
+            merged = Node("Conv", list(node.inputs), [tensor], {}, f"{node.name}+{last.name}", node.domain,
+                          node.version)
+            frees = tuple(dict.fromkeys(f for f in frees if f != tensor))
+            fused[index] = _Step(merged, conv_epilogue, dict(step.kwargs, epilogue=tuple(chain)), frees)
         if not fused:
             return plan
         return [fused.get(i, step) for i, step in enumerate(plan) if i not in dropped]
 
-    def _activation_of(self, node: Node):
-        """("relu",) or ("clip", lo, hi) when ``node`` is one with constant bounds, else None."""
-        if node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+    def _epilogue_step(self, node: Node, tensor: str, weight: np.ndarray):
+        """The conv_epilogue step computing ``node`` from ``tensor`` (the output of a conv with this weight)
+        and constants of the weight's dtype, or None when node is not such an op."""
+        if node.domain not in ("", "ai.onnx") or len(node.outputs) != 1 or node.inputs[0] != tensor:
             return None
+        others = [name for name in node.inputs[1:] if name]
+        if not all(name in self.constants and self.constants[name].dtype == weight.dtype for name in others):
+            return None
+        channels = weight.shape[0]
+        const = [self.constants[name] if name else None for name in node.inputs[1:]]
         if node.op_type == "Relu":
             return ("relu",)
-        if node.op_type == "Clip" and all(not name or name in self.constants for name in node.inputs[1:]):
-            bounds = [self.constants[name] if name else None for name in node.inputs[1:3]]
-            bounds += [None] * (2 - len(bounds))
-            if all(b is None or np.size(b) == 1 for b in bounds):
-                return ("clip", *[None if b is None else float(np.asarray(b).reshape(())) for b in bounds])
+        if node.op_type == "Clip":
+            const += [None] * (2 - len(const))
+            if all(v is None or np.size(v) == 1 for v in const[:2]):
+                return ("clip", *[None if v is None else np.asarray(v).reshape(()) for v in const[:2]])
+            return None
+        if node.op_type in ("Mul", "Add") and len(const) == 1:
+            vector = self._channel_vector(const[0], channels)
+            return None if vector is None else (node.op_type.lower(), vector)
+        if node.op_type == "BatchNormalization" and len(const) == 4 and len(node.outputs) == 1:
+            scale, bias, mean, var = const
+            if node.attrs.get("training_mode", 0) or any(v.ndim != 1 or v.shape[0] != channels for v in const):
+                return None
+            # exactly the BatchNormalization kernel's inference arithmetic (refquant.ops.norm)
+            a = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + node.attrs.get("epsilon", 1e-5))
+            b = bias.astype(np.float64) - mean.astype(np.float64) * a
+            return ("bn", a, b)
+        return None
+
+    @staticmethod
+    def _channel_vector(value, channels: int):
+        """``value`` as a per-channel vector (or a 1-vector) when it broadcasts over a conv output only along
+        the channel axis: shape [], [1...], [C, 1, ...] or [1, C, 1, ...]; else None."""
+        value = np.asarray(value)
+        if value.size == 1:
+            return value.reshape(1)
+        dims = [d for d in value.shape]
+        while dims and dims[0] == 1:
+            dims.pop(0)
+        if dims and dims[0] == channels and all(d == 1 for d in dims[1:]) and value.ndim >= len(dims):
+            return value.reshape(channels)
         return None
 
     def _subsession(self, graph: Graph) -> "Session":

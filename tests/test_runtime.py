@@ -180,3 +180,51 @@ def test_parallel_for_reraises_an_item_error():
 
     with pytest.raises(ValueError, match="item 5"):
         parallel.parallel_for(20, body, threads=2)
+
+
+# ------------------------------------------------------------------ Conv epilogue fusion
+def _conv_chain_model():
+    """conv -> BN -> Mul(per-channel) -> Add(scalar) -> Relu, and a second conv -> Clip(0, 6) feeding a
+    depthwise conv whose output the graph also returns through Mul (two readers: no fusion past it)."""
+    rng = np.random.default_rng(3)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    init = {"w1": f(6, 3, 3, 3), "b1": f(6), "s": f(6) + 2, "bb": f(6), "m": f(6), "v": np.abs(f(6)) + 0.5,
+            "k": f(1, 6, 1, 1), "c": np.array(0.25, np.float32), "w2": f(6, 1, 3, 3), "lo": np.array(0, np.float32),
+            "hi": np.array(6, np.float32), "w3": f(4, 6, 1, 1)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("BatchNormalization", ["c1", "s", "bb", "m", "v"], ["n1"], epsilon=1e-3, name="bn"),
+             helper.make_node("Mul", ["n1", "k"], ["m1"], name="mul"),
+             helper.make_node("Add", ["m1", "c"], ["a1"], name="add"),
+             helper.make_node("Relu", ["a1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], group=6, strides=[2, 2], pads=[1, 1, 1, 1], name="dw"),
+             helper.make_node("Clip", ["c2", "lo", "hi"], ["r2"], name="relu6"),
+             helper.make_node("Conv", ["r2", "w3"], ["y"], name="pw"),
+             helper.make_node("Mul", ["r2", "c"], ["z"], name="side")]
+    return make_model(nodes, [("x", FLOAT, [2, 3, 9, 9])], [("y", FLOAT, None), ("z", FLOAT, None)], init)
+
+
+def test_conv_epilogue_fusion_gives_the_same_bits_as_the_ops_one_by_one():
+    graph = refquant.load(_conv_chain_model())
+    session = refquant.Session(graph)
+    x = np.random.default_rng(4).standard_normal((2, 3, 9, 9)).astype(np.float32)
+    fused = session.run({"x": x})
+    plan = session._plan(tuple(graph.output_names), fuse=True)
+    assert [s.node.name for s in plan] == ["conv1+relu", "dw+relu6", "pw", "side"]
+    one_by_one = session.run({"x": x}, hooks=[lambda name, array, node: None])  # hooks turn fusion off
+    for name in ("y", "z"):
+        assert np.array_equal(fused[name], one_by_one[name])
+    expected = ort_run(_conv_chain_model(), {"x": x})
+    # float32 sums in another order than onnxruntime's: a few ulp of the largest values
+    for name in ("y", "z"):
+        want = expected[name]
+        np.testing.assert_allclose(fused[name], want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_no_fusion_when_the_intermediate_tensor_is_asked_for():
+    graph = refquant.load(_conv_chain_model())
+    session = refquant.Session(graph)
+    x = np.random.default_rng(4).standard_normal((2, 3, 9, 9)).astype(np.float32)
+    out = session.run({"x": x}, outputs=["n1", "y"])
+    plan = session._plan(("n1", "y"), fuse=True)
+    assert [s.node.name for s in plan][:4] == ["conv1+bn", "mul", "add", "relu"]
+    assert out["n1"].shape == (2, 6, 9, 9)

@@ -84,15 +84,17 @@ def _conv_rule(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kern
 @register("Conv", since=1, infer=_conv_rule)
 def conv(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None, pads=None, strides=None):
     """y[n, m] = b[m] + sum_{c in group(m), k} w[m, c, k] * x[n, c, s*o + d*k - pad]"""
-    return conv_activation(x, w, b, activation=None, auto_pad=auto_pad, dilations=dilations, group=group,
-                           kernel_shape=kernel_shape, pads=pads, strides=strides)
+    return conv_epilogue(x, w, b, epilogue=(), auto_pad=auto_pad, dilations=dilations, group=group,
+                         kernel_shape=kernel_shape, pads=pads, strides=strides)
 
 
-def conv_activation(x, w, b=None, *, activation, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
-                    pads=None, strides=None):
-    """Conv followed by ``activation`` (None, ("relu",) or ("clip", lo, hi)), applied with the bias to each
-    output block right after its GEMM, while the block is still in cache (the runtime fuses Conv + Relu/Clip
-    this way when no hook needs the conv's own output). The same values as the two ops one after the other."""
+def conv_epilogue(x, w, b=None, *, epilogue, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
+                  pads=None, strides=None):
+    """Conv followed by the ``epilogue`` steps (see :func:`_epilogue`), applied with the bias to each output
+    block right after its GEMM, while the block is still in cache. The runtime fuses Conv with the
+    BatchNormalization / per-channel Mul, Add / Relu / Clip ops that follow it this way when no hook needs
+    the intermediate tensors; each step is the same float32 operation as the op it replaces, in the same
+    order, so the values are identical to running the ops one after the other."""
     dtype = _compute_dtype(x)
     kernel = list(kernel_shape or w.shape[2:])
     begin, end, out_size = conv_geometry(list(x.shape[2:]), kernel, strides, dilations, pads, auto_pad)
@@ -105,7 +107,7 @@ def conv_activation(x, w, b=None, *, activation, auto_pad="NOTSET", dilations=No
     dilation3 = _i64(_to3(dilations or [1] * n_spatial, 1))
     begin3 = _i64(_to3(begin, 0))
     out3 = _i64(_to3(out_size, 1))
-    finish = _epilogue(None if b is None else b.astype(dtype, copy=False), activation, dtype)
+    finish = _epilogue(None if b is None else b.astype(dtype, copy=False), epilogue, dtype)
     if group == c_in and w.shape[1] == 1 and x3.shape[2] == 1 and group > 1:
         y = _depthwise(x3, w3, stride3, dilation3, begin, end, out3, finish)
     elif all(k == 1 for k in kernel) and not any(begin) and not any(end):
@@ -143,24 +145,37 @@ def _shift(rows: slice, offset: int, size: int) -> slice:
     return slice(offset + start, offset + stop)
 
 
-def _epilogue(bias, activation, dtype):
-    """finish(block, channels): block [..., C_block, P] += bias[channels]; then the activation, in place."""
-    if activation is not None:
-        bounds = [np.asarray(v, dtype=dtype) for v in activation[1:]]
+def _epilogue(bias, steps, dtype):
+    """finish(block, channels): on a block [..., C_block, P] of the conv output, in place: += bias[channels],
+    then each step: ("mul", v) / ("add", v) with a per-channel vector v (or a 1-vector), ("bn", a, b) as
+    x * a + b, ("relu",), ("clip", lo, hi) with None for an absent bound."""
+    steps = [(kind, *[None if v is None else np.asarray(v, dtype=dtype) for v in values])
+             for kind, *values in steps]
+
+    def per_channel(v, channels):
+        return v.reshape(-1, 1) if v.size == 1 else v[channels].reshape(-1, 1)
 
     def finish(block, channels):
         if bias is not None:
             block += bias[channels].reshape(-1, 1)
-        if activation is None:
-            return
-        if activation[0] == "relu":
-            np.maximum(block, bounds[0] if bounds else np.zeros((), dtype), out=block)
-        elif bounds[0] is not None and bounds[1] is not None:
-            np.clip(block, bounds[0], bounds[1], out=block)
-        elif bounds[0] is not None:
-            np.maximum(block, bounds[0], out=block)
-        elif bounds[1] is not None:
-            np.minimum(block, bounds[1], out=block)
+        for kind, *values in steps:
+            if kind == "relu":
+                np.maximum(block, np.zeros((), dtype), out=block)
+            elif kind == "clip":
+                lo, hi = values
+                if lo is not None and hi is not None:
+                    np.clip(block, lo, hi, out=block)
+                elif lo is not None:
+                    np.maximum(block, lo, out=block)
+                elif hi is not None:
+                    np.minimum(block, hi, out=block)
+            elif kind == "mul":
+                block *= per_channel(values[0], channels)
+            elif kind == "add":
+                block += per_channel(values[0], channels)
+            else:  # "bn"
+                block *= per_channel(values[0], channels)
+                block += per_channel(values[1], channels)
 
     return finish
 
