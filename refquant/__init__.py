@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 # technique -> its module in refquant.ptq (functions named like their modules are not re-exported by the
 # package, so that ``refquant.ptq.adaround`` stays the module)
 _PTQ = {"fold_batchnorms": "bn_fold", "equalize": "cle", "bias_correction": "bias_correction",
-        "reestimate_batchnorm": "bn_reestimation", "adaround": "adaround", "seq_mse": "seq_mse"}
+        "reestimate_batchnorm": "bn_reestimation", "adaround": "adaround", "seq_mse": "seq_mse",
+        "autoquant": "autoquant"}
 _ANALYSIS = ("analyze", "mixed_precision", "flip_to_higher_precision")
 
 
@@ -44,6 +45,10 @@ def __getattr__(name):
         from . import analysis
 
         return getattr(analysis, name)
+    if name == "qat":
+        from .train.qat import qat
+
+        return qat
     if name in _PTQ:
         from importlib import import_module
 

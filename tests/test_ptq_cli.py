@@ -1,0 +1,154 @@
+"""The ``refquant ptq`` and ``refquant autoquant`` commands: end to end on the AIMET convnet sample; the
+per-step table agrees with its JSON and with the metric recomputed independently (onnxruntime's FP32
+outputs, NumPy's SQNR) from the techniques' own functions and from the exported files; bad input exits 2
+with one line."""
+import inspect
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import refquant
+from refquant.cli import main
+from refquant.ptq import fold_batchnorms
+from refquant.quant import QuantSim
+
+from .helpers import ort_run
+
+SHARED = Path(os.environ.get("REFQUANT_SHARED", "/work/shared"))
+CONVNET = SHARED / "refs" / "aimet_samples" / "convnet"
+pytestmark = pytest.mark.skipif(not CONVNET.is_dir(), reason=f"AIMET convnet sample not found at {CONVNET}")
+
+
+def plain_sim(graph, **kwargs):
+    """A QuantSim of ``graph`` as given (no preparation rewrite), as the commands build them."""
+    if "prepare" in inspect.signature(QuantSim.__init__).parameters:
+        kwargs["prepare"] = False
+    return QuantSim(graph, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Calibration (64) and evaluation (48) files, and onnxruntime's FP32 logits on the evaluation set."""
+    folder = tmp_path_factory.mktemp("data")
+    calib = np.load(CONVNET / "calib.npz")["input"]
+    ev = np.load(CONVNET / "eval.npz")["input"][:48]
+    np.save(folder / "calib.npy", calib)
+    np.save(folder / "eval.npy", ev)
+    reference = ort_run(onnx.load(CONVNET / "model.onnx"), {"input": ev})["logits"]
+    return {"calib": calib, "eval": ev, "reference": reference, "calib_path": str(folder / "calib.npy"),
+            "eval_path": str(folder / "eval.npy")}
+
+
+def sqnr_of(sim, data) -> float:
+    """SQNR (dB) of the sim's logits against onnxruntime's FP32 logits of the original model."""
+    ev = data["eval"]
+    ours = np.concatenate([sim.run({"input": ev[i:i + 16]})["logits"] for i in range(0, len(ev), 16)])
+    ref = data["reference"].astype(np.float64)
+    return float(10 * np.log10(np.sum(ref ** 2) / np.sum((ref - ours) ** 2)))
+
+
+def table_rows(text: str) -> dict[str, float]:
+    """step -> metric from the printed per-step table."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("step "))
+    rows = {}
+    for line in lines[start + 1:]:
+        if line.startswith("wrote"):
+            break
+        fields = line.split()
+        rows[fields[0]] = float(fields[1])
+    return rows
+
+
+# onnxruntime's FP32 logits differ from refquant's by ~1e-6 relative while the W4A8 noise is ~1e-1 relative
+# (SQNR 10-30 dB): the recomputed SQNR can move by far less than this
+SQNR_TOL = 0.01
+
+
+def test_ptq_runs_and_its_table_agrees_with_recomputing(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["ptq", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--eval-data", data["eval_path"],
+                 "--technique", "bn_fold,cle,bias_correction,adaround", "--precision", "w4a8", "--per-tensor",
+                 "--adaround-iterations", "20", "--no-progress", "-o", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    rows = table_rows(printed)
+    assert list(rows) == ["calibrated", "bn_fold", "cle", "bias_correction", "adaround"]
+    report = json.loads((out / "ptq.json").read_text())
+    assert [s["step"] for s in report["steps"]] == list(rows)
+    for step in report["steps"]:  # the table prints the JSON's values to 3 decimals
+        assert abs(rows[step["step"]] - step["metric"]) <= 0.0005 + 1e-12, step
+        assert step["seconds"] >= 0
+
+    # the first two rows recomputed with the techniques' functions and an independent SQNR
+    graph = refquant.load(CONVNET / "model.onnx")
+    for step, g in (("calibrated", graph), ("bn_fold", fold_batchnorms(graph))):
+        sim = plain_sim(g, precision="w4a8", config="per_tensor")
+        sim.compute_encodings(data["calib"], progress=False)
+        assert abs(sqnr_of(sim, data) - report["steps"][[s["step"] for s in report["steps"]].index(step)]["metric"]) \
+            < SQNR_TOL, step
+
+    # the last row is the exported model + encodings
+    for name in ("model.onnx", "model.encodings", "model_qdq.onnx"):
+        assert (out / name).is_file(), name
+    sim = plain_sim(refquant.load(out / "model.onnx"), precision="w4a8", config="per_tensor")
+    sim.load_encodings(out / "model.encodings")
+    assert abs(sqnr_of(sim, data) - report["steps"][-1]["metric"]) < SQNR_TOL
+    assert not any(n.op_type == "BatchNormalization" for n in sim.graph.nodes)  # bn_fold's graph was exported
+
+
+def test_ptq_not_applicable_technique_is_reported(data, tmp_path, capsys):
+    folded = tmp_path / "folded.onnx"
+    refquant.save(fold_batchnorms(refquant.load(CONVNET / "model.onnx")), folded)
+    code = main(["ptq", str(folded), "--data", data["calib_path"], "--eval-data", data["eval_path"], "--eval", "top1",
+                 "--technique", "bn_fold", "--no-progress", "-o", str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "not applicable: no BatchNormalization to fold" in printed
+    rows = table_rows(printed)
+    assert rows["bn_fold"] == rows["calibrated"]
+
+
+def test_autoquant_command(data, tmp_path, capsys):
+    args = ["autoquant", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--eval-data", data["eval_path"],
+            "--precision", "w4a8", "--per-tensor", "--no-progress"]
+    # top-1 agreement: every sample agrees at the baseline, so a 5-point drop is met at once
+    code = main(args + ["--eval", "top1", "--allowed-drop", "5", "-o", str(tmp_path / "a")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    report = json.loads((tmp_path / "a" / "autoquant.json").read_text())
+    assert report["target_met"] and report["applied"] == []
+    assert [s["status"] for s in report["steps"][2:]] == ["skipped"] * 5
+    assert "goal 95.000 met" in printed
+
+    # an SQNR target out of reach: exit 1, every step tried, the best state exported
+    code = main(args + ["--target", "80", "--steps", "bn_fold,quant_scheme", "--schemes",
+                        "min_max/min_max,tf_enhanced/tf_enhanced", "-o", str(tmp_path / "b")])
+    capsys.readouterr()
+    assert code == 1
+    report = json.loads((tmp_path / "b" / "autoquant.json").read_text())
+    assert [s["step"] for s in report["steps"]] == ["fp32", "baseline", "bn_fold", "quant_scheme"]
+    assert not report["target_met"]
+    sim = plain_sim(refquant.load(tmp_path / "b" / "model.onnx"), precision="w4a8", config="per_tensor")
+    sim.load_encodings(tmp_path / "b" / "model.encodings")
+    assert abs(sqnr_of(sim, data) - report["score"]) < SQNR_TOL
+    assert (tmp_path / "b" / "autoquant.html").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["ptq", "--technique", "adaround,cle"], "must come before"),
+    (["ptq", "--technique", "bn_fold,quantize"], "unknown quantize"),
+    (["autoquant", "--allowed-drop", "1"], "give a target"),  # SQNR of FP32 is +inf
+    (["autoquant", "--target", "30", "--schemes", "min_max"], "WEIGHTS/ACTIVATIONS"),
+])
+def test_bad_input_exits_2_with_one_line(data, tmp_path, capsys, extra, message):
+    command, *rest = extra
+    code = main([command, str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--no-progress",
+                 "-o", str(tmp_path / "out"), *rest])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
