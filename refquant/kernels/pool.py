@@ -1,6 +1,8 @@
-"""Numba loops for MaxPool and AveragePool on [N*C, D, H, W] (1-D/2-D pools use singleton dims).
+"""Numba loops for MaxPool and AveragePool on [N*C, D, H, W] planes (1-D/2-D pools use singleton dims):
+``pool2d_planes`` is the fast path for 1-D/2-D pools, ``max_pool`` the exact one (Indices, NaN, 3-D),
+``sum_pool_padded`` the window sums of 3-D average pools and of the divisor counts.
 
-Single-threaded: a Numba thread pool beside BLAS's spinning threads oversubscribes the cores.
+Each call is single-threaded and releases the GIL: refquant.parallel spreads blocks of planes over threads.
 """
 
 from __future__ import annotations
@@ -42,68 +44,6 @@ def max_pool(x, kernel, stride, dilation, pad_begin, out, indices, want_indices)
                     out[p, a, b, e] = best
                     if want_indices:
                         indices[p, a, b, e] = best_index
-
-
-@njit(cache=True, nogil=True)
-def avg_pool(x, kernel, stride, dilation, pad_begin, pad_end, count_include_pad, out):
-    """out[p, o] = sum over the window / count; count = taps inside x, or inside x plus explicit pads.
-
-    Taps beyond the explicit padding (ceil_mode's extra windows) never count.
-    """
-    planes, d_in, h_in, w_in = x.shape
-    od, oh, ow = out.shape[1], out.shape[2], out.shape[3]
-    for p in range(planes):
-        for a in range(od):
-            for b in range(oh):
-                for e in range(ow):
-                    total = 0.0
-                    count = 0
-                    for i in range(kernel[0]):
-                        z = a * stride[0] + i * dilation[0] - pad_begin[0]
-                        if z < -pad_begin[0] or z >= d_in + pad_end[0]:
-                            continue
-                        for j in range(kernel[1]):
-                            y = b * stride[1] + j * dilation[1] - pad_begin[1]
-                            if y < -pad_begin[1] or y >= h_in + pad_end[1]:
-                                continue
-                            for k in range(kernel[2]):
-                                xx = e * stride[2] + k * dilation[2] - pad_begin[2]
-                                if xx < -pad_begin[2] or xx >= w_in + pad_end[2]:
-                                    continue
-                                inside = 0 <= z < d_in and 0 <= y < h_in and 0 <= xx < w_in
-                                if inside:
-                                    total += x[p, z, y, xx]
-                                    count += 1
-                                elif count_include_pad:
-                                    count += 1
-                    out[p, a, b, e] = total / count if count > 0 else 0.0
-
-
-@njit(cache=True, nogil=True)
-def max_pool_padded(xp, kernel, stride, out):
-    """out[p, a, b, e] = max over the window of an input already padded with -inf: no bounds checks,
-    and each output row is updated tap by tap so the row loop vectorizes."""
-    planes = xp.shape[0]
-    od, oh, ow = out.shape[1], out.shape[2], out.shape[3]
-    sx = stride[2]
-    for p in range(planes):
-        for a in range(od):
-            for b in range(oh):
-                dst = out[p, a, b]
-                for e in range(ow):
-                    dst[e] = -np.inf
-                for i in range(kernel[0]):
-                    for j in range(kernel[1]):
-                        src = xp[p, a * stride[0] + i, b * stride[1] + j]
-                        for k in range(kernel[2]):
-                            if sx == 1:
-                                for e in range(ow):
-                                    v = src[e + k]
-                                    dst[e] = v if v > dst[e] else dst[e]
-                            else:
-                                for e in range(ow):
-                                    v = src[e * sx + k]
-                                    dst[e] = v if v > dst[e] else dst[e]
 
 
 @njit(cache=True, nogil=True)
