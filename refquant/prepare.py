@@ -213,3 +213,58 @@ def _random_mask(shape, dtype, rng) -> np.ndarray:
     keep = rng.integers(1, length + 1, size=shape[:-1]) if length else np.zeros(shape[:-1], int)
     mask = np.arange(length) < keep[..., None]
     return mask.astype(dtype)
+
+
+def prepare_for_quantsim(graph: Graph, passes="default", data=None) -> tuple[Graph, Report]:
+    """What ``QuantSim(graph, prepare=...)`` simulates: ``prepare(graph, passes, data)``, verified on one
+    batch (of ``data`` when given, else of random feeds), or ``graph`` itself when no pass changed it.
+
+    Random feeds set symbolic dimensions to 8, then (if the model does not run on those, as a network
+    that downsamples 32 times does not) to 64. A model that the verification cannot run at all is not
+    prepared: ``graph`` is used as given and a warning says why (give ``prepare_data``, or
+    ``prepare=False`` to silence it). The report says which passes were applied."""
+    import warnings
+
+    from .passes import resolve
+
+    resolve(passes)  # an unknown pass name is the caller's error, not a model that cannot be verified
+    for dim in (8, 64) if data is None else (8,):
+        try:
+            prepared, report = prepare(graph, passes, data, batch_size=2, max_batches=1, dim=dim)
+            break
+        except RefquantError as exc:
+            error = exc
+    else:
+        warnings.warn(f"QuantSim: the model was not prepared ({error}); it is simulated as given", stacklevel=3)
+        report = Report(model=graph.model_info.get("source") or graph.name, kind="prepare")
+        report.findings.append(make_finding("pass-skipped", f"no pass was applied: {error}"))
+        return graph, report
+    if not any(p.status == "applied" for p in report.passes):
+        return graph, report
+    return prepared, report
+
+
+# findings on calibration data whose tensor a min-max 8-bit grid serves badly: the outlier rule widens them
+WIDEN_CODES = ("huge-activation", "outlier-channel", "outlier-dominated")
+
+
+def outlier_activations(graph: Graph, data) -> dict[str, str]:
+    """Activations the validator flags on ``data`` (``WIDEN_CODES``): tensor name -> the findings' messages.
+
+    This is the outlier rule's input (``QuantSim(..., prepare_data=D, outlier_bw=16)``): the tensors
+    whose calibration range is set by outliers -- a channel spanning > 32x the median channel's range
+    (``validate.OUTLIER_CHANNEL_RATIO``), more than half of the nonzero values within two 8-bit steps of
+    zero (``validate.CRUSHED_FRACTION``), or values beyond the float16 range. Those thresholds are the
+    validator's, fixed for every model. In transformers they are the FFN outputs and residual sums that
+    carry a few huge channels, the activations Qualcomm's and AIMET's transformer recipes keep at 16 bits.
+    """
+    from .validate import validate
+
+    report = validate(graph, data=data)
+    flagged: dict[str, str] = {}
+    for finding in report.findings:
+        if finding.code in WIDEN_CODES:
+            for name in finding.tensors:
+                line = f"{finding.code}: {finding.message}"
+                flagged[name] = f"{flagged[name]}; {line}" if name in flagged else line
+    return flagged

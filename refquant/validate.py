@@ -305,11 +305,13 @@ CATALOG: dict[str, Check] = {
         "this tensor in higher precision"),
     "outlier-dominated": Check(
         "warning", "a few large values set this tensor's min-max grid: most values fall within two steps of zero",
-        "a range-search scheme (tf_enhanced, percentile, mse) for this tensor, or 16-bit activations here"),
+        "a range-search scheme (tf_enhanced, percentile, mse) for this tensor, or 16-bit activations here "
+        "(QuantSim(..., prepare_data=D) does this: its outlier rule)"),
     "outlier-channel": Check(
         "warning", "one channel's range is far beyond the others': a per-tensor activation grid sized for it "
         "leaves the other channels a handful of codes", "cross-layer equalization (refquant.ptq.cle) for "
-        "Conv/Gemm chains, 16-bit activations for this tensor, or a range-search scheme"),
+        "Conv/Gemm chains, 16-bit activations for this tensor (QuantSim(..., prepare_data=D) does this: its "
+        "outlier rule), or a range-search scheme"),
     "dead-channel": Check(
         "info", "channels that are zero on all calibration data: harmless for the grid, but their weights are "
         "wasted and per-channel encodings computed on them are degenerate", "prune them, or check the data"),

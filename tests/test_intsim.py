@@ -100,7 +100,8 @@ def make_model(nodes, inputs, outputs, initializers, opset=17):
 
 
 def calibrated(model, batches, precision="w8a8"):
-    sim = QuantSim(refquant.load(model), precision=precision)
+    # prepare=False: these models are built to exercise each integer op; preparation would fuse some away
+    sim = QuantSim(refquant.load(model), precision=precision, prepare=False)
     sim.compute_encodings(batches, progress=False)
     return sim
 

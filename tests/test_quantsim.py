@@ -472,3 +472,112 @@ def test_distribution_schemes_calibrate_activations_and_take_weights_by_min_max(
     narrower = [n for n in ("/relu/Relu_output_0", "/relu_1/Relu_output_0", "logits")
                 if sim.encoding_of(n).max < reference.encoding_of(n).max * 0.999]
     assert narrower
+
+
+# ------------------------------------------------------------------------------ prepare=
+def _affine_block_model():
+    """Conv -> * per-channel scale -> + shift -> Relu: a learnable affine block that preparation folds."""
+    from onnx import TensorProto, helper, numpy_helper
+    r = np.random.default_rng(3)
+    inits = {"w": r.normal(0, 0.5, (4, 3, 3, 3)), "s": r.uniform(0.05, 2, (1, 4, 1, 1)), "t": r.normal(0, 1, (1, 4, 1, 1))}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Mul", ["c", "s"], ["m"], name="mul"),
+         helper.make_node("Add", ["m", "t"], ["a"], name="add"),
+         helper.make_node("Relu", ["a"], ["y"], name="relu")], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_quantsim_prepares_the_graph_by_default_and_exports_a_model_for_the_original_inputs(tmp_path):
+    model = _affine_block_model()
+    graph = refquant.load(model)
+    x = np.random.default_rng(4).standard_normal((8, 3, 6, 6)).astype(np.float32)
+    sim = QuantSim(graph)
+    assert [n.op_type for n in sim.graph.nodes] == ["Conv", "Relu"]  # the affine block is in the Conv
+    assert [n.op_type for n in graph.nodes] == ["Conv", "Mul", "Add", "Relu"]  # the given graph is untouched
+    assert sim.prepare_report.pass_record("fuse_mul_add_chains").status == "applied"
+    assert "c" not in sim.quantizers and "m" not in sim.quantizers  # tensors that no longer exist
+    assert sim.quantizers["w"].kind == "param" and sim.quantizers["conv.bias"].role == "bias"
+    assert sim.graph.input_names == graph.input_names and sim.graph.output_names == graph.output_names
+    # the FP32 reference is the original model's output (within float rounding of the folded weights)
+    want = refquant.Session(graph).run({"input": x})["y"]
+    assert np.abs(sim.run_float({"input": x})["y"] - want).max() <= 1e-5 * np.abs(want).max()
+    sim.compute_encodings([{"input": x}], progress=False)
+    files = sim.export(tmp_path)
+    import onnxruntime as ort
+    session = ort.InferenceSession(files["qdq"], providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"] and [o.name for o in session.get_outputs()] == ["y"]
+    (got,) = session.run(None, {"input": x})
+    # W8A8 of a 27-tap conv on N(0, 1) data: within a few output steps of FP32, far from a wrong model
+    step = sim.encoding_of("y").scale
+    assert np.abs(got - want).max() <= 8 * float(np.max(step))
+
+
+def test_quantsim_prepare_false_simulates_the_graph_as_given(tmp_path):
+    graph = refquant.load(_affine_block_model())
+    sim = QuantSim(graph, prepare=False)
+    assert sim.graph is graph and sim.prepare_report is None and not sim.graph_was_prepared
+    assert {"c", "m", "a"} <= set(sim.quantizers)  # AIMET's placement on the unprepared graph
+    sim.compute_encodings([{"input": np.ones((2, 3, 6, 6), np.float32)}], progress=False)
+    files = sim.export(tmp_path)
+    with pytest.raises(RefquantError, match=r"\['c', 's', 'm', 't'\].*build it with prepare=False"):
+        QuantSim(graph).load_encodings(files["encodings"])  # names of the graph as given ('a' survives)
+    QuantSim(graph, prepare=False).load_encodings(files["encodings"])
+    only = QuantSim(graph, prepare=["remove_dead_code"])  # a pass list: nothing to do, the graph is kept
+    assert only.graph is graph and [p.name for p in only.prepare_report.passes] == ["remove_dead_code"]
+
+
+@needs_samples
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_default_preparation_changes_nothing_on_the_aimet_samples(entry):
+    """The AIMET comparisons above build QuantSims with the default preparation: on these models no pass
+    applies, so the quantizers (and so the encodings compared byte for byte) are AIMET's."""
+    graph = refquant.load(sample_model(entry))
+    prepared, plain = QuantSim(graph), QuantSim(graph, prepare=False)
+    assert prepared.graph is graph
+    assert not [p.name for p in prepared.prepare_report.passes if p.status == "applied"]
+    assert prepared.quantizers.keys() == plain.quantizers.keys()
+
+
+def test_quantsim_warns_and_simulates_the_graph_as_given_when_preparation_cannot_be_verified():
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph(  # a Reshape target that fits no input of the declared shape: it never runs
+        [helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 5])],
+        [numpy_helper.from_array(np.int64([4, 5]), "s")])
+    graph = refquant.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.warns(UserWarning, match="the model was not prepared .*does not run on random feeds"):
+        sim = QuantSim(graph)
+    assert sim.graph is graph and sim.prepare_report.findings[0].code == "pass-skipped"
+    with pytest.raises(RefquantError, match="unknown pass"):  # a wrong pass name is an error, not a warning
+        QuantSim(graph, prepare="fold_batchnorm,no_such_pass")
+
+
+def test_bn_reestimation_on_a_quantsim_whose_preparation_folded_the_bns_says_to_use_prepare_false():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from refquant.ptq.bn_reestimation import reestimate_batchnorm
+    r = np.random.default_rng(5)
+    inits = {"w": r.normal(0, 0.5, (4, 3, 1, 1)), "g": r.uniform(0.5, 2, 4), "b": r.normal(0, 1, 4),
+             "m": r.normal(0, 1, 4), "v": r.uniform(0.5, 2, 4)}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
+         helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn")], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4, 4])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    graph = refquant.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    data = [{"input": r.standard_normal((4, 3, 4, 4)).astype(np.float32)}]
+    sim = QuantSim(graph)
+    assert [n.op_type for n in sim.graph.nodes] == ["Conv"]
+    sim.compute_encodings(data, progress=False)
+    with pytest.raises(RefquantError, match="prepare=False"):
+        reestimate_batchnorm(sim, data, progress=False)
+    sim = QuantSim(graph, prepare=False)
+    sim.compute_encodings(data, progress=False)
+    folded = reestimate_batchnorm(sim, data, progress=False)
+    assert [n.op_type for n in folded.nodes] == ["Conv"]

@@ -270,6 +270,139 @@ def test_schemes_on_the_tie_corpus_reproduce_the_measured_agreement_with_onnxrun
         assert 0.99 * total < agree[scheme] < total, (scheme, agree[scheme], total)
 
 
+def test_tflite_schemes_in_the_integer_program_equal_the_conv_formula():
+    """A Conv + Relu layer of IntSim(requant="tflite_*") against TFLite's conv formula spelled out here
+    (numerics.md §3): acc = sum (x - x_zp) w + bias, exact in int64 (the bias as the lowering quantizes it:
+    round(b / f32(x_scale * w_scale[m])), half to even); per output channel (M, shift) =
+    QuantizeMultiplier(f64(x_scale) * f64(w_scale[m]) / f64(y_scale)); y = clamp(MBQM(acc) + y_zp, Q(0), 255),
+    MBQM as the Python transcription above; the Relu is the clamp's lower bound. Power-of-two scales (x 2^-5
+    with zero point 129, w 2^-6, y 2^-3: multiplier 2^-8) put accumulators on exact ties, where the two
+    roundings differ."""
+    import refquant
+    from refquant.intsim.program import IntSim
+    from refquant.quant import QuantSim
+    from refquant.quant.encoding import from_min_max
+
+    rng = np.random.default_rng(12)
+    w = rng.integers(-100, 101, (5, 3, 3, 3)).astype(F32) * F32(2 ** -6)
+    w[:, 0, 0, 0] = 127 * 2 ** -6  # each channel's max |w|: symmetric per-channel scale 127 * 2^-6 / 127
+    b = rng.normal(0, .2, 5).astype(F32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.normal(0, 1, (4, 3, 6, 6)).astype(F32)
+    sim = QuantSim(refquant.load(model), precision="w8a8", prepare=False)
+    sim.compute_encodings([{"x": x}], progress=False)
+    sim.set_encoding("x", from_min_max(-129 / 32, 126 / 32, 8, False))
+    sim.set_encoding("y", from_min_max(0.0, 255 / 8, 8, False))
+    xs, xz, _ = sim.encoding_of("x").to_onnx(signed=False)
+    ys, yz, _ = sim.encoding_of("y").to_onnx(signed=False)
+    enc = sim.encoding_of("w")
+    ws = np.asarray(enc.scale, F32).reshape(-1)
+    assert (xs, int(xz), ys, int(yz)) == (2 ** -5, 129, 2 ** -3, 0) and np.all(ws == 2 ** -6)
+    offset = np.asarray(enc.offset).reshape(-1, 1, 1, 1)  # AIMET: w = (q + offset) * scale, q in [0, 255]
+    w_int = np.clip(np.rint(w.astype(np.float64) / ws.astype(np.float64).reshape(-1, 1, 1, 1)), offset, offset + 255)
+    bias = np.round(b.astype(np.float64) / (F32(xs) * ws).astype(F32).astype(np.float64))
+    real = np.float64(F32(xs)) * ws.astype(np.float64) / np.float64(F32(ys))
+    results = {}
+    for single in (False, True):
+        isim = IntSim(sim, requant="tflite_single" if single else "tflite_double")
+        xq = isim.tensor_codes({"x": x}, ["x"])["x"]
+        acc = conv_acc(xq, xz, w_int.astype(np.int64), bias.astype(np.int64), 1)
+        expected = np.array([[[[min(max(_tflite_python(int(acc[n, m, i, j]), float(real[m]), single) + int(yz),
+                                        int(yz)), 255) for j in range(6)] for i in range(6)] for m in range(5)]
+                              for n in range(4)])
+        got = isim.run({"x": x}, codes=True)["y"]
+        assert got.dtype == np.uint8 and np.array_equal(got, expected), single
+        results[single] = got
+    assert np.any(results[False] != results[True])  # the tie corpus tells the two roundings apart
+
+
+def _litert_conv(x, w, bias, xs, xz, ws, ys, yz):
+    """A one-op int8 CONV_2D LiteRT model (NHWC, SAME padding, stride 1, per-channel weights), built with the
+    flatbuffer schema that ai-edge-litert ships; returns (model bytes, interpreter factory)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as S
+
+    def tensor(shape, ttype, buf, name, scale, zp):
+        t = S.TensorT()
+        t.shape, t.type, t.buffer, t.name = list(shape), ttype, buf, name
+        q = S.QuantizationParametersT()
+        q.scale, q.zeroPoint = [float(v) for v in np.atleast_1d(scale)], [int(v) for v in np.atleast_1d(zp)]
+        q.quantizedDimension = 0
+        t.quantization = q
+        return t
+
+    m = len(bias)
+    tensors = [tensor(x.shape, S.TensorType.INT8, 1, "x", xs, xz),
+               tensor(w.shape, S.TensorType.INT8, 2, "w", ws, np.zeros(m, int)),
+               tensor((m,), S.TensorType.INT32, 3, "b", (xs * ws).astype(F32), np.zeros(m, int)),
+               tensor(x.shape[:3] + (m,), S.TensorType.INT8, 4, "y", ys, yz)]
+    opts = S.Conv2DOptionsT()
+    opts.padding, opts.strideW, opts.strideH = S.Padding.SAME, 1, 1
+    opts.dilationWFactor = opts.dilationHFactor = 1
+    op = S.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0, 1, 2], [3]
+    op.builtinOptionsType, op.builtinOptions = S.BuiltinOptions.Conv2DOptions, opts
+    code = S.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = S.BuiltinOperator.CONV_2D
+    code.version = 3
+    graph = S.SubGraphT()
+    graph.tensors, graph.inputs, graph.outputs, graph.operators = tensors, [0], [3], [op]
+    model = S.ModelT()
+    model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, [code], [graph], []
+    for data in (None, None, w, bias, None):
+        buf = S.BufferT()
+        buf.data = None if data is None else np.frombuffer(data.tobytes(), np.uint8).tolist()
+        model.buffers.append(buf)
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def test_tflite_double_equals_litert_reference_conv_kernel():
+    """tflite_double against LiteRT's reference int8 CONV_2D kernel (BUILTIN_REF op resolver), on random scales and
+    on power-of-two scales (exact ties), where it is the only scheme that agrees everywhere; LiteRT's default
+    (XNNPACK) kernel rounds ties to even instead: it is the ort scheme. Measured with ai-edge-litert 2.3.0."""
+    litert = pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert is not installed (optional)")
+    rng = np.random.default_rng(3)
+    agree = {(k, s): 0 for k in ("ref", "default") for s in ("tflite_double", "tflite_single", "ort")}
+    total = 0
+    for ties in (False, True) * 6:
+        n, c, h, w_, m, k = 2, 4, 7, 7, 6, 3
+        x = rng.integers(-128, 128, (n, h, w_, c)).astype(np.int8)
+        w = rng.integers(-127, 128, (m, k, k, c)).astype(np.int8)
+        bias = rng.integers(-3000, 3000, m).astype(np.int32)
+        xz, yz = int(rng.integers(-128, 128)), int(rng.integers(-128, 128))
+        if ties:
+            xs, ws, ys = F32(2 ** -4), np.full(m, 2 ** -6, F32), F32(2.0 ** -int(rng.integers(0, 3)))
+        else:
+            xs, ws, ys = F32(10 ** rng.uniform(-3, -1)), (10 ** rng.uniform(-3, -1, m)).astype(F32), None
+        # exact int64 accumulators, NHWC with SAME padding of the shifted input
+        xd = np.pad(x.astype(np.int64) - xz, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        windows = np.lib.stride_tricks.sliding_window_view(xd, (k, k), axis=(1, 2))  # n oh ow c kh kw
+        acc = np.einsum("nxycij,mijc->nxym", windows, w.astype(np.int64)) + bias
+        ys = ys if ys is not None else F32(np.abs(acc * (xs * ws)).max() / 100.0)
+        model = _litert_conv(x, w, bias, xs, xz, ws, ys, yz)
+        for kind, resolver in (("ref", litert.OpResolverType.BUILTIN_REF), ("default", litert.OpResolverType.AUTO)):
+            interpreter = litert.Interpreter(model_content=model, experimental_op_resolver_type=resolver, num_threads=1)
+            interpreter.allocate_tensors()
+            interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+            interpreter.invoke()
+            y = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+            for scheme in ("tflite_double", "tflite_single", "ort"):
+                mult = R.ort_multiplier(xs, ws, ys) if scheme == "ort" else R.tflite_multiplier(xs, ws, ys)
+                agree[(kind, scheme)] += int((R.requantize(acc, mult, yz, -128, 127, scheme, axis=3) == y).sum())
+        total += acc.size
+    assert agree[("ref", "tflite_double")] == total and agree[("default", "ort")] == total
+    for key in (("ref", "tflite_single"), ("ref", "ort"), ("default", "tflite_double")):
+        assert agree[key] < total, key  # the ties tell the roundings apart
+
+
 # ----------------------------------------------------------------------------------------- exact
 def test_exact_ties_hand_computed():
     acc = np.array([-5, -3, -1, 1, 3, 5])  # * 1/2 = -2.5 -1.5 -0.5 0.5 1.5 2.5

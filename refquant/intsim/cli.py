@@ -47,7 +47,8 @@ def _sim(args):
     from ..onnx_io import load
     from ..quant import QuantSim
 
-    sim = QuantSim(load(args.model), config=args.config)
+    # prepare=False: the encodings file names the tensors of the model as given
+    sim = QuantSim(load(args.model), config=args.config, prepare=False)
     sim.load_encodings(args.encodings)
     return sim
 

@@ -1,4 +1,4 @@
-"""com.microsoft QLinearSoftmax as onnxruntime 1.32's CPU kernel computes it (uint8), for the integer program.
+"""com.microsoft QLinearSoftmax as onnxruntime 1.32's CPU kernel computes it (uint8, int8), for the integer program.
 
 onnxruntime (``contrib_ops/cpu/quantization/qlinear_softmax.cc``) builds a 256-entry float32 table once,
 
@@ -14,7 +14,14 @@ part):
 
 (the output scale enters only as ``floor(1 / y_scale)``). Opset 13 semantics reduce over ``axis``; opset < 13
 over the flattened dims from ``axis`` on. Verified bit-exact against onnxruntime in tests/test_intsim.py.
-int8 inputs are not reproduced (onnxruntime's int8 path differs) and raise.
+
+int8: the kernel builds the same table stored at ``uint8(i - 128)`` and reads it at ``uint8(127 - x_max + x_j)``,
+which is entry ``255 - x_max + x_j`` of the table above, so ``e_j`` and ``sum`` are the same formula on the signed
+codes; the result ``nearbyint(f32(e_j * floor(1 / y_scale)) / sum) + y_zero_point`` saturates to [-128, 127]
+(inf -> 127). The source at hand narrows with ``int8(q > 255 ? 255 : q)``, which would wrap 128..255 to negative
+codes; onnxruntime 1.32's binary saturates instead (measured: a probability of 1 on the [0, 1] grid with zero
+point -128 comes out as 127, not -128), and that is what is reproduced.
+Verified bit-exact against onnxruntime in tests/test_intsim_models.py.
 """
 
 from __future__ import annotations
@@ -44,7 +51,10 @@ def _rows(x2: np.ndarray, table: np.ndarray, y_scale, y_zero_point: int) -> np.n
     total = np.cumsum(e, axis=1, dtype=F32)[:, -1:]  # sequential float32 sum, as the kernel's loop
     scale = F32(np.floor(F32(1.0) / F32(y_scale)))
     with np.errstate(all="ignore"):
-        t = np.rint(((e * scale).astype(F32) / total).astype(F32)).astype(np.float64) + int(y_zero_point)
+        r = np.rint(((e * scale).astype(F32) / total).astype(F32)).astype(np.float64)
+    if x2.dtype == np.int8:  # saturated to [-128, 127]; inf -> 127 (measured against onnxruntime 1.32)
+        return np.clip(r + int(y_zero_point), -128, 127).astype(np.int8)
+    t = r + int(y_zero_point)
     # e * floor(1 / y_scale) may overflow to inf: the kernel's uint32 conversion then lands above 255 too
     return np.where(t > 255, 255, t).astype(np.uint8)
 
@@ -55,10 +65,9 @@ def _rule(x, *rest, **attrs):
 
 @register("QLinearSoftmax", since=1, domain=MS, infer=_rule)
 def qlinear_softmax(X, X_scale, x_zero_point=None, y_scale=None, y_zero_point=None, *, axis=None, opset):
-    """QLinearSoftmax (uint8) exactly as onnxruntime's CPU kernel (see the module docstring)."""
-    if X.dtype != np.uint8:
-        raise TypeError(f"QLinearSoftmax: uint8 input only (onnxruntime's int8 kernel is not reproduced), "
-                        f"got {X.dtype}")
+    """QLinearSoftmax (uint8 or int8) exactly as onnxruntime's CPU kernel (see the module docstring)."""
+    if X.dtype not in (np.uint8, np.int8):
+        raise TypeError(f"QLinearSoftmax: uint8 or int8 input (as onnxruntime), got {X.dtype}")
     if axis is None:
         axis = 1 if opset < 13 else -1
     axis %= X.ndim

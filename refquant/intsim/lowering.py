@@ -11,18 +11,25 @@ running it with :class:`refquant.Session` and exporting it to ONNX give the same
   asymmetric weights); grids narrower than 8 bits (w4) are held in the 8-bit types. Biases are int32 codes
   ``round(b / (f32(x_scale) * f32(w_scale)))`` in float64, half to even, as onnxruntime's
   ``quantize_bias_static_impl`` computes them; accumulation is int32; requantization goes to the output encoding;
+* ConvTranspose -> the stride-1 ``QLinearConv`` it equals: the input codes zero-stuffed with their zero point
+  (``Pad`` of the channel axis, ``DepthToSpace`` DCR, a ``Slice`` where the pads exceed the kernel's reach), the
+  kernel flipped with its in/out axes swapped, pads ``d (k - 1) - pad`` (+ output_padding); the accumulator is
+  exactly the transposed convolution's int32 sum (onnxruntime has no integer ConvTranspose kernel; this form runs
+  in it). One stride for both spatial axes of a 2-D ConvTranspose when the stride exceeds 1; no output_shape;
 * Add, Mul -> ``com.microsoft.QLinearAdd`` / ``QLinearMul`` (a constant operand is quantized with its own
   constant quantizer's encoding); Concat -> ``QLinearConcat``; AveragePool / GlobalAveragePool ->
   ``QLinearAveragePool`` / ``QLinearGlobalAveragePool``; Sigmoid, LeakyRelu -> ``QLinearSigmoid`` /
   ``QLinearLeakyRelu`` (lookup tables built by onnxruntime's arithmetic); Softmax -> ``QLinearSoftmax``
-  (uint8; :mod:`refquant.intsim.contrib`: onnxruntime's float32 exp table, output scale as floor(1 / y_scale));
+  (uint8 / int8; :mod:`refquant.intsim.contrib`: onnxruntime's float32 exp table, output scale as
+  floor(1 / y_scale));
 * MaxPool and the grid-preserving ops (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, Gather, Pad...)
   run on the codes directly (Pad's constant becomes its code; GlobalMaxPool becomes ReduceMax);
 * Relu / Clip that the simulation fuses into the previous layer (a supergroup: no quantizer between them)
   become the clamp ``[Q(min), Q(max)]`` of that layer's output codes: nothing when it is the type's full range
   (a Relu whose output zero point is 0), else a ``Clip`` on the codes;
 * other element-wise ops of one quantized input and constants (an unfused Relu or Clip whose output grid differs
-  from its input's, PRelu, Tanh, HardSwish, Div by a constant, ...) -> a lookup table indexed by the input code
+  from its input's, PRelu, Tanh, HardSwish, Div by a constant, an inference BatchNormalization, ...) -> a lookup
+  table indexed by the input code
   (``Cast`` to int32, ``Add`` a per-channel row offset, ``Gather``): the table is the simulation's own
   arithmetic ``Q_out(op(DQ_in(code), quantized constants))``, so these nodes agree with the QDQ simulation
   exactly (given the same input codes);
@@ -33,7 +40,13 @@ running it with :class:`refquant.Session` and exporting it to ONNX give the same
   (with the simulation's quantized weights) and is listed in :attr:`Program.fallbacks` (float nodes are each
   runtime's own float arithmetic: onnxruntime may also fuse DequantizeLinear -> op -> QuantizeLinear at its
   default optimization level, so bit-exactness there is measured, not guaranteed);
-* graph outputs: ``DequantizeLinear`` to float under the original output names; the codes stay available.
+* graph outputs: ``DequantizeLinear`` to float under the original output names; the codes stay available;
+* 16-bit activations (W8A16) under ``requant="ort"``: onnxruntime 1.32 runs QuantizeLinear / DequantizeLinear
+  (opset 21), data movement (:data:`ORT_16BIT_CODE_OPS`) and the lookup tables (Cast, Add, Gather) on uint16
+  codes, and no QLinear* / *Integer op, MaxPool, Pad, Resize, Clip or ReduceMax: those raise
+  :class:`LoweringError` (a 16-bit Relu/Clip clamp becomes a table); with ``float_fallback=True`` they run in
+  float, and a grid-preserving op (MaxPool) is quantized back to its input's grid, which is exact. Other schemes
+  run in refquant, whose kernels take 16-bit codes everywhere.
 
 Requantization: ``scheme="ort"`` uses onnxruntime's kernels as they are. Any other scheme of
 :mod:`refquant.intsim.requant` (``tflite_double``, ``tflite_single``, ``onnx_reference``, ``exact``) lowers
@@ -77,7 +90,15 @@ TABLE_OPS = {
     "Relu", "Clip", "PRelu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu",
     "Softplus", "Softsign", "Mish", "Gelu", "ThresholdedRelu", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs",
     "Erf", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min",
+    "BatchNormalization",  # inference form: a per-channel affine map (its 1-D constants run along axis 1)
 }
+# code ops onnxruntime 1.32's CPU provider runs on 16-bit tensors (measured: MaxPool, Pad, Resize, ReduceMax/Min,
+# TopK, Clip, DepthToSpace, SpaceToDepth have no (u)int16 kernel, nor has any QLinear* / *Integer op; Quantize- and
+# DequantizeLinear do from opset 21). Under requant="ort" a 16-bit tensor into any other op is a LoweringError
+# (float_fallback=True: DequantizeLinear -> op -> QuantizeLinear, which is exact for MaxPool & co., as they commute
+# with the monotone quantizer); other schemes run in refquant, whose kernels take every integer type.
+ORT_16BIT_CODE_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Gather",
+                      "GatherElements", "GatherND", "Slice", "Split", "Tile", "Expand", "Concat"}
 TABLE_LIMIT = 1 << 22  # entries of a lookup table (codes x distinct constants)
 _NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
                "Multinomial", "Dropout"}
@@ -382,6 +403,8 @@ class _Lowerer:
             return self.copy_node(node)
         if op == "Conv":
             return self.lower_conv(node)
+        if op == "ConvTranspose":
+            return self.lower_conv_transpose(node)
         if op == "Gemm":
             return self.lower_gemm(node)
         if op == "MatMul":
@@ -598,6 +621,15 @@ class _Lowerer:
         if node.inputs[1] not in self.src.initializers:
             raise self.error(where, self.not_initializer("weight", node.inputs[1]))
         w, ws, wz, _ = self.weight(node, node.inputs[1])
+        attrs = {k: v for k, v in node.attrs.items()
+                 if k in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")}
+        return self.emit_conv(node, x, w, ws, wz, attrs)
+
+    def emit_conv(self, node: Node, x: QTensor, w: np.ndarray, ws: np.ndarray, wz: np.ndarray, attrs: dict,
+                  ops: list[str] | None = None) -> Lowered:
+        """QLinearConv (or ConvInteger + bias + Requantize) of codes ``x`` with weight codes ``w`` [M, C/g, *k]
+        (scale ``ws`` and zero point ``wz`` per output channel or scalar), bias ``node.inputs[2]``."""
+        where = self.where(node)
         final, enc, clamp, fused = self.output_grid(node)
         if enc is None:
             raise self.error(where, f"output {node.outputs[0]!r} has no active quantizer (and no fused Relu/Clip "
@@ -610,11 +642,9 @@ class _Lowerer:
         wz_name = self.const(f"{base}_zero_point", wz)
         xs, xz = self.params(node.inputs[0], x)
         ys, yz = self.params(final, y)
-        attrs = {k: v for k, v in node.attrs.items()
-                 if k in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")}
         has_bias = len(node.inputs) > 2 and bool(node.inputs[2])
         codes = self.fresh(f"{final}_codes")
-        ops = []
+        ops = list(ops or [])
         if self.scheme.name == "ort":
             inputs = [x.name, xs, xz, w_name, ws_name, wz_name, ys, yz]
             if has_bias:
@@ -640,6 +670,78 @@ class _Lowerer:
         ops += self.finish_output(node, final, enc, clamp, fused, codes, y)
         return Lowered(node.name, node.op_type, ops, "integer",
                        f"fused {fused.op_type} {fused.name!r}" if fused is not None else "")
+
+    # -------------------------------------------------------------------------------- ConvTranspose
+    def lower_conv_transpose(self, node: Node) -> Lowered:
+        """ConvTranspose as the integer convolution it equals: the input codes zero-stuffed (``s - 1`` codes
+        equal to the zero point between neighbours, so they add nothing to ``sum (x - x_zp)(w - w_zp)``), then a
+        stride-1 QLinearConv with the kernel flipped and its in/out axes swapped, padded by
+        ``d (k - 1) - pad`` (+ output_padding at the end). Stuffing is ``Pad`` of the channel axis with the zero
+        point code, ``DepthToSpace`` (DCR) and a ``Slice`` of the extra ``s - 1`` rows/columns: ops on codes,
+        so the accumulator is exactly the transposed convolution's int32 sum and the requantization is
+        QLinearConv's (onnxruntime has no integer ConvTranspose kernel; this form runs in it)."""
+        where = self.where(node)
+        x = self.input_codes(node, 0)
+        self.require_8bit_gemm(where, x, node.inputs[0])
+        wname = node.inputs[1]
+        if wname not in self.src.initializers:
+            raise self.error(where, self.not_initializer("weight", wname))
+        if node.attrs.get("output_shape") or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            raise self.error(where, "output_shape / auto_pad are not lowered; give explicit pads")
+        w, ws, wz, enc_w = self.weight(node, wname)
+        spatial = w.ndim - 2
+        group = int(node.attrs.get("group", 1))
+        cin, cout_g = w.shape[0], w.shape[1]
+        if np.size(ws) > 1 and enc_w.axis % w.ndim != 1:
+            raise self.error(where, f"weight {wname!r} is per-channel along axis {enc_w.axis}; the requantization "
+                                    "takes one scale per output channel (axis 1 of a ConvTranspose weight)")
+        kernel = list(w.shape[2:])
+        strides = list(node.attrs.get("strides") or [1] * spatial)
+        dilations = list(node.attrs.get("dilations") or [1] * spatial)
+        pads = list(node.attrs.get("pads") or [0] * (2 * spatial))
+        out_pad = list(node.attrs.get("output_padding") or [0] * spatial)
+        stride = strides[0]
+        if any(s != stride for s in strides) or (stride > 1 and spatial != 2):
+            raise self.error(where, f"strides {strides}: the zero-stuffing (DepthToSpace) takes one stride over two "
+                                    "spatial axes")
+        # weight [C_in, M/g, *k] -> conv weight [M, C_in/g, *k], kernel flipped
+        wc = w.reshape((group, cin // group, cout_g) + tuple(kernel)).swapaxes(1, 2)
+        wc = np.ascontiguousarray(np.flip(wc.reshape((group * cout_g, cin // group) + tuple(kernel)),
+                                          axis=tuple(range(2, w.ndim))))
+        if np.size(ws) > 1:
+            ws, wz = np.tile(ws.reshape(-1), group), np.tile(wz.reshape(-1), group)
+        ops = []
+        stuffed = x
+        if stride > 1:
+            base = node.inputs[0]
+            padded = self.fresh(f"{base}_stuff_pad")
+            pad_code = self.const(f"{node.name}_pad_code", x.zero_point, x.dtype)
+            self.emit("Pad", [x.name, self.const(f"{node.name}_stuff_pads",
+                                                 np.array([0, 0, 0, 0, 0, cin * (stride * stride - 1), 0, 0],
+                                                          np.int64)), pad_code],
+                      [padded], {"mode": "constant"}, name=f"{node.name}_stuff_pad")
+            spread = self.fresh(f"{base}_stuffed")
+            self.emit("DepthToSpace", [padded], [spread], {"blocksize": stride, "mode": "DCR"},
+                      name=f"{node.name}_stuff")
+            stuffed = QTensor(spread, x.scale, x.zero_point, x.dtype, x.encoding)
+            ops += ["Pad", "DepthToSpace"]
+        begin = [dilations[i] * (kernel[i] - 1) - pads[i] for i in range(spatial)]
+        end = [dilations[i] * (kernel[i] - 1) - pads[spatial + i] + out_pad[i] - (stride - 1) for i in range(spatial)]
+        if min(begin + end) < 0:  # more padding than the kernel's reach: cut the stuffed input instead
+            cut = self.fresh(f"{node.inputs[0]}_cut")
+            big = np.iinfo(np.int64).max
+            self.emit("Slice", [stuffed.name, self.const(f"{node.name}_cut_starts", [max(0, -b) for b in begin],
+                                                         np.int64),
+                                self.const(f"{node.name}_cut_ends", [e if e < 0 else big for e in end], np.int64),
+                                self.const(f"{node.name}_cut_axes", list(range(2, 2 + spatial)), np.int64)],
+                      [cut], name=f"{node.name}_cut")
+            stuffed = QTensor(cut, x.scale, x.zero_point, x.dtype, x.encoding)
+            ops.append("Slice")
+        attrs = {"kernel_shape": kernel, "dilations": dilations, "group": group, "strides": [1] * spatial,
+                 "pads": [max(0, b) for b in begin] + [max(0, e) for e in end]}
+        entry = self.emit_conv(node, stuffed, wc, ws, wz, attrs, ops)
+        entry.note = ("zero-stuffed input, flipped kernel" + (f"; {entry.note}" if entry.note else ""))
+        return entry
 
     def require_8bit_gemm(self, where, q: QTensor, name: str) -> None:
         """Conv / Gemm / MatMul operands: 8-bit for onnxruntime's QLinear ops; other requant schemes run
@@ -859,8 +961,9 @@ class _Lowerer:
         if enc is None:
             raise self.error(where, f"output {node.outputs[0]!r} has no active quantizer")
         y = self.qtensor("", node.outputs[0], enc, where)
-        if x.dtype != np.uint8 or y.dtype != np.uint8:
-            raise self.error(where, "QLinearSoftmax is reproduced for uint8 tensors only")
+        if x.dtype != y.dtype or x.dtype not in (np.uint8, np.int8):
+            raise self.error(where, f"input {x.dtype} and output {y.dtype}: onnxruntime's QLinearSoftmax takes uint8 "
+                                    "or int8, the same type in and out")
         opset = 13 if node.version >= 13 else max(node.version, 1)
         attrs = {"opset": opset, "axis": int(node.attrs.get("axis", -1 if opset >= 13 else 1))}
         codes = self.fresh(f"{node.outputs[0]}_codes")
@@ -881,6 +984,8 @@ class _Lowerer:
             return self.lower_float(node, "", record=False, mode="copy")
         if not isinstance(rep, QTensor):
             return self.copy_node(node)
+        if rep.dtype.itemsize == 2 and self.scheme.name == "ort" and node.op_type not in ORT_16BIT_CODE_OPS:
+            raise self.error(where, f"input {data!r} is {rep.dtype}; onnxruntime has no 16-bit {node.op_type} kernel")
         inputs = [rep.name] + [self.other_input(n) for n in node.inputs[1:]]
         attrs = dict(node.attrs)
         op = node.op_type
@@ -955,12 +1060,15 @@ class _Lowerer:
             # same grid in and out: clip(c, Q(lo), Q(hi)) = Q(clip(DQ(c), lo, hi)) exactly (Q monotone, Q(DQ(c)) = c)
             y = self.qtensor("", out, enc, where)
             lo, hi = bounds
+            # onnxruntime has no 16-bit Clip: under "ort" a 16-bit clamp is the lookup table below
+            clip_on_codes = x.dtype.itemsize == 1 or self.scheme.name != "ort"
             if y.same_grid(x):
                 lo_code = self.quantize_value(lo, x) if lo is not None else x.qrange[0]
                 hi_code = self.quantize_value(hi, x) if hi is not None else x.qrange[1]
                 if lo_code <= x.qrange[0] and hi_code >= x.qrange[1]:
                     self.rep[out] = x
                     return Lowered(node.name, op, [], "codes", "no-op on codes")
+            if y.same_grid(x) and clip_on_codes:
                 codes = self.fresh(f"{out}_codes")
                 self.emit("Clip", [x.name, self.const(f"{out}_clip_min", lo_code, x.dtype),
                                    self.const(f"{out}_clip_max", hi_code, x.dtype)], [codes], name=node.name)
@@ -988,6 +1096,9 @@ class _Lowerer:
             raise self.error(where, f"input {node.inputs[index]!r} has an unknown rank")
         consts = {}
         param_shape = ()
+        per_channel = node.op_type == "BatchNormalization"  # [C] constants of the channel axis, not broadcast
+        if per_channel and (index != 0 or int(node.attrs.get("training_mode", 0)) or rank < 2):
+            raise self.error(where, "only an inference-mode BatchNormalization of a [N, C, ...] tensor is a table")
         for i, name in enumerate(node.inputs):
             if i == index or not name:
                 continue
@@ -995,7 +1106,8 @@ class _Lowerer:
             if array.ndim > rank:
                 raise self.error(where, f"constant {name!r} has a higher rank than the data")
             consts[i] = array
-            param_shape = np.broadcast_shapes(param_shape, (1,) * (rank - array.ndim) + array.shape)
+            shape = ((1, array.size) + (1,) * (rank - 2)) if per_channel else (1,) * (rank - array.ndim) + array.shape
+            param_shape = np.broadcast_shapes(param_shape, shape)
         param_shape = tuple(param_shape)
         if param_shape and param_shape[0] != 1:
             raise self.error(where, "a constant varies along the batch axis")
@@ -1061,6 +1173,31 @@ class _Lowerer:
             self.dq_cache[name] = out
         return self.dq_cache[name]
 
+    def dequantized_weight(self, node: Node, name: str) -> str | None:
+        """A quantized weight of a float node as DequantizeLinear of its codes (None where it is not one): the
+        same float values as the simulation's constant, but in a form onnxruntime's optimizer leaves alone (at
+        its default level it quantizes the float weight of a Conv fed by DequantizeLinear once more, per tensor)."""
+        q = self.sim.quantizers.get(name)
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or q is None or q.kind != "param":
+            return None
+        try:
+            codes, scale, zp, enc = self.weight(node, name)
+        except LoweringError:
+            return None
+        axis = enc.axis % codes.ndim if scale.ndim else None
+        shape = [1] * codes.ndim
+        if axis is not None:
+            shape[axis] = -1
+        values = ((codes.astype(np.int32) - zp.astype(np.int32).reshape(shape)).astype(F32)
+                  * scale.reshape(shape)).astype(F32)
+        if not np.array_equal(values, np.asarray(self.sim_constant(name), dtype=F32)):
+            return None
+        out = self.fresh(f"{name}_dequantized")
+        self.emit("DequantizeLinear", [self.const(f"{name}_quantized", codes), self.const(f"{name}_scale", scale, F32),
+                                       self.const(f"{name}_zero_point", zp)], [out],
+                  {"axis": axis} if axis is not None else {}, name=f"{name}_dequantize")
+        return out
+
     def lower_float(self, node: Node, reason: str, record: bool = True, mode: str = "float") -> Lowered:
         """Run ``node`` in float: DequantizeLinear of its coded inputs, the simulation's quantized constants,
         QuantizeLinear of each output that has an active quantizer."""
@@ -1069,7 +1206,7 @@ class _Lowerer:
             if not name:
                 inputs.append("")
             elif name in self.src.initializers:
-                inputs.append(self.const(name, self.sim_constant(name)))
+                inputs.append(self.dequantized_weight(node, name) or self.const(name, self.sim_constant(name)))
             else:
                 rep = self.rep.get(name)
                 if isinstance(rep, QTensor):
@@ -1080,6 +1217,10 @@ class _Lowerer:
                     inputs.append(rep.name)
         outs = []
         quantize = []
+        # a grid-preserving op (MaxPool on 16-bit codes under "ort") keeps its input's grid: quantizing its float
+        # output with that grid gives back exactly the codes the op would have moved
+        data = self.rep.get(node.inputs[0]) if node.inputs and (node.op_type in CODE_OPS
+                                                                 or node.op_type == "GlobalMaxPool") else None
         for out in node.outputs:
             if not out:
                 outs.append("")
@@ -1093,13 +1234,18 @@ class _Lowerer:
             outs.append(fl)
             if enc is not None:
                 quantize.append((out, fl, enc))
+            elif isinstance(data, QTensor):
+                quantize.append((out, fl, data))
             else:
                 self.rep[out] = FloatTensor(fl)
         self.emit(node.op_type, inputs, outs, node.attrs, name=node.name, domain=node.domain, version=node.version)
         ops = [node.op_type]
         for out, fl, enc in quantize:
             try:
-                y = self.qtensor("", out, enc, self.where(node))
+                if isinstance(enc, QTensor):
+                    y = QTensor("", enc.scale, enc.zero_point, enc.dtype, enc.encoding)
+                else:
+                    y = self.qtensor("", out, enc, self.where(node))
             except LoweringError:
                 self.rep[out] = FloatTensor(fl)
                 continue

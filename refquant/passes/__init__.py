@@ -12,6 +12,8 @@ fold_constants              every node the runtime folds at init -> initializer
 remove_identity             Identity / inference Dropout removed, readers read the input
 split_shared_weights        a parameter read by several nodes -> one copy per reader
 fold_batchnorm              BatchNormalization folded into the layer next to it (refquant.ptq.bn_fold)
+fuse_mul_add_chains         Conv/Gemm/MatMul -> constant Mul/Add chain folded into weight and bias; other
+                            constant Mul/Add/Sub/Div chains merged into one Mul and one Add
 fuse_matmul_add             MatMul + Add(bias) -> Gemm, for rank-2 inputs
 fuse_constant_chains        x*a*b -> x*(a*b), x+a+b -> x+(a+b), with Div/Sub variants
 clamp_mask_constants        huge/inf constants that reach a Softmax -> ±1e4
@@ -38,6 +40,7 @@ PASSES: dict[str, str] = {
     "remove_identity": "identity",
     "split_shared_weights": "split_shared",
     "fold_batchnorm": "batchnorm",
+    "fuse_mul_add_chains": "mul_add_chains",
     "fuse_matmul_add": "matmul_add",
     "fuse_constant_chains": "constant_chains",
     "clamp_mask_constants": "clamp_mask",
@@ -45,7 +48,9 @@ PASSES: dict[str, str] = {
     "remove_dead_code": "dead_code",
 }
 # order matters: folding first exposes constants to the fusions; splitting before BN folding keeps a
-# shared weight's other readers intact; dead code last removes what the others left unread
+# shared weight's other readers intact; affine chains fold after BN folding (Conv -> BN -> Mul -> Add
+# becomes one Conv) and before fuse_matmul_add, which turns the MatMul + Add they leave into a Gemm;
+# dead code last removes what the others left unread
 DEFAULT_PASSES: list[str] = list(PASSES)
 
 

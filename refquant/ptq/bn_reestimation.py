@@ -102,6 +102,11 @@ def reestimate_batchnorm(sim, data, batch_size: int = 16, progress: bool = True,
 
     graph = sim.graph
     bns = batchnorms(graph)
+    report = getattr(sim, "prepare_report", None)
+    if not bns and report is not None and report.pass_record("fold_batchnorm") is not None \
+            and report.pass_record("fold_batchnorm").status == "applied":
+        raise RefquantError("reestimate_batchnorm: the QuantSim's preparation folded the BatchNormalization "
+                            "nodes; build it with QuantSim(graph, ..., prepare=False) to re-estimate them")
     if not bns:
         warnings.warn(f"reestimate_batchnorm: graph {graph.name!r} has no BatchNormalization with "
                       "initializer statistics: nothing to re-estimate", stacklevel=2)

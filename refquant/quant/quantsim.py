@@ -91,16 +91,40 @@ class QuantSim:
     "half_even" (onnxruntime's QuantizeLinear) or "half_up" (AIMET's simulation).
     Scheme options (``percentile=99.99``...) go in ``scheme_options``. ``param_scheme`` is the weights'
     scheme (default: ``quant_scheme`` for min_max/tf_enhanced as AIMET, else min_max as onnxruntime).
+
+    ``prepare``: the graph is first rewritten by :func:`refquant.prepare` with its default passes
+    (``True``), the given passes (a name list or comma-separated string), or not at all (``False``);
+    each pass is verified on one batch of ``prepare_data`` (random feeds when None) to keep the FP32
+    outputs. ``sim.graph`` is the prepared graph (``graph`` itself when no pass changed it) and
+    ``sim.prepare_report`` says what changed. Graph inputs and outputs keep their names; tensors a pass
+    removed (a folded BatchNormalization's output...) have no quantizer. Use ``prepare=False`` to
+    simulate the graph exactly as given: to compare quantizer placement with AIMET's (whose QuantSim
+    does not prepare), to load encodings written for the unprepared graph, or when a technique needs
+    what preparation removes (BN re-estimation needs the BatchNormalization nodes).
+
+    **The outlier rule** (with ``prepare_data``): the validator looks at every activation on that data,
+    and those it flags as set by outliers (an outlier channel > 32x the median channel's range, most
+    values within two 8-bit steps of zero, or beyond the float16 range: ``prepare.WIDEN_CODES``) are
+    quantized at ``outlier_bw`` bits (16) instead of ``output_bw``, as AIMET's and Qualcomm's transformer
+    recipes keep such tensors at 16 bits. ``sim.widened`` lists them with the finding; ``outlier_bw=None``
+    keeps every activation at ``output_bw``. The export writes their 16-bit encodings like any other.
     """
 
     def __init__(self, graph: Graph, param_bw: int | str = 8, output_bw: int | str = 8,
                  quant_scheme: str = "min_max", config="default", rounding: str = "half_even",
                  precision: str | None = None, threads: int | None = None, scheme_options: dict | None = None,
-                 param_scheme: str | None = None):
+                 param_scheme: str | None = None, prepare: bool | str | list = True, prepare_data=None,
+                 outlier_bw: int | None = 16):
         if precision is not None:
             param_bw, output_bw = parse_precision(precision)
         if rounding not in ROUNDING:
             raise RefquantError(f"rounding {rounding!r} is not one of {', '.join(ROUNDING)}")
+        self.prepare_report = None  # step 1 of the workflow: refquant.prepare (see the class docstring)
+        if prepare:
+            from ..prepare import prepare_for_quantsim
+
+            graph, self.prepare_report = prepare_for_quantsim(graph, "default" if prepare is True else prepare,
+                                                              prepare_data)
         # weights: AIMET applies min_max and tf_enhanced to them too (measured on aimet_samples); the
         # distribution schemes (percentile, mse, entropy) are for activations, and onnxruntime's
         # quantize_static takes weight ranges by min-max, so weights default to min_max there
@@ -132,6 +156,32 @@ class QuantSim:
         self._float_session = Session(graph, threads=threads)
         self._hooked: dict[str, Quantizer] = {}
         self._calibrated: set[str] = set()
+        self.widened: dict[str, str] = {}  # the outlier rule (class docstring): tensor -> the finding
+        if prepare and prepare_data is not None and outlier_bw:
+            self._widen_outliers(prepare_data, check_bitwidth(outlier_bw, where="outlier_bw"))
+
+    @property
+    def graph_was_prepared(self) -> bool:
+        """Whether a preparation pass rewrote the graph given to the constructor."""
+        report = self.prepare_report
+        return report is not None and any(p.status == "applied" for p in report.passes)
+
+    def _widen_outliers(self, data, bitwidth: int) -> None:
+        """The outlier rule: integer activation quantizers (with their tied group) of the tensors the
+        validator flags on ``data`` (:func:`refquant.prepare.outlier_activations`) get ``bitwidth``."""
+        from ..prepare import outlier_activations
+
+        for name, why in outlier_activations(self.graph, data).items():
+            quantizer = self.quantizers.get(name)
+            if quantizer is None or quantizer.kind == "param" or not quantizer.enabled:
+                continue
+            root = quantizer.tied_to or name
+            group = [q for q in self.quantizers.values() if (q.tied_to or q.tensor) == root]
+            if any(q.data_type != "int" or q.bitwidth >= bitwidth for q in group):
+                continue
+            for q in group:
+                q.bitwidth = bitwidth
+                self.widened[q.tensor] = why
 
     # ------------------------------------------------------------------ quantizer views
     def param_quantizers(self) -> dict[str, Quantizer]:
@@ -148,10 +198,19 @@ class QuantSim:
         return quantizer.encoding
 
     # ------------------------------------------------------------------ calibration
-    def compute_encodings(self, data, batch_size: int = 16, progress: bool = True, preprocess=None) -> None:
+    def compute_encodings(self, data, batch_size: int = 16, progress: bool = True, preprocess=None,
+                          executor=None, shards: int | None = None) -> None:
         """Parameter encodings from the weights, then activation encodings from ``data``: anything
         :func:`refquant.data.iter_feeds` accepts (feed dicts, arrays, .npz/.npy, folders of .npy or
-        images, with ``preprocess`` for images)."""
+        images, with ``preprocess`` for images).
+
+        ``executor`` (any ``concurrent.futures.Executor``): the data is cut into ``shards`` (default: one
+        per worker) calibrated in parallel, and their observers are merged here
+        (:mod:`refquant.scale.calibration`); workers read their shard themselves. Default: serially here."""
+        if executor is not None:
+            from ..scale.calibration import calibrate
+
+            return calibrate(self, executor, data, batch_size, progress, preprocess, shards)
         from ..data import count_samples, iter_feeds
 
         self._compute_param_encodings()
@@ -193,6 +252,11 @@ class QuantSim:
         bar.close()
         if batch_index[0] == 0:
             raise CalibrationError("the calibration data set is empty: no batch was produced")
+        self._set_activation_encodings(observers, members)
+
+    def _set_activation_encodings(self, observers: dict, members: dict) -> None:
+        """Activation encodings from the calibration observers (one per group root), then the fixed
+        ranges and bias encodings, and the quantized constants."""
         for root, observer in observers.items():
             quantizer = self.quantizers[root]
             if quantizer.frozen:
@@ -393,7 +457,9 @@ class QuantSim:
         missing = [name for name in data.encodings if name not in self.quantizers and name not in self.graph.values
                    and name not in self.graph.initializers]
         if strict and missing:
-            raise RefquantError(f"{path}: encodings for tensors the model does not have: {missing[:5]}")
+            hint = ("; this QuantSim prepared the graph (sim.prepare_report): build it with prepare=False to load "
+                    "encodings written for the model as given") if self.graph_was_prepared else ""
+            raise RefquantError(f"{path}: encodings for tensors the model does not have: {missing[:5]}{hint}")
         for name, encoding in data.encodings.items():
             quantizer = self.quantizers.get(name)
             if quantizer is None:

@@ -1,0 +1,153 @@
+"""Issue 9's targets for refquant's W8A8 QuantSim with its default preparation, min_max, 64 calibration samples.
+
+* paraphrase-MiniLM-L3: mean cosine of the mask-pooled sentence embeddings (the model's output '461')
+  against FP32 on 128 sequences of [CLS] + 14..62 random vocabulary ids + [SEP] (16 to 64 tokens),
+  zero-padded to 64 and masked. Target >= 0.95 (onnxruntime 0.698, AIMET 0.717).
+* PP-OCRv4 rec: character error rate of greedy CTC decoding against FP32's decoding on 128 random
+  text-line crops of page.png and text.png (``text_crops``: about one line high, resized to height 48,
+  padded right to 320). Calibration: 64 other crops. Target <= 15 % (onnxruntime 64.3 %, AIMET 26.8 %).
+
+Each is printed for: no preparation, default preparation, and default preparation with the
+validator's outlier rule (``QuantSim(..., prepare_data=calibration)``: activations the validator flags
+on the calibration data get 16-bit quantizers). It prints; it asserts nothing.
+
+    python bench/prepare_targets.py [--models minilm,ocr]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+import refquant
+from refquant import zoo
+from refquant.quant import QuantSim
+
+DATA = zoo.shared_dir() / "data"
+
+
+# ------------------------------------------------------------------------------ MiniLM
+def sentences(n: int, seed: int, length: int = 64) -> dict[str, np.ndarray]:
+    r = np.random.default_rng(seed)
+    ids = np.zeros((n, length), np.int64)
+    mask = np.zeros((n, length), np.int64)
+    for i in range(n):
+        k = int(r.integers(16, length + 1))
+        ids[i, :k] = np.concatenate([[101], r.integers(1000, 30000, k - 2), [102]])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def minilm(variants):
+    graph = refquant.load(zoo.fetch("minilm_l3"))
+    calib, evaluation = sentences(64, seed=1), sentences(128, seed=2)
+    reference = refquant.Session(graph).run(evaluation)["461"]
+    for label, options in variants:
+        start = time.perf_counter()
+        sim = QuantSim(graph, precision="w8a8", **_options(options, calib))
+        sim.compute_encodings(calib, progress=False)
+        got = sim.run(evaluation)["461"]
+        print(f"MiniLM-L3  {label:<34} mean cosine {cosine(got, reference).mean():.4f}  "
+              f"({_promoted(sim)}; {time.perf_counter() - start:.0f} s)")
+
+
+# ------------------------------------------------------------------------------ PP-OCRv4 rec
+def text_crops(n: int, seed: int) -> np.ndarray:
+    """About one line of text each: 16 to 28 px high (page.png's lines are ~20 px apart), 4 to 16 times as
+    wide, at random positions; resized to height 48 keeping the aspect, normalized as PP-OCR does
+    ((x / 255 - 0.5) / 0.5) and padded right with 0 to width 320."""
+    from PIL import Image
+
+    r = np.random.default_rng(seed)
+    pages = [np.asarray(Image.open(DATA / name).convert("RGB")) for name in ("page.png", "text.png")]
+    crops = np.zeros((n, 3, 48, 320), np.float32)
+    for i in range(n):
+        page = pages[i % 2]
+        h = int(r.integers(16, 29))
+        w = int(r.integers(4 * h, min(16 * h, page.shape[1])))
+        y, x = int(r.integers(0, page.shape[0] - h)), int(r.integers(0, max(1, page.shape[1] - w)))
+        crop = Image.fromarray(page[y:y + h, x:x + w])
+        width = min(320, max(8, round(crop.width * 48 / crop.height)))
+        array = np.asarray(crop.resize((width, 48), Image.BILINEAR), np.float32) / 255
+        crops[i, :, :, :width] = ((array - 0.5) / 0.5).transpose(2, 0, 1)
+    return crops
+
+
+def ctc_greedy(probs: np.ndarray) -> list[tuple[int, ...]]:
+    best = probs.argmax(-1)
+    out = []
+    for row in best:
+        keep = np.concatenate([[True], row[1:] != row[:-1]]) & (row != 0)  # collapse repeats, drop blanks
+        out.append(tuple(row[keep].tolist()))
+    return out
+
+
+def edit_distance(a, b) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        previous, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
+    return row[-1]
+
+
+def ocr(variants):
+    graph = refquant.load(zoo.fetch("ppocr_rec"))
+    calib, evaluation = text_crops(64, seed=1), text_crops(128, seed=2)
+    (output,) = graph.output_names
+    session = refquant.Session(graph)
+    reference = ctc_greedy(np.concatenate([session.run({"x": evaluation[i:i + 16]})[output]
+                                           for i in range(0, len(evaluation), 16)]))
+    total = sum(len(t) for t in reference)
+    for label, options in variants:
+        start = time.perf_counter()
+        sim = QuantSim(graph, precision="w8a8", **_options(options, {"x": calib[:8]}))
+        sim.compute_encodings({"x": calib}, progress=False)
+        got = ctc_greedy(np.concatenate([sim.run({"x": evaluation[i:i + 16]})[output]
+                                         for i in range(0, len(evaluation), 16)]))
+        errors = sum(edit_distance(g, t) for g, t in zip(got, reference))
+        print(f"PP-OCRv4 rec  {label:<31} CER {100 * errors / total:.1f} % of {total} characters  "
+              f"({_promoted(sim)}; {time.perf_counter() - start:.0f} s)")
+
+
+def _options(options: dict, calib) -> dict:
+    return {k: (calib if v == "calibration" else v) for k, v in options.items()}
+
+
+def _promoted(sim) -> str:
+    enabled = [q for q in sim.activation_quantizers().values() if q.enabled]
+    return f"{sum(q.bitwidth > 8 for q in enabled)} of {len(enabled)} activation quantizers above 8 bits"
+
+
+def _without(name: str) -> list[str]:
+    from refquant.passes import DEFAULT_PASSES
+
+    return [p for p in DEFAULT_PASSES if p != name]
+
+
+VARIANTS = [("no preparation", {"prepare": False}),
+            ("default without fuse_mul_add_chains", {"prepare": _without("fuse_mul_add_chains")}),
+            ("default preparation", {}),
+            ("default preparation, prepare_data", {"prepare_data": "calibration"})]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="minilm,ocr")
+    args = parser.parse_args()
+    models = args.models.split(",")
+    if "minilm" in models:
+        minilm(VARIANTS)
+    if "ocr" in models:
+        ocr(VARIANTS)
+
+
+if __name__ == "__main__":
+    main()
