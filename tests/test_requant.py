@@ -368,7 +368,8 @@ def test_tflite_double_equals_litert_reference_conv_kernel():
     """tflite_double against LiteRT's reference int8 CONV_2D kernel (BUILTIN_REF op resolver), on random scales and
     on power-of-two scales (exact ties), where it is the only scheme that agrees everywhere; LiteRT's default
     (XNNPACK) kernel rounds ties to even instead: it is the ort scheme. Measured with ai-edge-litert 2.3.0."""
-    litert = pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert is not installed (optional)")
+    litert = pytest.importorskip("ai_edge_litert.interpreter",
+                                 reason="ai-edge-litert is not installed (the test extra installs it)")
     rng = np.random.default_rng(3)
     agree = {(k, s): 0 for k in ("ref", "default") for s in ("tflite_double", "tflite_single", "ort")}
     total = 0
