@@ -3,6 +3,8 @@
     python bench/ptq.py                         # convnet, mlp, mobilenet_v2
     python bench/ptq.py --models convnet mlp    # the small ones only (about a minute)
     python bench/ptq.py --optimizers            # Adam vs L-BFGS-B on MobileNetV2 layers (loss vs seconds)
+    python bench/ptq.py --w8a8 --models mobilenet_v2   # W8A8 per-channel / per-tensor / CLE / bias correction
+    python bench/ptq.py --autoquant --models mobilenet_v2   # AutoQuant (per-tensor W8A8, SQNR target)
 
 Every row is a fresh ``QuantSim(precision="w4a8")`` (AIMET's default per-channel config, min-max) with
 ``compute_encodings`` on the calibration set; then the technique on the same set; then
@@ -14,6 +16,12 @@ Data: the AIMET samples' calib.npz (64) and eval.npz (128); MobileNetV2 gets ``-
 and ``--mnv2-eval`` (128) random 224x224 crops (and flips) of the photos in /work/shared/data, resized
 (shorter side 256) and normalized with ImageNet's mean and std (refquant.data.Preprocess), seeded.
 AIMET's figures are printed beside ours where we have them (see AIMET_* below). Asserts nothing.
+
+``--w8a8``: instead, W8A8 rows (default per-channel config, and ``config="per_tensor"``) of the
+model as it is, after ``equalize`` (CLE; also with AIMET's ReLU6 -> ReLU swap), and with bias
+correction (empirical, its defaults), each row a fresh sim calibrated on the calibration set (again
+after the bias correction). The FP32 reference is always the original model; the equalized model's
+own FP32 distance to it is printed. The bias-correction rows' seconds are the correction's.
 """
 
 from __future__ import annotations
@@ -43,6 +51,9 @@ AIMET = {
     ("mobilenet_v2", "nearest"): (-0.2, 6.0, None),
     ("mobilenet_v2", "seq_mse"): (4.7, 58.0, None),
     ("mobilenet_v2", "adaround 20 (AIMET)"): (1.5, 17.0, 1057.0),
+    ("mobilenet_v2", "W8A8 per-channel"): (11.5, 73.0, None),
+    ("mobilenet_v2", "W8A8 per-tensor"): (8.0, 67.0, None),
+    ("mobilenet_v2", "W8A8 per-tensor + CLE"): (9.7, 79.0, None),  # AIMET's CLE (ReLU6 -> ReLU)
 }
 
 
@@ -110,7 +121,8 @@ def techniques(name: str, args, calib):
     from refquant.ptq.adaround import adaround
     from refquant.ptq.seq_mse import seq_mse
 
-    rows = [("nearest", None), ("seq_mse", lambda sim: seq_mse(sim, calib, progress=False))]
+    rows = [("nearest", None), ("seq_mse", lambda sim: seq_mse(sim, calib, progress=False)),
+            ("seq_mse symqt (AIMET default)", lambda sim: seq_mse(sim, calib, inp_symmetry="symqt", progress=False))]
     for iterations in args.iterations:
         rows.append((f"adaround {iterations}",
                      lambda sim, n=iterations: adaround(sim, calib, num_iterations=n, progress=False)))
@@ -147,6 +159,82 @@ def bench_model(name: str, args) -> None:
         if model == name and "(AIMET)" in label:
             print(f"  {label:<28} {'':>8} {'':>8} {'':>8}   | {fmt(sqnr, '6.2f'):>12} {fmt(top1, '6.1f'):>6} "
                   f"{fmt(seconds, '7.0f'):>7}")
+
+
+# -- AutoQuant -------------------------------------------------------------------------------------
+
+def bench_autoquant(name: str, args) -> None:
+    """AutoQuant on the calibration set, scored by logits SQNR on the evaluation set against FP32; every
+    step with its metric and seconds, then the final sim's SQNR and top-1 agreement (same data as above)."""
+    import refquant
+    from refquant.ptq.autoquant import autoquant
+
+    graph, calib, ev, output = model_and_data(name, args)
+    ref = batched(refquant.Session(graph).run, ev, output)
+    print(f"\n{name}: AutoQuant {args.aq_precision} config={args.aq_config}, target {args.aq_target} dB SQNR, "
+          f"AdaRound {args.aq_iterations} iterations, calibration {calib.shape}, evaluation {ev.shape}", flush=True)
+    start = time.perf_counter()
+    result = autoquant(graph, calib, "sqnr", target=args.aq_target, eval_data=ev, precision=args.aq_precision,
+                       config=args.aq_config, adaround_iterations=args.aq_iterations, batch_size=BATCH,
+                       progress=False)
+    seconds = time.perf_counter() - start
+    print(result.format())
+    sqnr, top1 = scores(ref, batched(result.sim.run, ev, output))
+    print(f"  final: SQNR {sqnr:.2f} dB, top-1 agreement {top1:.1f} %, AutoQuant total {seconds:.1f} s", flush=True)
+    if name == "mobilenet_v2" and args.aq_precision == "w8a8":
+        print("  AIMET (MobileNetV2, same data recipe): per-tensor W8A8 8.0 dB / 67 %, after its CLE 9.7 dB / 79 %, "
+              "per-channel W8A8 11.5 dB / 73 %")
+
+
+# -- W8A8: per-channel, per-tensor, CLE, bias correction ---------------------------------------------
+
+def w8a8_row(graph, calib, ev, output, ref, config, correct_bias=False):
+    """(SQNR, top-1 %, bias-correction seconds or None) of a fresh W8A8 sim of ``graph`` with ``config``."""
+    from refquant.ptq.bias_correction import bias_correction
+    from refquant.quant import QuantSim
+
+    sim = QuantSim(graph, config=config)
+    sim.compute_encodings(calib, batch_size=BATCH, progress=False)
+    seconds = None
+    if correct_bias:
+        start = time.perf_counter()
+        bias_correction(sim, calib, batch_size=BATCH, progress=False)
+        seconds = time.perf_counter() - start
+        sim.compute_encodings(calib, batch_size=BATCH, progress=False)
+    return (*scores(ref, batched(sim.run, ev, output)), seconds)
+
+
+def bench_w8a8(name: str, args) -> None:
+    import warnings
+
+    import refquant
+    from refquant.ptq import equalize
+
+    graph, calib, ev, output = model_and_data(name, args)
+    ref = batched(refquant.Session(graph).run, ev, output)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        equalized = equalize(graph)
+        cle_seconds = time.perf_counter() - start
+        relu_equalized = equalize(graph, replace_relu6=True)  # AIMET's equalize_model (changes the FP32 model)
+    fp32_sqnr, fp32_top1 = scores(ref, batched(refquant.Session(equalized).run, ev, output))
+    print(f"\n{name} W8A8: calibration {calib.shape}, evaluation {ev.shape}; CLE {cle_seconds:.1f} s, the "
+          f"equalized FP32 model against the original: {fp32_sqnr:.1f} dB, top-1 {fp32_top1:.1f} %")
+    print(f"  {'W8A8':<34} {'SQNR dB':>8} {'top-1 %':>8} {'seconds':>8}   | AIMET {'SQNR':>6} {'top-1':>6}")
+    rows = [("W8A8 per-channel", graph, "per_channel", False),
+            ("W8A8 per-channel + bias corr.", graph, "per_channel", True),
+            ("W8A8 per-tensor", graph, "per_tensor", False),
+            ("W8A8 per-tensor + CLE", equalized, "per_tensor", False),
+            ("W8A8 per-tensor + CLE, ReLU6->ReLU", relu_equalized, "per_tensor", False),
+            ("W8A8 per-tensor + CLE + bias corr.", equalized, "per_tensor", True)]
+    for label, g, config, correct in rows:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sqnr, top1, seconds = w8a8_row(g, calib, ev, output, ref, config, correct)
+        aimet = AIMET.get((name, label), (None, None, None))
+        print(f"  {label:<34} {sqnr:8.2f} {top1:8.1f} {fmt(seconds, '8.1f'):>8}   | "
+              f"{fmt(aimet[0], '6.2f'):>12} {fmt(aimet[1], '6.1f'):>6}", flush=True)
 
 
 # -- optimizer comparison ----------------------------------------------------------------------------
@@ -196,15 +284,31 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["convnet", "mlp", "mobilenet_v2"],
                         choices=["convnet", "mlp", "mobilenet_v2"])
-    parser.add_argument("--iterations", nargs="+", type=int, default=[200, 1000], help="AdaRound iterations")
+    parser.add_argument("--iterations", nargs="*", type=int, default=[200, 1000],
+                        help="AdaRound iterations (none: no AdaRound rows)")
     parser.add_argument("--greedy", nargs="*", type=int, default=[200],
                         help="AdaRound iterations with finish='greedy' (none: skip)")
     parser.add_argument("--mnv2-calib", type=int, default=64)
     parser.add_argument("--mnv2-eval", type=int, default=128)
     parser.add_argument("--optimizers", action="store_true", help="only the Adam vs L-BFGS-B layer comparison")
+    parser.add_argument("--w8a8", action="store_true",
+                        help="only W8A8 per-channel / per-tensor / CLE / CLE + bias correction rows")
+    parser.add_argument("--autoquant", action="store_true", help="only AutoQuant on --models")
+    parser.add_argument("--aq-precision", default="w8a8")
+    parser.add_argument("--aq-config", default="per_tensor")
+    parser.add_argument("--aq-target", type=float, default=30.0, help="AutoQuant goal: logits SQNR in dB")
+    parser.add_argument("--aq-iterations", type=int, default=1000, help="AutoQuant's AdaRound iterations")
     args = parser.parse_args(argv)
     if args.optimizers:
         bench_optimizers(args)
+        return 0
+    if args.autoquant:
+        for name in args.models:
+            bench_autoquant(name, args)
+        return 0
+    if args.w8a8:
+        for name in args.models:
+            bench_w8a8(name, args)
         return 0
     for name in args.models:
         bench_model(name, args)

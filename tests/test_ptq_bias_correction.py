@@ -305,7 +305,7 @@ def test_interrupt_midway_restores_every_bias():
     batches = [calib[i:i + 16] for i in range(0, len(calib), 16)]
     served = [0]
 
-    def data():  # a fresh pass per layer; Ctrl-C arrives during the third layer's pass
+    def data():  # carry=False: a fresh pass per layer; Ctrl-C arrives during the third layer's pass
         for batch in batches:
             served[0] += 1
             if served[0] == 2 * len(batches) + 2:
@@ -313,8 +313,71 @@ def test_interrupt_midway_restores_every_bias():
             yield batch
 
     with pytest.raises(KeyboardInterrupt):
-        bias_correction(sim, data, progress=False)
+        bias_correction(sim, data, progress=False, carry=False)
     for name, array in before.items():
         np.testing.assert_array_equal(sim.graph.initializers[name], array)
     np.testing.assert_array_equal(sim.run({"input": x})["logits"], out_before)
     np.testing.assert_array_equal(sim.run_float({"input": x})["logits"], float_before)
+
+
+@needs_samples
+def test_carried_activations_give_the_streamed_correction():
+    """carry=True (one forward pass, tensors advanced layer by layer) computes the same sequential
+    correction as carry=False (a fresh forward prefix per layer): every layer's input is the quantized
+    simulation's with the biases before it already corrected, either way. The two differ only in how
+    the float32 forward is split into sessions, so they agree to float32 rounding of the biases:
+    rtol 1e-5 of the largest bias change, nothing looser."""
+    results = {}
+    for carry in (False, True):
+        sim, _, calib = sample_sim("convnet", "w4a8", "default")
+        layers, _ = find_layers(sim)
+        before = {layer.bias: sim.graph.initializers[layer.bias].astype(np.float64) for layer in layers}
+        bias_correction(sim, calib, progress=False, carry=carry)
+        results[carry] = {name: sim.graph.initializers[name].astype(np.float64) - b for name, b in before.items()}
+    assert len(results[True]) >= 4
+    for name, change in results[False].items():
+        assert np.abs(change).max() > 0, name  # every layer was actually corrected
+        np.testing.assert_allclose(results[True][name], change, rtol=0, atol=1e-5 * np.abs(change).max())
+
+
+@needs_samples
+@pytest.mark.parametrize("entry", ["convnet", "mlp"])
+def test_fp32_model_reference_makes_every_layer_mean_the_fp32_models(entry):
+    """reference="fp32_model" (AIMET's empirical correction) with the activation quantizers off: layer k's
+    new bias moves its output mean by exactly -(E[y_sim] - E[y_fp32]), and later corrections do not reach
+    back, so afterwards every layer output of the simulation has the FP32 model's per-channel mean on
+    the calibration data, errors inherited from the layers before included. The weight-only reference
+    ("layer") leaves those inherited errors. Tolerance: float32 sums over the data, 1e-3 of the error
+    before correction (measured residuals are ~1e-6 of it)."""
+    results = {}
+    for reference in ("fp32_model", "layer"):
+        sim, fp32, calib = sample_sim(entry, "w4a8", "default")
+        layers, _ = find_layers(sim)
+        enabled = {n: q.enabled for n, q in sim.quantizers.items()}
+        for q in sim.quantizers.values():
+            if q.kind == "activation":
+                q.enabled = False
+        before = mean_errors(sim, fp32, layers, calib)
+        bias_correction(sim, calib, progress=False, reference=reference, quantized_activations=False)
+        results[reference] = mean_errors(sim, fp32, layers, calib)
+        assert {n: q.enabled for n, q in sim.quantizers.items()} == enabled | {
+            n: False for n, q in sim.quantizers.items() if q.kind == "activation"}
+    assert np.all(results["fp32_model"] <= 1e-3 * before), (before, results["fp32_model"])
+    assert np.all(results["layer"][1:] > 10 * results["fp32_model"][1:]), results
+
+
+def test_activation_quantizers_are_restored_after_the_correction():
+    """quantized_activations=False turns them off while correcting and back on afterwards."""
+    rng = np.random.default_rng(4)
+    node = helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1)
+    sim = QuantSim(refquant.load(make_model([node], [("x", FLOAT, ["N", 6])], [("y", FLOAT, None)],
+                                            {"W": rng.normal(size=(4, 6)).astype(np.float32),
+                                             "B": np.zeros(4, np.float32)})), precision="w4a8")
+    x = rng.normal(size=(64, 6)).astype(np.float32)
+    sim.compute_encodings(x, progress=False)
+    enabled = {n: q.enabled for n, q in sim.quantizers.items()}
+    assert any(q.kind == "activation" and q.enabled for q in sim.quantizers.values())
+    bias_correction(sim, x, progress=False, quantized_activations=False)
+    assert {n: q.enabled for n, q in sim.quantizers.items()} == enabled
+    with pytest.raises(RefquantError, match="reference"):
+        bias_correction(sim, x, progress=False, reference="weights")
