@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,7 +115,7 @@ def test_npz_by_input_names_and_by_its_only_key(tmp_path):
     assert count_samples(tmp_path / "one.npz", one_input(["batch", 3])) == 6  # from the zip member's header
 
 
-def test_npy_is_memory_mapped_and_read_one_batch_at_a_time(tmp_path):
+def test_npy_is_read_one_batch_at_a_time(tmp_path):
     path = tmp_path / "big.npy"
     rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(4000, 1000))  # 16 MB
     rows[:] = np.arange(4000, dtype=np.float32)[:, None]
@@ -134,6 +135,52 @@ def test_npy_is_memory_mapped_and_read_one_batch_at_a_time(tmp_path):
         tracemalloc.stop()
     assert seen == 4000
     assert peak < 4e6, f"peak {peak / 1e6:.1f} MB: the file was loaded whole"
+
+
+def _rss_file_kb() -> int:
+    """File-backed resident pages of this process (memory maps of files), from /proc/self/status."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    raise OSError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc/self/status")
+def test_npy_pages_do_not_stay_resident(tmp_path):
+    """Reading a 48 MB .npy batch by batch leaves the process's file-backed resident memory where it
+    was: batches are read into ordinary arrays, not through a memory map whose pages would stay mapped
+    (a memory-mapped read of the whole file adds its 48 MB, which the second half checks)."""
+    path = tmp_path / "big.npy"
+    np.save(path, np.ones((3000, 4000), dtype=np.float32))
+    graph = one_input(["batch", 4000])
+    before = _rss_file_kb()
+    total = 0.0
+    for batch in iter_feeds(path, graph, batch_size=100):
+        total += float(batch["x"][:, 0].sum())
+    grown_mb = (_rss_file_kb() - before) / 1024
+    assert total == 3000.0
+    assert grown_mb < 8, f"file-backed RSS grew {grown_mb:.0f} MB"
+    mapped = np.load(path, mmap_mode="r")
+    before = _rss_file_kb()
+    assert float(mapped[:, 0].sum()) == 3000.0 and float(np.asarray(mapped).sum()) == 12e6
+    assert (_rss_file_kb() - before) / 1024 > 40  # what a memory map would have kept
+
+
+def test_npy_rows_reads_slices_and_rejects_truncated_files(tmp_path):
+    from refquant.data import NpyRows
+
+    x = np.arange(60, dtype=np.float64).reshape(10, 3, 2)
+    np.save(tmp_path / "x.npy", x)
+    rows = NpyRows(tmp_path / "x.npy")
+    assert rows.shape == (10, 3, 2) and rows.dtype == np.float64 and len(rows) == 10 and rows.ndim == 3
+    for key in (slice(0, 4), slice(7, 10), slice(8, 20), slice(3, 3), slice(None, None, 3), slice(-2, None)):
+        got = rows[key]
+        assert type(got) is np.ndarray and np.array_equal(got, x[key])
+    raw = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(raw[:-8])
+    with pytest.raises(FeedError, match="cut.npy.*truncated"):
+        list(iter_feeds(tmp_path / "cut.npy", one_input(["batch", 3, 2]), batch_size=4))
 
 
 def test_folder_of_npy_samples_and_batches_in_name_order(tmp_path):

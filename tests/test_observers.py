@@ -514,3 +514,237 @@ def test_merge_into_empty_observer_copies():
         empty.merge(full)
         assert not empty.empty and empty.channels == 3
         assert np.array_equal(empty.range(8, False), full.range(8, False))
+
+
+# ---------------------------------------------------------------------------------------------- split calibration
+def _split_batches(channels):
+    """Seven batches of different sizes whose range grows twice after the first (so the histograms
+    re-lay / double while parts are calibrated), with values exactly on edges: the first batch's max|x|
+    (2.0, entropy's T0 and its closed last bin), 4.0 = 2*T0 (reached, then exceeded), lattice edges
+    (powers of two, 0), and values beyond tf_enhanced's first-batch buckets (dropped)."""
+    rng = np.random.default_rng(21)
+    sizes, spreads = (40, 25, 40, 33, 40, 17, 40), (0.5, 0.4, 1.0, 0.7, 0.3, 2.0, 0.5)
+    batches = []
+    for n, spread in zip(sizes, spreads):
+        b = (rng.standard_normal((n, channels, 6)) * spread).astype(np.float32)
+        batches.append(b)
+    for b in batches:
+        np.clip(b, -1.9, 1.9, out=b)
+    b0, b2, b5 = batches[0], batches[2], batches[5]
+    b0[0, :, 0], b0[0, :, 1], b0[1, :, :3] = 2.0, -1.5, [0.0, 0.5, -0.25]
+    b2[0, :, 0], b2[1, :, 0], b2[2, :, 0] = 4.0, 2.0, -4.0
+    b5[0, :, 0], b5[0, :, 1], b5[1, :, 0] = 7.5, -6.0, 4.0
+    batches[3][0, :, :2] = [-2.0, 1.0]
+    return batches
+
+
+ALL_SCHEMES = [("min_max", None), ("min_max", 1), ("tf_enhanced", None), ("tf_enhanced", 1),
+               ("percentile", None), ("percentile", 1), ("mse", None), ("mse", 1),
+               ("entropy", None), ("entropy", 1)]
+
+
+def _encodings(observer):
+    """(scale, offset) of every grid kind the quantizers ask for."""
+    from refquant.quant.encoding import from_min_max
+
+    out = []
+    for bw, sym, strict, unsigned in [(8, False, False, False), (8, True, False, False), (4, True, True, False),
+                                      (8, True, False, True), (16, False, False, False)]:
+        lo, hi = observer.range(bw, sym, strict, unsigned)
+        enc = from_min_max(lo, hi, bw, sym, strict, unsigned)
+        out.append((np.asarray(enc.scale), np.asarray(enc.offset), lo, hi))
+    return out
+
+
+@pytest.mark.parametrize("scheme,axis", ALL_SCHEMES)
+def test_split_calibration_merges_to_one_observer_exactly(scheme, axis):
+    """Calibrating three parts of the data separately and merging them (in a tree: the last two first)
+    gives the encodings of one observer over all the batches in order: np.array_equal on scale, offset
+    and the range itself, for every grid kind. The parts are made with ``spawn()`` from the observer
+    that saw the first batch (tf_enhanced's buckets and entropy's T0 come from it); the others need no
+    anchor (spawn gives a fresh observer). The data grows past the first batch's range inside parts."""
+    batches = _split_batches(channels=3 if axis is None else 4)
+    whole = make_observer(scheme, axis=axis)
+    for b in batches:
+        whole.update(b)
+    first = make_observer(scheme, axis=axis)
+    first.update(batches[0])
+    second, third = first.spawn(), first.spawn()
+    assert second.empty and third.empty
+    first.update(batches[1])
+    for b in batches[2:5]:
+        second.update(b)
+    for b in batches[5:]:
+        third.update(b)
+    second.merge(third)
+    first.merge(second)
+    assert first.batches == whole.batches == 7
+    for got, want in zip(_encodings(first), _encodings(whole)):
+        for g, w in zip(got, want):
+            assert np.array_equal(g, w)
+    if scheme in ("percentile", "mse", "entropy"):
+        assert np.array_equal(first.hist.counts, whole.hist.counts)  # the same histogram, count for count
+    if scheme == "tf_enhanced":
+        assert first.counts.keys() == whole.counts.keys()
+        for n in whole.counts:
+            assert np.array_equal(first.counts[n], whole.counts[n])
+
+
+@pytest.mark.parametrize("scheme", ["min_max", "percentile", "mse"])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_order_free_schemes_merge_exactly_without_anchors(scheme, axis):
+    """min_max and the lattice histograms of percentile/mse depend on the data only: fresh observers
+    over any parts, merged in any order, and one observer over the batches in any order, all agree."""
+    batches = _split_batches(channels=1 if axis is None else 3)
+    whole = make_observer(scheme, axis=axis)
+    for b in batches:
+        whole.update(b)
+    shuffled = make_observer(scheme, axis=axis)
+    for i in (5, 3, 0, 6, 1, 4, 2):
+        shuffled.update(batches[i])
+    parts = [make_observer(scheme, axis=axis) for _ in range(3)]
+    for i, b in enumerate(batches):
+        parts[(i * 5) % 3].update(b)  # interleaved, not contiguous
+    parts[2].merge(parts[0])
+    parts[1].merge(parts[2])
+    for other in (shuffled, parts[1]):
+        for got, want in zip(_encodings(other), _encodings(whole)):
+            for g, w in zip(got, want):
+                assert np.array_equal(g, w)
+
+
+def test_lattice_histogram_is_the_histogram_of_all_data_on_its_edges():
+    """After growth in both directions the counts equal numpy.histogram of all the data on the final
+    edges (integers times a power of two, so float64 edges are exact), values on edges included; the
+    window starts at floor(min / width) and the data span more than half of the bins."""
+    rng = np.random.default_rng(22)
+    batches = [rng.uniform(0, 1, 999), rng.uniform(-3, 0.5, 1000), np.array([0.0, 1.0, -3.0, 0.25, 6.0])]
+    o = make_observer("percentile")
+    for b in batches:
+        o.update(b.astype(np.float32))
+    h = o.hist
+    allx = np.concatenate(batches).astype(np.float32).astype(np.float64)
+    edges = h.edges(0)
+    width = edges[1] - edges[0]
+    assert width == 2.0 ** np.floor(np.log2(width))  # a power of two
+    assert edges[0] == np.floor(allx.min() / width) * width
+    assert (allx.max() - allx.min()) / width > h.bins / 2
+    direct, _ = np.histogram(allx, bins=edges)
+    assert allx.max() < edges[-1]  # so numpy's closed last bin changes nothing
+    assert np.array_equal(direct, h.counts[0])
+
+
+def test_entropy_growth_moves_values_equal_to_the_old_threshold_up():
+    """T0 = 2 from the first batch; a value of exactly 2.0 sits in the closed last bin. When a later batch
+    doubles T to 4, numpy's rule on the new edges puts 2.0 in the bin that starts at 2.0: the counts after
+    the doubling equal numpy.histogram of all the data on the new edges, not just the old pairs summed."""
+    o = make_observer("entropy", bins=16, quantized_bins=4)
+    o.update(np.array([2.0, 2.0, -2.0, 0.0, 1.0, 1.9], dtype=np.float32))
+    assert o.hist.top[0] == 2 and o.hist.counts[0, 15] == 3  # the two 2.0s and 1.9
+    o.update(np.array([3.0, -0.1], dtype=np.float32))
+    edges = o.hist.edges(0)
+    assert edges[0] == -4.0 and edges[-1] == 4.0 and edges[12] == 2.0
+    allx = np.array([2.0, 2.0, -2.0, 0.0, 1.0, 1.9, 3.0, -0.1], dtype=np.float32)
+    assert np.array_equal(o.hist.counts[0], np.histogram(allx, bins=edges)[0])
+
+
+def test_spawned_parts_of_tf_enhanced_use_the_first_batchs_buckets():
+    """A part made by spawn() bins a batch on the first batch's buckets (and drops what is outside them),
+    where a fresh observer would take that batch's own range."""
+    a = make_observer("tf_enhanced")
+    a.update(np.array([-1.0, 1.0], dtype=np.float32))
+    part = a.spawn()
+    part.update(np.array([0.5, 10.0], dtype=np.float32))  # 10 is outside [-3, 3]: dropped, as by AIMET
+    assert np.array_equal(part.xleft, a.xleft)
+    assert part.counts[2][0].sum() == 1
+    a.merge(part)
+    one = make_observer("tf_enhanced")
+    for b in ([-1.0, 1.0], [0.5, 10.0]):
+        one.update(np.array(b, dtype=np.float32))
+    assert np.array_equal(a.pdf, one.pdf)
+    assert np.array_equal(a.range(8, False), one.range(8, False))
+
+
+def test_tf_enhanced_pdf_is_the_mean_of_batch_pdfs():
+    """pdf = mean over batches of counts / batch size, formed from integer counts kept per batch size:
+    batches of 2, 4 and 2 values give (c2/2 + c4/4) / 3 bucket by bucket."""
+    o = make_observer("tf_enhanced")
+    o.update(np.array([-1.0, 1.0], dtype=np.float32))
+    o.update(np.array([1.0, 1.0, 1.0, -1.0], dtype=np.float32))
+    o.update(np.array([1.0, 1.0], dtype=np.float32))
+    assert o.pdf[0][1024] == (0.5 + 0.75 + 1.0) / 3 and o.pdf[0][512] == (0.5 + 0.25) / 3
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+def test_edge_histogram_is_numpys_rule_on_edge_values():
+    """Every edge value, its float32 neighbours on both sides, both ends and random data: counts equal
+    numpy.histogram's on the same float32 edges (onnxruntime's entropy histogram), per tensor (the data
+    cut into chunks) and per channel."""
+    from refquant.kernels.histogram import edge_histogram
+
+    rng = np.random.default_rng(23)
+    t = np.float32(2.7182817)
+    edges = np.linspace(-t, t, 2049, dtype=np.float32)
+    inside = edges.copy()
+    x = np.concatenate([inside, np.nextafter(inside[1:], np.float32(-np.inf)),
+                        np.nextafter(inside[:-1], np.float32(np.inf)),
+                        rng.uniform(-t, t, 200_000).astype(np.float32), np.zeros(5, np.float32)])
+    x = np.clip(x, -t, t).astype(np.float32)
+    counts = np.zeros((1, 2048), dtype=np.int64)
+    top = edge_histogram(x.reshape(1, 1, -1), edges[None], counts)
+    assert np.array_equal(counts[0], np.histogram(x, bins=edges)[0])
+    assert top[0] == np.sum(x == t)
+    per_channel = x[: 3 * (x.size // 3)].reshape(1, 3, -1)
+    edges3 = np.stack([edges, edges, edges])
+    counts3 = np.zeros((3, 2048), dtype=np.int64)
+    edge_histogram(per_channel, edges3, counts3)
+    for c in range(3):
+        assert np.array_equal(counts3[c], np.histogram(per_channel[0, c], bins=edges)[0])
+
+
+def test_lattice_histogram_bins_by_floor_of_the_scaled_value():
+    """Lattice bin = floor(x * 2^-L) - start, checked against exact rational arithmetic on values that sit
+    exactly on bin edges, next to them, and tiny (subnormal) values."""
+    from fractions import Fraction
+
+    from refquant.kernels.histogram import lattice_histogram
+
+    level, start = -3, -40
+    x = np.array([0.0, -0.0, 0.125, -0.125, 1.0, -5.0, 4.875, np.nextafter(np.float32(0.125), np.float32(0)),
+                  np.nextafter(np.float32(-0.125), np.float32(-1)), 1e-45, -1e-45, 3.1, -4.99],
+                 dtype=np.float32)
+    counts = np.zeros((1, 128), dtype=np.int64)
+    lattice_histogram(x.reshape(1, 1, -1), np.array([2.0 ** -level]), np.array([start]), counts)
+    want = np.zeros(128, dtype=np.int64)
+    for v in x:
+        k = int((Fraction(float(v)) / Fraction(2) ** level).__floor__()) - start
+        want[k] += 1
+    assert np.array_equal(counts[0], want)
+
+
+def test_pairwise_sum_is_numpys_float32_sum():
+    from refquant.kernels.histogram import pairwise_sum_f32
+
+    rng = np.random.default_rng(24)
+    for n in list(range(1, 140)) + [255, 256, 257, 1000, 2049, 4097]:
+        a = (rng.standard_normal(n) * 1000).astype(np.float32)
+        assert np.float32(pairwise_sum_f32(a, 0, n)) == np.sum(a)
+
+
+def test_entropy_kernels_equal_the_reference_search():
+    """The Numba threshold search returns the same window as ``entropy_threshold`` (numpy, onnxruntime's
+    arithmetic) on histograms of different shapes: Gaussian, one-sided, heavy-tailed, with an outlier, with
+    empty bins, and of 512 and 2048 bins."""
+    from refquant.kernels.histogram import entropy_window
+    from refquant.quant.observers import entropy_threshold
+
+    rng = np.random.default_rng(25)
+    for trial in range(8):
+        bins = (2048, 512)[trial % 2]
+        x = [rng.standard_normal(50_000), np.maximum(rng.standard_normal(50_000), 0),
+             rng.laplace(size=50_000) * 3, np.append(rng.standard_normal(50_000), 30.0)][trial % 4]
+        t = np.float32(np.abs(x).max())
+        hist, edges = np.histogram(x.astype(np.float32), bins, range=(-t, t))
+        if trial >= 4:
+            hist[::3] = 0
+        assert entropy_window(hist, 128) == entropy_threshold(hist, edges, 128)

@@ -27,11 +27,14 @@ Callers check batches with :func:`check_finite` first; ``update`` assumes finite
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 from numba import njit
 
 from ..errors import RefquantError
+from ..kernels.histogram import (channel_min_max, edge_histogram, entropy_window, lattice_histogram,
+                                 tfe_histogram)
 from .encoding import from_min_max
 
 SCHEMES = ("min_max", "tf", "tf_enhanced", "percentile", "mse", "entropy")
@@ -116,9 +119,22 @@ class Observer:
             return lo.reshape(()), hi.reshape(())
         return lo, hi
 
+    def spawn(self) -> "Observer":
+        """An empty observer of the same scheme, axis and options that bins data as this one does: the
+        part of a split calibration. Schemes whose binning is fixed by the first batch (tf_enhanced's
+        buckets, entropy's T0) copy this observer's anchors, so every part bins on the same edges and
+        ``merge`` of the parts is exact; min_max, percentile and mse need no anchor (a fresh observer)."""
+        twin = type(self)(axis=self.axis, **self._options())
+        twin.channels = self.channels
+        twin._adopt_anchor(self)
+        return twin
+
     # ---- helpers for subclasses ----
     def _options(self) -> dict:
         return {}
+
+    def _adopt_anchor(self, other) -> None:
+        pass
 
     def _channel_view(self, x: np.ndarray) -> np.ndarray:
         """``x`` as a C-contiguous float32 array of shape (outer, C, inner): channel c is ``[:, c, :]``."""
@@ -147,25 +163,7 @@ class Observer:
         raise NotImplementedError
 
 
-@njit(cache=True)
-def _channel_min_max(x3):
-    """Per-channel min and max of a (outer, C, inner) array in one pass."""
-    n_out, n_ch, n_in = x3.shape
-    lo = np.full(n_ch, np.inf, dtype=np.float32)
-    hi = np.full(n_ch, -np.inf, dtype=np.float32)
-    for o in range(n_out):
-        for c in range(n_ch):
-            a = lo[c]
-            b = hi[c]
-            for i in range(n_in):
-                v = x3[o, c, i]
-                if v < a:
-                    a = v
-                if v > b:
-                    b = v
-            lo[c] = a
-            hi[c] = b
-    return lo, hi
+_channel_min_max = channel_min_max  # per-channel float32 (min, max) of an (outer, C, inner) array
 
 
 # ============================================================================ min_max
@@ -267,29 +265,26 @@ def _tfe_bucket_edges(lo: np.float32, hi: np.float32) -> np.ndarray:
         return np.floor(np.arange(_TFE_BINS, dtype=np.float64) + np.float64(lo3) / step) * step
 
 
-@njit(cache=True, error_model="numpy")
 def _tfe_counts(x3, first_edge, step, ready):
     """Bucket counts per channel: bucket = floorf(x * (1/step)) - round(first_edge/step), in float32;
-    values outside the 1536 buckets are dropped (AIMET never grows this histogram)."""
-    n_out, n_ch, n_in = x3.shape
-    counts = np.zeros((n_ch, 1536), dtype=np.int64)
-    for c in range(n_ch):
-        if not ready[c]:
-            continue
-        inv = np.float32(1.0 / step[c])
-        shift = np.float32(_c_int(_round(first_edge[c] / step[c])))
-        for o in range(n_out):
-            for i in range(n_in):
-                b = np.floor(x3[o, c, i] * inv) - shift
-                if 0.0 <= b <= 1535.0:
-                    counts[c, int(b)] += 1
-    return counts
+    values outside the 1536 buckets are dropped (AIMET never grows this histogram). The loop is
+    ``refquant.kernels.histogram.tfe_histogram``."""
+    n_ch = len(ready)
+    inv = np.zeros(n_ch, dtype=np.float32)
+    shift = np.zeros(n_ch, dtype=np.float32)
+    with np.errstate(all="ignore"):  # step 0 (see _range): inf/NaN bucket positions, counted nowhere
+        for c in np.flatnonzero(ready):
+            inv[c] = np.float32(1.0 / step[c])
+            shift[c] = np.float32(_c_int(_round(first_edge[c] / step[c])))
+    return tfe_histogram(x3, inv, shift, ready, _TFE_BINS)
 
 
 @njit(cache=True, error_model="numpy")
-def _tfe_cost(pdf, mids, first_edge, step, bw, delta, offset):
+def _tfe_cost(pdf, mids, used, first_edge, step, bw, delta, offset):
     """AIMET's _quantAndSatCost: 3 * (clipping MSE below + above the grid) + rounding MSE inside,
-    each bucket represented by its midpoint and weighted by its probability."""
+    each bucket represented by its midpoint and weighted by its probability. ``used``: the ascending
+    indices of the buckets with pdf > 0; the others add d*d*0 = +0 to a sum, which leaves it unchanged,
+    so skipping them gives AIMET's sums bit for bit (d is finite: mids and the grid are)."""
     n = 1536
     off = np.float32(offset)
     full_steps = np.float32(2.0 ** bw - 1.0)  # the full 2^bw - 1, also for strict symmetric grids
@@ -300,18 +295,23 @@ def _tfe_cost(pdf, mids, first_edge, step, bw, delta, offset):
     min_raw = _c_int(np.floor(np.float64(vmin - x0) / step))
     lo = min(min_raw, n - 1) if min_raw > 0 else 0
     hi = min(max_raw, n - 1) if max_raw > 0 else 0
+    a = np.searchsorted(used, lo)  # used[:a] < lo <= used[a:]
+    b = np.searchsorted(used, hi)
     below = 0.0
-    for i in range(lo):
+    for j in range(a):
+        i = used[j]
         d = np.float64(mids[i]) - np.float64(mids[lo])
         below = d * d * pdf[i] + below
     above = 0.0
-    for i in range(hi, n):
+    for j in range(b, used.size):
+        i = used[j]
         d = np.float64(mids[i]) - np.float64(mids[hi])
         above = d * d * pdf[i] + above
     inside = 0.0
     if lo < hi:  # rounded on the grid through 0: the integer offset does not move the grid points
         inv = np.float32(1.0) / delta
-        for i in range(lo, hi):
+        for j in range(a, b):
+            i = used[j]
             x = mids[i]
             e = np.float64(x - np.floor(x * inv + np.float32(0.5)) * delta)
             inside = e * e * pdf[i] + inside
@@ -397,11 +397,12 @@ def _tfe_search(xleft, pdf, bw, symmetric, strict, unsigned):
     mids = np.empty(n, dtype=np.float32)
     for i in range(n):
         mids[i] = np.float32(np.float64(np.float32(xleft[i])) + step * 0.5)
+    used = np.flatnonzero(pdf > 0)
     best_cost = 1.7976931348623157e308
     best_delta = np.float32(-1.0)
     best_offset = -1
     for k in range(len(deltas)):
-        cost = _tfe_cost(pdf, mids, xleft[0], step, bw, deltas[k], offsets[k])
+        cost = _tfe_cost(pdf, mids, used, xleft[0], step, bw, deltas[k], offsets[k])
         if best_cost > cost:  # strictly lower: the first of equal costs wins
             best_cost = cost
             best_delta = deltas[k]
@@ -415,8 +416,8 @@ class TfEnhancedObserver(Observer):
 
     Histogram: 1536 buckets, fixed by the first non-zero batch: its [min, max] widened 3x around the
     centre, bucket edges at whole multiples of the bucket size. Later values outside are dropped, all-zero
-    batches before the first non-zero one are ignored. The PDF is the running mean of per-batch PDFs
-    (counts / batch size). Search: asymmetric = 17 deltas x 21 offsets clamped to the observed range plus
+    batches before the first non-zero one are ignored. The PDF is the mean of per-batch PDFs
+    (counts / batch size; see PDF below). Search: asymmetric = 17 deltas x 21 offsets clamped to the observed range plus
     the observed range; symmetric = 101 deltas ``k/100 * max|x| / (steps/2)`` with ``offset = floor(-steps/2)``
     (0 for unsigned symmetric on data >= 0). Cost per candidate on bucket midpoints (see ``_tfe_cost``).
 
@@ -426,11 +427,20 @@ class TfEnhancedObserver(Observer):
     ``delta = 2/(2^bw-1)``, ``offset = floor(-1/delta)`` (about [-1, 1]). One deliberate difference: where
     AIMET's search finds no grid (bucket size 0, see ``_range``) this returns the observed [min, max].
 
-    Merge: averages the two PDFs weighted by their batch counts, which is what one observer would hold
-    after all batches when both histograms have the same buckets (i.e. both first batches had the same
-    min and max), up to float64 rounding of the average. With different buckets, the other PDF is moved
-    bucket by bucket (by midpoint) into this one's buckets, and mass outside them is dropped, as AIMET
-    drops out-of-range values.
+    PDF: AIMET keeps the running mean of the per-batch PDFs (counts / batch size). This observer keeps
+    the integer bucket counts summed per batch size instead, and forms the same mean when asked:
+    ``pdf = (sum over batch sizes n, ascending, of counts_n / n) / batches``. Mathematically AIMET's
+    mean; in float64 the two differ by rounding only (a few ulps of each bucket), which changes a
+    chosen grid only if two candidate costs tie to within that rounding (the AIMET goldens below are
+    reproduced exactly). What it buys: the counts do not depend on the order of the batches.
+
+    Merge: exact for channels whose buckets are the same in both parts (integer counts and batch counts
+    add): parts made by ``spawn()`` from an observer that has seen the stream's first batch bin on its
+    buckets, so calibrating parts of the data separately and merging them gives exactly what one
+    observer of all the data in stream order gives (count the first batch in one part only). A channel
+    that was all zeros in that first batch has no buckets yet, and takes them from the first nonzero batch
+    of whichever part sees one; parts whose buckets differ merge by moving each of the other's buckets
+    (by its midpoint) into this one's, dropping mass outside them as AIMET drops out-of-range values.
     """
 
     scheme = "tf_enhanced"
@@ -438,7 +448,7 @@ class TfEnhancedObserver(Observer):
     def __init__(self, axis: int | None = None):
         super().__init__(axis)
         self.xleft = None    # (C, 1536) float64 bucket left edges, valid where ready
-        self.pdf = None      # (C, 1536) float64 running mean of per-batch PDFs
+        self.counts = {}     # batch size (elements per channel) -> (C, 1536) int64 summed bucket counts
         self.iterations = None
         self.ready = None    # (C,) bool: histogram initialised
         self.min = None      # (C,) exact extremes, for the fallback below
@@ -446,11 +456,28 @@ class TfEnhancedObserver(Observer):
 
     def _allocate(self, n_ch):
         self.xleft = np.zeros((n_ch, _TFE_BINS))
-        self.pdf = np.zeros((n_ch, _TFE_BINS))
+        self.counts = {}
         self.iterations = np.zeros(n_ch, dtype=np.int64)
         self.ready = np.zeros(n_ch, dtype=bool)
         self.min = np.full(n_ch, np.inf, dtype=np.float32)
         self.max = np.full(n_ch, -np.inf, dtype=np.float32)
+
+    @property
+    def pdf(self) -> np.ndarray:
+        """(C, 1536) float64: the mean over batches of the per-batch PDFs (0 where not ready)."""
+        pdf = np.zeros((len(self.ready), _TFE_BINS))
+        for n in sorted(self.counts):
+            pdf += self.counts[n] / float(n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            pdf = pdf / self.iterations[:, None].astype(np.float64)
+        pdf[self.iterations == 0] = 0
+        return pdf
+
+    def _adopt_anchor(self, other):
+        if other.xleft is not None:
+            self._allocate(len(other.ready))
+            self.xleft[:] = other.xleft
+            self.ready[:] = other.ready
 
     def _update(self, x3):
         if self.xleft is None:
@@ -466,40 +493,43 @@ class TfEnhancedObserver(Observer):
                 self.ready[c] = True
         step = self.xleft[:, 1] - self.xleft[:, 0]
         counts = _tfe_counts(x3, self.xleft[:, 0], step, self.ready)
-        r = self.ready
-        it = self.iterations[r].astype(np.float64)[:, None]
-        prob = counts[r] / float(x3.shape[0] * x3.shape[2])
-        self.pdf[r] = (self.pdf[r] * it + prob) / (it + 1.0)
-        self.iterations[r] += 1
+        n = x3.shape[0] * x3.shape[2]
+        if n not in self.counts:
+            self.counts[n] = np.zeros((len(self.ready), _TFE_BINS), dtype=np.int64)
+        self.counts[n] += counts  # zero rows where not ready
+        self.iterations[self.ready] += 1
 
     def _merge(self, other):
         if self.xleft is None:
             self._allocate(other.channels)
         self.min = np.minimum(self.min, other.min)
         self.max = np.maximum(self.max, other.max)
+        for n in other.counts:
+            if n not in self.counts:
+                self.counts[n] = np.zeros((len(self.ready), _TFE_BINS), dtype=np.int64)
         for c in np.flatnonzero(other.ready):
             if not self.ready[c]:
-                self.xleft[c], self.pdf[c] = other.xleft[c], other.pdf[c]
-                self.iterations[c], self.ready[c] = other.iterations[c], True
-                continue
-            theirs = other.pdf[c]
-            if not np.array_equal(other.xleft[c], self.xleft[c]):
-                theirs = self._rebin(other.xleft[c], theirs, self.xleft[c])
-            a, b = float(self.iterations[c]), float(other.iterations[c])
-            self.pdf[c] = (self.pdf[c] * a + theirs * b) / (a + b)
+                self.xleft[c] = other.xleft[c]
+                self.ready[c] = True
+            same = np.array_equal(other.xleft[c], self.xleft[c])
+            for n, theirs in other.counts.items():
+                self.counts[n][c] += theirs[c] if same else self._rebin(other.xleft[c], theirs[c], self.xleft[c])
             self.iterations[c] += other.iterations[c]
 
     @staticmethod
-    def _rebin(src_left, src_pdf, dst_left):
-        """Move each source bucket's probability to the destination bucket holding its midpoint."""
+    def _rebin(src_left, src_counts, dst_left):
+        """Move each source bucket's count to the destination bucket holding its midpoint."""
         src_step, dst_step = src_left[1] - src_left[0], dst_left[1] - dst_left[0]
         k = np.floor((src_left + src_step / 2 - dst_left[0]) / dst_step).astype(np.int64)
         inside = (k >= 0) & (k < _TFE_BINS)
-        return np.bincount(k[inside], weights=src_pdf[inside], minlength=_TFE_BINS)
+        moved = np.zeros(_TFE_BINS, dtype=np.int64)
+        np.add.at(moved, k[inside], src_counts[inside])
+        return moved
 
     def _range(self, bitwidth, symmetric, strict_symmetric, unsigned_symmetric):
         n_ch = self.channels
         lo, hi = np.empty(n_ch), np.empty(n_ch)
+        pdf = self.pdf if self.xleft is not None else None
         for c in range(n_ch):
             if self.xleft is None or not self.ready[c]:
                 # only zeros seen: AIMET's fallback grid, computed in double
@@ -508,7 +538,7 @@ class TfEnhancedObserver(Observer):
                 offset = math.floor(-1.0 / delta)
                 lo[c], hi[c] = offset * delta, delta * steps + offset * delta
                 continue
-            delta, offset, steps = _tfe_search(self.xleft[c], self.pdf[c], bitwidth, symmetric,
+            delta, offset, steps = _tfe_search(self.xleft[c], pdf[c], bitwidth, symmetric,
                                                strict_symmetric, unsigned_symmetric)
             if not delta > 0:
                 # no candidate had a finite cost: the bucket size underflowed (a constant first batch
@@ -523,152 +553,252 @@ class TfEnhancedObserver(Observer):
 
 
 # ============================================================================ histograms
-@njit(cache=True)
-def _histogram_add(x3, edges, counts):
-    """counts[c, k] += number of x in channel c with edges[c, k] <= x < edges[c, k+1] (last bin closed),
-    the rule of numpy.histogram. Every x must lie in [edges[c, 0], edges[c, -1]]."""
-    n_out, n_ch, n_in = x3.shape
-    nb = counts.shape[1]
-    for c in range(n_ch):
-        e0 = edges[c, 0]
-        scale = nb / (edges[c, nb] - e0)
-        for o in range(n_out):
-            for i in range(n_in):
-                v = np.float64(x3[o, c, i])
-                k = int((v - e0) * scale)  # a guess within one bin of the answer...
-                k = min(max(k, 0), nb - 1)
-                while k > 0 and v < edges[c, k]:  # ...made exact against the edges
-                    k -= 1
-                while k < nb - 1 and v >= edges[c, k + 1]:
-                    k += 1
-                counts[c, k] += 1
-
-
 def _pairs_merged(counts: np.ndarray) -> np.ndarray:
     """Adjacent bins summed: (B,) -> (B/2,). The move that doubles a histogram's range exactly."""
     return counts.reshape(-1, 2).sum(axis=1)
 
 
-class _Histogram:
-    """Fixed-size histograms (one per channel) whose range grows without losing a value.
+def _lattice_layout(lo: float, hi: float, bins: int) -> tuple[int, int]:
+    """The (level, start) of the lattice window for data in [lo, hi] (float32 values, lo <= hi):
+    the finest level L (bin width 2^L) at which floor(lo/2^L) .. floor(hi/2^L) spans at most ``bins``
+    bins, but no finer than float32's spacing at max(|lo|, |hi|) (2^(e-23), e = floor(log2 max|x|), and
+    2^-149 for zeros); start = floor(lo/2^L). A function of (lo, hi) alone, non-decreasing in L as the
+    range widens: the property that makes the histogram independent of the order of the data."""
+    amax = max(abs(lo), abs(hi))
+    floor_level = -149 if amax == 0 else max(-149, math.frexp(amax)[1] - 1 - 23)
+    level = floor_level
+    if hi > lo:
+        level = max(level, math.ceil(math.log2((hi - lo) / bins)) - 1)
+    while math.floor(hi * 2.0 ** -level) - math.floor(lo * 2.0 ** -level) > bins - 1:
+        level += 1
+    return level, math.floor(lo * 2.0 ** -level)
 
-    ``symmetric=False``: range [lo, hi] from the first batch; when a value falls outside, the range is
-    doubled away from the side it must grow on (new [lo, lo + 2w] or [hi - 2w, hi], w = hi - lo), and
-    pairs of adjacent bins are summed into one, repeatedly until the batch fits. Counts are preserved
-    exactly; a value moves at most one (new) bin.
-    ``symmetric=True`` (onnxruntime's entropy histogram): range [-T, T] with T = max|x| of the first
-    batch and float32 edges ``numpy.linspace(-T, T, B+1, dtype=float32)`` (so binning equals
-    numpy.histogram's); growth doubles T (the middle half of the new bins receives the old pairs).
-    onnxruntime instead appends bins of the old width, so its histogram grows with the range.
-    Also keeps the exact running min and max per channel.
+
+class _LatticeHistogram:
+    """Histograms (one per channel) on a fixed lattice of power-of-two bins: bin widths 2^L, bin j of
+    the lattice = [j*2^L, (j+1)*2^L), and a window of B bins from ``start``. (L, start) is a function
+    of the channel's running [min, max] alone (``_lattice_layout``), so after any sequence of batches,
+    and after any merge of observers of parts of the data, a channel holds the same counts: the number
+    of its values in each window bin. No value is ever dropped or moved by rounding.
+
+    Widening the range re-lays the counts exactly: at level L+d, lattice bin j becomes j >> d (floor
+    division: the coarse bin is the union of 2^d fine ones, since x * 2^-L is exact in floating point),
+    and the window moves by whole bins. Cost: the data spans between B/2 and B bins (a resolution of at
+    least half of a histogram fitted to [min, max]); 2048 bins give at least 1024 across the data.
+    Also keeps the exact running min and max. Attributes per channel: ``lo``, ``hi`` (window ends,
+    float64), ``counts`` (C, B) int64, ``level``, ``start``, ``min``, ``max``, ``ready``.
     """
 
-    def __init__(self, bins: int, symmetric: bool):
+    def __init__(self, bins: int):
         if bins < 4 or bins % 4:
             raise ObserverError(f"histogram bins must be a positive multiple of 4, got {bins}")
         self.bins = bins
-        self.symmetric = symmetric
-        self.counts = None  # (C, B) int64
-        self.lo = None      # (C,) float64 range (symmetric: -T)
-        self.hi = None      # (C,) float64 (symmetric: T)
-        self.ready = None
-        self.min = None     # (C,) float32 exact extremes
-        self.max = None
+        self.counts = None
 
     def _allocate(self, n_ch):
         self.counts = np.zeros((n_ch, self.bins), dtype=np.int64)
-        self.lo = np.zeros(n_ch)
-        self.hi = np.zeros(n_ch)
+        self.level = np.zeros(n_ch, dtype=np.int64)
+        self.start = np.zeros(n_ch, dtype=np.int64)
         self.ready = np.zeros(n_ch, dtype=bool)
         self.min = np.full(n_ch, np.inf, dtype=np.float32)
         self.max = np.full(n_ch, -np.inf, dtype=np.float32)
 
+    @property
+    def lo(self) -> np.ndarray:
+        return self.start * np.exp2(self.level.astype(np.float64))
+
+    @property
+    def hi(self) -> np.ndarray:
+        return (self.start + self.bins) * np.exp2(self.level.astype(np.float64))
+
     def edges(self, c: int) -> np.ndarray:
-        if self.symmetric:
-            t = np.float32(self.hi[c])
-            if t == 0:  # numpy.histogram's range for an all-zero batch (as onnxruntime gets it)
-                return np.linspace(np.float32(-0.5), np.float32(0.5), self.bins + 1, dtype=np.float32)
-            return np.linspace(-t, t, self.bins + 1, dtype=np.float32)
-        return np.linspace(self.lo[c], self.hi[c], self.bins + 1)
+        """float64 bin edges of channel c (exact: integers times a power of two)."""
+        return (self.start[c] + np.arange(self.bins + 1)) * 2.0 ** int(self.level[c])
+
+    def _relayout(self, c: int, lo: float, hi: float) -> None:
+        """Move channel c's counts to the layout of the range [lo, hi] (which contains the old one)."""
+        level, start = _lattice_layout(lo, hi, self.bins)
+        if not self.ready[c]:
+            self.level[c], self.start[c], self.ready[c] = level, start, True
+            return
+        if level == self.level[c] and start == self.start[c]:
+            return
+        shift = level - int(self.level[c])  # >= 0: the layout only coarsens as the range widens
+        used = np.flatnonzero(self.counts[c])
+        j = (int(self.start[c]) + used) >> shift  # floor division of lattice indices by 2^shift
+        moved = np.zeros(self.bins, dtype=np.int64)
+        np.add.at(moved, j - start, self.counts[c, used])
+        self.counts[c] = moved
+        self.level[c], self.start[c] = level, start
 
     def add(self, x3):
         if self.counts is None:
             self._allocate(x3.shape[1])
-        lo, hi = _channel_min_max(x3)
-        self.include(lo, hi)
+        lo, hi = channel_min_max(x3)
         self.min = np.minimum(self.min, lo)
         self.max = np.maximum(self.max, hi)
-        edges = np.stack([self.edges(c).astype(np.float64) for c in range(x3.shape[1])])
-        _histogram_add(x3, edges, self.counts)
+        for c in range(x3.shape[1]):
+            self._relayout(c, float(self.min[c]), float(self.max[c]))
+        inv = np.exp2(-self.level.astype(np.float64))
+        lattice_histogram(x3, inv, self.start, self.counts)
 
-    def include(self, lo, hi):
-        """Start or grow each channel's range so that [lo[c], hi[c]] fits."""
-        for c in range(len(lo)):
-            self._include_one(c, float(lo[c]), float(hi[c]))
-
-    def _include_one(self, c, lo, hi):
-        if not self.ready[c]:
-            self._start(c, lo, hi)
-        elif self.symmetric:
-            self._grow_symmetric(c, max(abs(lo), abs(hi)))
-        else:
-            self._grow(c, lo, hi)
-
-    def _start(self, c, lo, hi):
-        self.ready[c] = True
-        if self.symmetric:
-            t = float(np.float32(max(abs(lo), abs(hi))))  # onnxruntime's threshold, in float32
-            self.lo[c], self.hi[c] = -t, t
-            return
-        if lo == hi:  # a constant: give the histogram a small width to grow from
-            pad = max(abs(lo), 1.0) * 2.0 ** -10
-            lo, hi = lo - pad, hi + pad
-        self.lo[c], self.hi[c] = lo, hi
-
-    def _grow(self, c, lo, hi):
-        while lo < self.lo[c] or hi > self.hi[c]:
-            width = self.hi[c] - self.lo[c]
-            merged = _pairs_merged(self.counts[c])
-            self.counts[c] = 0
-            if hi > self.hi[c]:  # grow upwards: the old range becomes the lower half
-                self.hi[c] = self.lo[c] + 2 * width
-                self.counts[c, : self.bins // 2] = merged
-            else:                # grow downwards: the old range becomes the upper half
-                self.lo[c] = self.hi[c] - 2 * width
-                self.counts[c, self.bins // 2:] = merged
-
-    def _grow_symmetric(self, c, amax):
-        t = np.float32(self.hi[c])
-        if amax <= t:
-            return
-        if t == 0:  # only zeros so far (all in the bin starting at 0): take the new threshold as is
-            t = np.float32(amax)
-        while t < amax:
-            merged = _pairs_merged(self.counts[c])
-            self.counts[c] = 0
-            self.counts[c, self.bins // 4: self.bins // 4 + self.bins // 2] = merged
-            t = np.float32(t * 2)
-        self.lo[c], self.hi[c] = -float(t), float(t)
-
-    def merge(self, other: "_Histogram"):
-        """Add ``other``'s counts. Equal ranges: bin by bin (exact). Otherwise this range grows to cover
-        the other's, and each of its bins goes whole into the bin holding its centre (counts preserved;
-        the covering range is at least as wide, so a value moves by at most one bin of this histogram)."""
+    def merge(self, other: "_LatticeHistogram"):
+        """Exact: both parts are re-laid on the layout of the union of their ranges and added."""
         if self.counts is None:
             self._allocate(len(other.ready))
+        self.min = np.minimum(self.min, other.min)
+        self.max = np.maximum(self.max, other.max)
+        theirs = _LatticeHistogram(self.bins)
+        theirs._allocate(len(other.ready))
+        for name in ("counts", "level", "start", "ready"):
+            setattr(theirs, name, getattr(other, name).copy())
+        for c in np.flatnonzero(other.ready | self.ready):
+            lo, hi = float(self.min[c]), float(self.max[c])
+            self._relayout(c, lo, hi)
+            if other.ready[c]:
+                theirs._relayout(c, lo, hi)
+                self.counts[c] += theirs.counts[c]
+
+
+@lru_cache(maxsize=4096)
+def _symmetric_edges(t0: float, level: int, bins: int) -> np.ndarray:
+    """float32 edges of the symmetric histogram anchored at T0 = ``t0`` after ``level`` doublings.
+
+    Level 0: numpy.linspace(-T0, T0, B+1, dtype=float32), the edges numpy.histogram(range=(-T0, T0))
+    makes, i.e. onnxruntime's (T0 = 0: numpy's (-0.5, 0.5)). Level l: the even edges of level l-1 in the
+    middle (so each new middle bin is exactly two old ones), and linspace(+-T_{l-1}, +-T_l, B/4+1) float32
+    outside, T_l = T0 * 2^l. Nested edges make a doubling an exact regrouping of counts."""
+    t0 = np.float32(t0)
+    if t0 == 0:
+        return np.linspace(np.float32(-0.5), np.float32(0.5), bins + 1, dtype=np.float32)
+    if level == 0:
+        edges = np.linspace(-t0, t0, bins + 1, dtype=np.float32)
+    else:
+        inner = _symmetric_edges(float(t0), level - 1, bins)
+        t_old = np.float32(float(t0) * 2.0 ** (level - 1))  # exact: a float32 times a power of two
+        t_new = np.float32(float(t0) * 2.0 ** level)
+        below = np.linspace(-t_new, -t_old, bins // 4 + 1, dtype=np.float32)[:-1]
+        above = np.linspace(t_old, t_new, bins // 4 + 1, dtype=np.float32)[1:]
+        edges = np.concatenate([below, inner[::2], above])
+    edges.flags.writeable = False
+    return edges
+
+
+class _SymmetricHistogram:
+    """onnxruntime's entropy histogram, streaming: B bins over [-T, T] per channel, numpy.histogram's
+    binning rule (bin k = [e_k, e_k+1), the last bin closed) on float32 edges.
+
+    Anchor: T0 = max|x| of the channel's first batch with a nonzero value (before it, zeros are counted in
+    the bin that starts at 0, bin B/2, which holds 0 under any anchor). Level 0 has onnxruntime's edges
+    for T = T0. A batch beyond T doubles T (level + 1): the new edges nest the old ones
+    (``_symmetric_edges``), old bin pairs become the middle half of the new bins, and the values equal to
+    the old T (counted apart, ``top``: they were in the closed last bin) move to the bin that now starts at
+    that edge. So at any time the counts are the histogram of all the channel's data on the current edges,
+    whatever the order of the batches: for a given T0 the result depends on the data only, and merges of
+    parts that share T0 are exact (``spawn`` gives a part T0). onnxruntime itself appends bins of the old
+    width instead of doubling, so after growth the histograms differ (see EntropyObserver).
+    """
+
+    def __init__(self, bins: int):
+        if bins < 4 or bins % 4:
+            raise ObserverError(f"histogram bins must be a positive multiple of 4, got {bins}")
+        self.bins = bins
+        self.counts = None
+
+    def _allocate(self, n_ch):
+        self.counts = np.zeros((n_ch, self.bins), dtype=np.int64)
+        self.t0 = np.zeros(n_ch, dtype=np.float32)  # 0: no anchor yet
+        self.level = np.zeros(n_ch, dtype=np.int64)
+        self.top = np.zeros(n_ch, dtype=np.int64)   # values equal to T (in the closed last bin)
+        self.ready = np.zeros(n_ch, dtype=bool)      # has seen data
+        self.min = np.full(n_ch, np.inf, dtype=np.float32)
+        self.max = np.full(n_ch, -np.inf, dtype=np.float32)
+
+    def threshold(self, c: int) -> np.float32:
+        """T of channel c: T0 * 2^level in float32 (0.5 while only zeros were seen, as numpy's range)."""
+        if self.t0[c] == 0:
+            return np.float32(0.5)
+        return np.float32(float(self.t0[c]) * 2.0 ** int(self.level[c]))  # = T0 doubled level times
+
+    @property
+    def hi(self) -> np.ndarray:
+        return np.array([float(self.threshold(c)) for c in range(len(self.t0))])
+
+    @property
+    def lo(self) -> np.ndarray:
+        return -self.hi
+
+    def edges(self, c: int) -> np.ndarray:
+        return _symmetric_edges(float(self.t0[c]), int(self.level[c]), self.bins)
+
+    def _grow_to(self, c: int, amax) -> None:
+        """Anchor channel c at ``amax`` if it has no anchor, else double T until it covers ``amax``."""
+        if self.t0[c] == 0:
+            if amax > 0:
+                self.t0[c] = amax  # the zeros seen so far stay in bin B/2, which starts at 0 for any T
+            return
+        b = self.bins
+        while self.threshold(c) < amax:
+            merged = _pairs_merged(self.counts[c])
+            self.counts[c] = 0
+            self.counts[c, b // 4: b // 4 + b // 2] = merged
+            # values equal to the old T were in its closed last bin; the new bin starting at T holds them
+            self.counts[c, 3 * b // 4 - 1] -= self.top[c]
+            self.counts[c, 3 * b // 4] += self.top[c]
+            self.top[c] = 0
+            self.level[c] += 1
+
+    def add(self, x3):
+        if self.counts is None:
+            self._allocate(x3.shape[1])
+        lo, hi = channel_min_max(x3)
+        self.min = np.minimum(self.min, lo)
+        self.max = np.maximum(self.max, hi)
+        self.ready[:] = True
+        amax = np.maximum(np.abs(lo), np.abs(hi))
+        for c in range(x3.shape[1]):
+            self._grow_to(c, amax[c])
+        edges = np.stack([self.edges(c) for c in range(x3.shape[1])])
+        self.top += edge_histogram(x3, edges, self.counts)
+
+    def adopt_anchor(self, other: "_SymmetricHistogram") -> None:
+        """Take ``other``'s anchors T0 (this histogram must be empty)."""
+        self._allocate(len(other.t0))
+        self.t0[:] = other.t0
+
+    def merge(self, other: "_SymmetricHistogram"):
+        """Channels with the same T0 (or with only zeros on one side): exact, the lower level is doubled up
+        to the higher and the counts added. Different anchors: this histogram grows to cover the other's
+        range and each of the other's bins goes whole into the bin holding its centre (counts preserved;
+        a value moves by at most one bin): not exact, see ``EntropyObserver``."""
+        if self.counts is None:
+            self._allocate(len(other.t0))
+        b = self.bins
         for c in np.flatnonzero(other.ready):
-            if not self.ready[c]:
-                self.counts[c], self.lo[c], self.hi[c] = other.counts[c], other.lo[c], other.hi[c]
-                self.ready[c] = True
-                continue
-            self._include_one(c, other.lo[c], other.hi[c])
-            if self.lo[c] == other.lo[c] and self.hi[c] == other.hi[c]:
-                self.counts[c] += other.counts[c]
-                continue
-            theirs = other.edges(c).astype(np.float64)
-            mine = self.edges(c).astype(np.float64)
-            k = np.searchsorted(mine, (theirs[:-1] + theirs[1:]) / 2, side="right") - 1
-            np.add.at(self.counts[c], np.clip(k, 0, self.bins - 1), other.counts[c])
+            theirs, their_top = other.counts[c].copy(), int(other.top[c])
+            if other.t0[c] == 0 or self.t0[c] == 0 or self.t0[c] == other.t0[c]:
+                if self.t0[c] == 0:
+                    self.t0[c] = other.t0[c]  # only zeros here (bin B/2): adopt the other's anchor
+                level = int(other.level[c])
+                if other.t0[c] != 0:
+                    self._grow_to(c, other.threshold(c))
+                    while level < self.level[c]:  # the other part doubled up to this level, exactly
+                        merged = _pairs_merged(theirs)
+                        theirs[:] = 0
+                        theirs[b // 4: b // 4 + b // 2] = merged
+                        theirs[3 * b // 4 - 1] -= their_top
+                        theirs[3 * b // 4] += their_top
+                        their_top = 0
+                        level += 1
+                self.counts[c] += theirs
+                self.top[c] += their_top
+            else:
+                self._grow_to(c, other.threshold(c))
+                mine = self.edges(c).astype(np.float64)
+                edges = other.edges(c).astype(np.float64)
+                k = np.searchsorted(mine, (edges[:-1] + edges[1:]) / 2, side="right") - 1
+                np.add.at(self.counts[c], np.clip(k, 0, b - 1), theirs)
+        self.ready |= other.ready
         self.min = np.minimum(self.min, other.min)
         self.max = np.maximum(self.max, other.max)
 
@@ -676,11 +806,11 @@ class _Histogram:
 class _HistogramObserver(Observer):
     """Shared plumbing of the histogram-based observers."""
 
-    _symmetric_histogram = False
+    _histogram = _LatticeHistogram
 
     def __init__(self, axis: int | None = None, bins: int = 2048):
         super().__init__(axis)
-        self.hist = _Histogram(int(bins), self._symmetric_histogram)
+        self.hist = self._histogram(int(bins))
 
     def _options(self):
         return {"bins": self.hist.bins}
@@ -702,7 +832,9 @@ class PercentileObserver(_HistogramObserver):
     """``min`` = value below which (100-p)% of the data lie, ``max`` = value below which p% lie, read
     from the histogram with linear interpolation inside a bin (error below one bin width), and clipped
     to the observed min and max. ``p = 100`` gives the exact min and max (AIMET's default percentile
-    analyzer reduces to that). Histogram: 2048 bins that grow by doubling (see ``_Histogram``)."""
+    analyzer reduces to that). Histogram: 2048 bins of a power-of-two lattice (``_LatticeHistogram``): the
+    data span between 1024 and 2048 of them, and the counts depend on the data only (not their order), so
+    merges are exact."""
 
     scheme = "percentile"
 
@@ -768,8 +900,9 @@ class MseObserver(_HistogramObserver):
 
     Candidates: ranges ``(k/n * min, k/n * max)``, k = 1..n (n = ``num_candidates``, default 100) of
     the observed [min, max], each turned into a grid by ``encoding.from_min_max`` with the requested
-    bitwidth and symmetry; the cost of a grid is ``expected_mse`` on the histogram (2048 growing bins,
-    each bin cut to the observed [min, max] and assumed uniform). The first lowest cost wins.
+    bitwidth and symmetry; the cost of a grid is ``expected_mse`` on the histogram (2048 bins of a
+    power-of-two lattice as for "percentile", each bin cut to the observed [min, max] and assumed
+    uniform). The first lowest cost wins. Merges are exact (the histogram does not depend on data order).
     Returns that grid's range ``(scale*offset, scale*(offset+steps))``.
     """
 
@@ -871,10 +1004,21 @@ class EntropyObserver(_HistogramObserver):
     Identical to onnxruntime on the same histogram, i.e. while no batch exceeds the first batch's max|x|
     (onnxruntime's calibrator bins all batches at once, with T = max|x| of all of them). When the range
     grows this observer doubles T (fixed memory) where onnxruntime appends bins of the old width.
+
+    Streaming and merging (``_SymmetricHistogram``): with the anchor T0 (the first batch's max|x|) fixed,
+    the histogram is that of all the data on edges that depend only on T0 and the overall max|x|, not
+    on the order of the batches. So parts of the data calibrated separately merge exactly into what one
+    observer of all of it holds, provided every part has the same T0: give the parts observers made by
+    ``spawn()`` from an observer that has seen the stream's first batch (and count that batch in one
+    part only). Parts anchored on their own first batches merge by re-binning, which keeps every count
+    but can move a value by one bin.
+
+    The threshold search is ``entropy_threshold`` done by Numba kernels
+    (``refquant.kernels.histogram.entropy_window``), equal to it bit for bit.
     """
 
     scheme = "entropy"
-    _symmetric_histogram = True
+    _histogram = _SymmetricHistogram
 
     def __init__(self, axis: int | None = None, bins: int = 2048, quantized_bins: int = 128):
         super().__init__(axis, bins)
@@ -885,10 +1029,14 @@ class EntropyObserver(_HistogramObserver):
     def _options(self):
         return {"bins": self.hist.bins, "quantized_bins": self.quantized_bins}
 
+    def _adopt_anchor(self, other):
+        if other.hist.counts is not None:
+            self.hist.adopt_anchor(other.hist)
+
     def _channel_range(self, c, bitwidth, symmetric, strict_symmetric, unsigned_symmetric):
         h = self.hist
         edges = h.edges(c)
-        start, end = entropy_threshold(h.counts[c], edges, self.quantized_bins)
+        start, end = entropy_window(h.counts[c], self.quantized_bins)
         lo, hi = edges[start], edges[end]
         lo = h.min[c] if lo < h.min[c] else lo
         hi = h.max[c] if hi > h.max[c] else hi
