@@ -62,6 +62,16 @@ class thread_budget:
         return False
 
 
+def _forget_pool_after_fork() -> None:
+    """A forked child has none of the parent's threads: it starts its own pool when it needs one."""
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def _executor(workers: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     with _pool_lock:

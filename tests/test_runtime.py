@@ -228,3 +228,26 @@ def test_no_fusion_when_the_intermediate_tensor_is_asked_for():
     plan = session._plan(("n1", "y"), fuse=True)
     assert [s.node.name for s in plan][:4] == ["conv1+bn", "mul", "add", "relu"]
     assert out["n1"].shape == (2, 6, 9, 9)
+
+
+def test_parallel_pool_works_in_a_forked_child():
+    import multiprocessing
+
+    from refquant import parallel
+
+    parallel.parallel_for(4, lambda i: None, threads=2)  # the parent's pool exists now
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        assert pool.apply(_threaded_sum_in_child, ()) == sum(range(16))
+
+
+def _threaded_sum_in_child():
+    from refquant import parallel
+
+    out = np.zeros(16, np.int64)
+
+    def body(i):
+        out[i] = i
+
+    parallel.parallel_for(16, body, threads=2)
+    return int(out.sum())
