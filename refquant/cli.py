@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding-version", default="1.0.0", choices=["1.0.0", "2.0.0"])
     p.add_argument("--prefix", default=None, help="file name prefix (default: the model's name)")
     p.add_argument("-o", "--output-dir", required=True)
+    from .scale import add_arguments as add_scale_arguments
+
+    add_scale_arguments(p, "the calibration")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("validate", help="what will go wrong when quantizing a model: one finding per problem, "
@@ -113,6 +116,13 @@ def _parser() -> argparse.ArgumentParser:
 
     add_analyze_parser(sub)
     add_amp_parser(sub)
+    from .train.cli import add_qat_parser
+
+    add_qat_parser(sub)
+    from .ptq.cli import add_autoquant_parser, add_ptq_parser
+
+    add_ptq_parser(sub)
+    add_autoquant_parser(sub)
 
     p = sub.add_parser("intsim", help="lower a calibrated QuantSim to an integer program; QDQ-vs-integer gap")
     p.add_argument("model")
@@ -128,6 +138,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", help="image preprocessing spec (as for quantize)")
     p.add_argument("--export", help="write the integer program as a QOperator ONNX model here")
     p.set_defaults(func=cmd_intsim)
+
+    from .intsim.cli import add_explain_parser, add_verify_parser
+
+    add_verify_parser(sub)
+    add_explain_parser(sub)
 
     p = sub.add_parser("demo", help="the quantization walkthrough on the example model that ships with refquant")
     p.add_argument("--output-dir", help="where the exported files go (default: a new temporary folder)")
@@ -221,7 +236,10 @@ def cmd_quantize(args) -> int:
     preprocess = Preprocess.parse(args.preprocess) if args.preprocess else None
     labels = load_labels(args.labels) if args.labels else None  # before any work: a bad path fails fast
     start = time.perf_counter()
-    sim.compute_encodings(args.data, batch_size=args.batch_size, preprocess=preprocess)
+    from .scale import executor_from_args
+
+    with executor_from_args(args) as executor:
+        sim.compute_encodings(args.data, batch_size=args.batch_size, preprocess=preprocess, executor=executor)
     print(f"calibrated {sum(q.enabled for q in sim.quantizers.values())} quantizers on {args.data} "
           f"({args.scheme}, {args.precision}) in {time.perf_counter() - start:.1f} s")
     prefix = args.prefix or Path(args.model).stem

@@ -108,6 +108,7 @@ class PathPoint:
     estimate: float  # the additive estimate the search ranked with
     group: str | None = None  # the group upgraded at this step
     candidate: str | None = None
+    target_metric: float | None = None  # target_fn's value where measured (mixed_precision(target_fn=...))
 
 
 @dataclass
@@ -135,6 +136,8 @@ class MixedPrecisionResult:
     target_met: bool | None
     fp32: float | None = None
     timings: dict = field(default_factory=dict)
+    target_fn: str | None = None  # the target's metric when it is not ``metric`` (target_fn's name)
+    final_target_metric: float | None = None  # target_fn on the final sim
 
     def to_dict(self) -> dict:
         from .report import _plain
@@ -163,7 +166,8 @@ class MixedPrecisionResult:
         lines.append(f"  search: {len(self.path)} configurations, {len(self.pareto)} on the Pareto curve")
         goal = []
         if self.target is not None:
-            goal.append(f"target {_num(self.target)} {'met' if self.target_met else 'NOT met'}")
+            reached = "" if self.target_fn is None else f"{self.target_fn} {_num(self.final_target_metric)}, "
+            goal.append(f"{reached}target {_num(self.target)} {'met' if self.target_met else 'NOT met'}")
         if self.budget is not None:
             goal.append(f"budget {self.budget:.4g}")
         lines.append(f"  chosen: step {self.chosen_step}, cost {self.cost:.4g}, metric {_num(self.final_metric)} "
@@ -194,7 +198,7 @@ class MixedPrecisionResult:
                             textcoords="offset points", xytext=(4, -10))
         if math.isfinite(self.final_metric):
             ax.plot([self.cost], [self.final_metric], "*", color="red", markersize=14, label="chosen (final)")
-        if self.target is not None and math.isfinite(self.target):
+        if self.target is not None and math.isfinite(self.target) and self.target_fn is None:
             ax.axhline(self.target, color="red", linestyle="--", linewidth=1, label="target")
         if self.budget is not None:
             ax.axvline(self.budget, color="orange", linestyle="--", linewidth=1, label="budget")
@@ -213,13 +217,20 @@ class MixedPrecisionResult:
 # ------------------------------------------------------------------------------ the search
 def mixed_precision(sim, data, candidates=DEFAULT_CANDIDATES, eval_fn=None, target=None, budget=None,
                     batch_size: int = 16, progress: bool = True, executor=None, cost: str = "bitops",
-                    calib_data=None, preprocess=None, retries: int = 3) -> MixedPrecisionResult:
+                    calib_data=None, preprocess=None, retries: int = 3, target_fn=None) -> MixedPrecisionResult:
     """Greedy mixed-precision search (see the module docstring) applied to ``sim``.
 
     ``data``: evaluation data (and calibration data unless ``calib_data`` is given); ``eval_fn(run) ->
     float`` (higher is better) replaces the default SQNR-vs-FP32 metric; ``target``: a metric value, or a
     candidate (``"w8a8"``, ``("int8", "int8")``) meaning that candidate's uniform metric; ``budget``: a
-    cost, or a candidate meaning its uniform cost."""
+    cost, or a candidate meaning its uniform cost.
+
+    ``target_fn(run) -> float`` (e.g. :func:`top1_agreement`): the metric ``target`` (then a number in
+    its units) applies to, when it is not the search metric. The search ranks and measures its path with
+    the search metric as above; ``target_fn`` is measured on path points found by bisection (the path
+    improves the search metric step by step, so ``target_fn`` is taken to rise along it), and the chosen
+    point is the cheapest measured one meeting ``target``; ``result.final_target_metric`` is
+    ``target_fn`` on the final sim and decides ``result.target_met``."""
     from ..data import iter_feeds
 
     start = time.perf_counter()
@@ -231,6 +242,10 @@ def mixed_precision(sim, data, candidates=DEFAULT_CANDIDATES, eval_fn=None, targ
     for value, what in ((target, "target"), (budget, "budget")):  # a named candidate must be one of them
         if value is not None and not isinstance(value, (int, float, np.integer, np.floating)):
             _goal(value, cands, {c.label: {} for c in cands}, "metric", what)
+    if target_fn is not None and (isinstance(target, bool) or not isinstance(target, (int, float, np.integer,
+                                                                                       np.floating))):
+        raise RefquantError(f"mixed precision target_fn: target must be a number in target_fn's units, "
+                            f"got {target!r}")
     calib = data if calib_data is None else calib_data
     timings = {}
 
@@ -271,6 +286,10 @@ def mixed_precision(sim, data, candidates=DEFAULT_CANDIDATES, eval_fn=None, targ
     state = SimState.of(sim)
     batches = list(iter_feeds(data, sim.graph, batch_size=batch_size, preprocess=preprocess))
     engine = Engine(state, batches, executor=executor, progress=progress)
+    from ..scale import shared
+
+    sharing = shared(executor, state, *configs.values())  # candidates' weights to each worker once, if it can
+    sharing.__enter__()
     cheapest = {g.name: options[g.name][0] for g in groups}
     highest = {g.name: options[g.name][-1] for g in groups}
     high = assemble(highest)
@@ -284,7 +303,10 @@ def mixed_precision(sim, data, candidates=DEFAULT_CANDIDATES, eval_fn=None, targ
             trials[(g.name, cand)] = Trial(f"{g.name}@{cand.label}", high.replaced(g.quantizers, configs[cand]),
                                            g.position, "base")
     uniform_assign = {c: {g.name: _equivalent(sim, g, c, options[g.name]) for g in groups} for c in cands}
-    uniform_configs = {f"uniform:{c.label}": assemble(uniform_assign[c]) for c in cands}
+    # a uniform point is the model as calibrated at that candidate: not assemble(uniform_assign[c]), which
+    # takes an activation-only group's encodings from its cheapest equivalent candidate's calibration
+    everything = [n for g in groups for n in g.quantizers]
+    uniform_configs = {f"uniform:{c.label}": Config().replaced(everything, configs[c]) for c in cands}
     fp32 = None
     if eval_fn is None:
         scores, _ = engine.scores(list(trials.values()) + [Trial(k, v) for k, v in uniform_configs.items()],
@@ -345,8 +367,8 @@ def mixed_precision(sim, data, candidates=DEFAULT_CANDIDATES, eval_fn=None, targ
         assignment[g.name] = cand
         path.append(PathPoint(len(path), total_cost(assignment), None, estimate(assignment), g.name, cand.label))
         assignments.append(dict(assignment))
-    chunk = 1 if executor is None else max(1, getattr(executor, "_max_workers", 4))
-    todo = list(range(len(path)))
+    chunk = 1 if executor is None else max(1, getattr(executor, "_max_workers", None) or getattr(executor, "width", 4))
+    todo = list(range(len(path))) if target_fn is None else []  # target_fn: bisection below
     bar = progress_bar(len(todo), progress, "mixed precision: pareto search", "config")
     engine.progress = False  # one bar for the whole search, not one per step
     stop = False
@@ -359,27 +381,38 @@ def mixed_precision(sim, data, candidates=DEFAULT_CANDIDATES, eval_fn=None, targ
             if target_value is not None and path[i].metric >= target_value:
                 stop = True
     bar.close()
+    if target_fn is not None:
+        _bisect_path(path, lambda i: assemble(assignments[i]), engine, eval_fn, target_fn, target_value,
+                     budget_value, progress)
     timings["search_s"] = time.perf_counter() - t0
+    sharing.__exit__(None, None, None)
 
     # 4. choose, 5. apply and re-evaluate
     t0 = time.perf_counter()
-    chosen = _choose(path, target_value, budget_value)
+    reached = "metric" if target_fn is None else "target_metric"  # what the target applies to
+    chosen = _choose(path, target_value, budget_value, reached)
+    final_target = None
     tried = 0
     while True:
         final_assign = assignments[chosen.step]
         apply_assignment(sim, groups, final_assign, calib, batch_size, preprocess)
         final = measure(sim, batches, eval_fn)
-        met = None if target_value is None else final >= target_value
+        if target_fn is not None:
+            final_target = float(target_fn(lambda feeds: sim.run(feeds)))
+        met = None if target_value is None else (final if target_fn is None else final_target) >= target_value
         tried += 1
         if met is not False or tried > retries:
             break
         later = [p for p in path[chosen.step + 1:]
-                 if (budget_value is None or p.cost <= budget_value) and (p.metric is None or p.metric >= target_value)]
+                 if (budget_value is None or p.cost <= budget_value)
+                 and (getattr(p, reached) is None or getattr(p, reached) >= target_value)]
         if not later:
             break
         chosen = later[0]
         if chosen.metric is None:
             chosen.metric = engine.evaluate({"retry": assemble(assignments[chosen.step])}, eval_fn)["retry"]
+        if target_fn is not None and chosen.target_metric is None:
+            chosen.target_metric = engine.evaluate({"retry": assemble(assignments[chosen.step])}, target_fn)["retry"]
     timings["apply_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - start
     pareto = []  # the measured points that beat every cheaper one
@@ -397,7 +430,9 @@ def mixed_precision(sim, data, candidates=DEFAULT_CANDIDATES, eval_fn=None, targ
         high_metric=high_metric, uniform=uniform, path=path, pareto=pareto, chosen_step=chosen.step,
         assignment={name: c.label for name, c in final_assign.items()}, cost=total_cost(final_assign),
         search_metric=chosen.metric, final_metric=final, target=target_value, budget=budget_value,
-        target_met=met, fp32=fp32, timings=timings)
+        target_met=met, fp32=fp32, timings=timings,
+        target_fn=None if target_fn is None else getattr(target_fn, "__name__", "target_fn"),
+        final_target_metric=final_target)
 
 
 def _noise(value: float) -> float:
@@ -409,13 +444,43 @@ def _from_noise(value: float) -> float:
     return math.inf if value >= 0 else -10.0 * math.log10(-value)
 
 
-def _choose(path: list[PathPoint], target, budget) -> PathPoint:
-    measured = [p for p in path if p.metric is not None and (budget is None or p.cost <= budget * (1 + 1e-12))]
+def _choose(path: list[PathPoint], target, budget, key: str = "metric") -> PathPoint:
+    measured = [p for p in path
+                if getattr(p, key) is not None and (budget is None or p.cost <= budget * (1 + 1e-12))]
     if target is not None:
-        meeting = [p for p in measured if p.metric >= target]
+        meeting = [p for p in measured if getattr(p, key) >= target]
         if meeting:
             return min(meeting, key=lambda p: (p.cost, p.step))
-    return max(measured, key=lambda p: (p.metric, -p.cost))
+    return max(measured, key=lambda p: (getattr(p, key), -p.cost))
+
+
+def _bisect_path(path: list[PathPoint], config_of, engine, eval_fn, target_fn, target: float, budget,
+                 progress: bool) -> None:
+    """Measure ``target_fn`` (and the search metric) on path points by bisection for the first one
+    meeting ``target``: the last point within ``budget``, then halving [first, last]. About log2(path)
+    evaluations; exact when ``target_fn`` rises along the path."""
+    within = [p.step for p in path if budget is None or p.cost <= budget * (1 + 1e-12)]
+    bar = progress_bar(max(1, math.ceil(math.log2(len(within) + 1))) + 1, progress,
+                       "mixed precision: bisection", "config")
+
+    def meets(i: int) -> bool:
+        point = path[i]
+        if point.target_metric is None:
+            config = {f"step{i}": config_of(i)}
+            point.metric = engine.evaluate(config, eval_fn)[f"step{i}"]
+            point.target_metric = engine.evaluate(config, target_fn)[f"step{i}"]
+            bar.update(1)
+        return point.target_metric >= target
+
+    lo, hi = 0, len(within) - 1
+    if meets(within[hi]):
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if meets(within[mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+    bar.close()
 
 
 def _goal(value, cands, uniform, field_name: str, what: str):
@@ -509,6 +574,36 @@ def measure(sim, batches, eval_fn=None) -> float:
     scores = evaluate(sim, batches)
     ratios = {name: 10.0 ** (-db / 10.0) for name, db in scores.sqnr.items()}
     return mean_sqnr({n: 1.0 for n in ratios}, ratios)
+
+
+class top1_agreement:
+    """``target_fn``/``eval_fn`` metric: top-1 agreement with FP32 in percent,
+    ``100 * mean over samples of [argmax(output) == argmax(FP32 output)]`` (argmax over axis 1) of
+    graph output ``output`` (default: the first) on ``data``. The FP32 argmax is computed once, here, with
+    a float :class:`~refquant.runtime.Session` of ``graph``. Picklable (it runs on any executor)."""
+
+    __name__ = "top1_agreement_pct"
+
+    def __init__(self, graph, data, output: str | None = None, batch_size: int = 16, preprocess=None):
+        from ..data import iter_feeds
+        from ..runtime import Session
+
+        self.output = output or graph.output_names[0]
+        if self.output not in graph.output_names:
+            raise RefquantError(f"top1_agreement: {self.output!r} is not an output of the graph "
+                                f"({', '.join(graph.output_names)})")
+        self.batches = list(iter_feeds(data, graph, batch_size=batch_size, preprocess=preprocess))
+        session = Session(graph)
+        self.reference = [np.argmax(session.run(feeds, outputs=[self.output])[self.output], axis=1)
+                          for feeds in self.batches]
+
+    def __call__(self, run) -> float:
+        agree = total = 0
+        for feeds, ref in zip(self.batches, self.reference):
+            top = np.argmax(np.asarray(run(feeds)[self.output]), axis=1)
+            agree += int(np.sum(top == ref))
+            total += ref.size
+        return 100.0 * agree / total
 
 
 # ------------------------------------------------------------------------------ lite mixed precision

@@ -15,8 +15,7 @@ def add_analyze_parser(subparsers) -> None:
     p.add_argument("--eval-data", help="data the analysis runs on (default: the calibration data)")
     _sim_arguments(p)
     p.add_argument("--top", type=int, default=10, help="culprits listed (default 10)")
-    p.add_argument("--workers", type=int, default=0,
-                   help="run the sweep's batches in this many processes (default: serially)")
+    _scale_arguments(p, "the calibration and the sweep")
     p.add_argument("-o", "--output-dir", required=True, help="where report.html and report.json go")
     p.set_defaults(func=cli_analyze)
 
@@ -32,7 +31,13 @@ def _sim_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=16)
 
 
-def calibrated_sim(args, precision=None):
+def _scale_arguments(p, what) -> None:
+    from ..scale import add_arguments
+
+    add_arguments(p, what)
+
+
+def calibrated_sim(args, precision=None, executor=None):
     """Load, build and calibrate the QuantSim the CLI arguments describe; returns (sim, preprocess)."""
     from ..data import Preprocess
     from ..onnx_io import load
@@ -43,29 +48,19 @@ def calibrated_sim(args, precision=None):
     sim = QuantSim(graph, precision=precision or args.precision, quant_scheme=args.scheme, config=config,
                    rounding=args.rounding)
     preprocess = Preprocess.parse(args.preprocess) if args.preprocess else None
-    sim.compute_encodings(args.data, batch_size=args.batch_size, preprocess=preprocess, progress=True)
+    sim.compute_encodings(args.data, batch_size=args.batch_size, preprocess=preprocess, progress=True,
+                          executor=executor)
     return sim, preprocess
 
 
-def executor_for(workers: int):
-    if not workers or workers <= 1:
-        return None
-    from concurrent.futures import ProcessPoolExecutor
-
-    return ProcessPoolExecutor(max_workers=workers)
-
-
 def cli_analyze(args) -> int:
+    from ..scale import executor_from_args
     from .sensitivity import analyze
 
-    sim, preprocess = calibrated_sim(args)
-    executor = executor_for(args.workers)
-    try:
+    with executor_from_args(args) as executor:
+        sim, preprocess = calibrated_sim(args, executor=executor)
         report = analyze(sim, args.eval_data or args.data, batch_size=args.batch_size, progress=True,
                          executor=executor, preprocess=preprocess, top=args.top)
-    finally:
-        if executor is not None:
-            executor.shutdown()
     paths = report.save(args.output_dir)
     print(report.format(top=args.top))
     for kind, path in paths.items():
@@ -86,7 +81,7 @@ def add_amp_parser(subparsers) -> None:
     p.add_argument("--budget", help="largest cost, or a candidate whose uniform cost is the budget")
     p.add_argument("--cost", default="bitops", choices=["bitops", "memory"])
     _sim_arguments(p)
-    p.add_argument("--workers", type=int, default=0, help="evaluate in this many processes (default: serially)")
+    _scale_arguments(p, "the candidate evaluations")
     p.add_argument("--prefix", default=None, help="file name prefix of the export (default: the model's name)")
     p.add_argument("-o", "--output-dir", required=True)
     p.set_defaults(func=cli_amp)
@@ -107,6 +102,7 @@ def cli_amp(args) -> int:
     from ..data import Preprocess
     from ..onnx_io import load
     from ..quant import QuantSim
+    from ..scale import executor_from_args
     from .amp import mixed_precision
 
     graph = load(args.model)
@@ -114,15 +110,11 @@ def cli_amp(args) -> int:
     sim = QuantSim(graph, precision=args.precision, quant_scheme=args.scheme, config=config, rounding=args.rounding)
     preprocess = Preprocess.parse(args.preprocess) if args.preprocess else None
     candidates = [c for c in args.candidates.split(",") if c.strip()]
-    executor = executor_for(args.workers)
-    try:
+    with executor_from_args(args) as executor:
         result = mixed_precision(sim, args.eval_data or args.data, candidates=candidates,
                                  target=_goal_arg(args.target), budget=_goal_arg(args.budget),
                                  batch_size=args.batch_size, progress=True, executor=executor, cost=args.cost,
                                  calib_data=args.data, preprocess=preprocess)
-    finally:
-        if executor is not None:
-            executor.shutdown()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = sim.export(out, args.prefix or Path(args.model).stem)

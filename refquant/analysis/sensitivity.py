@@ -78,28 +78,31 @@ def analyze(sim, data, eval_fn=None, batch_size: int = 16, progress: bool = True
     probes = weight_probes(sim, groups, base)
     timings = {}
     outputs_sqnr: dict[str, dict] = {}
-    if eval_fn is None:
-        t0 = time.perf_counter()
-        trials = [Trial(k, c) for k, c in whole.items()] + list(per_layer.values())
-        scores, traces = engine.scores(trials, base=base, trace=True, desc="analyze", probes=probes)
-        timings["sweep_s"] = time.perf_counter() - t0
-        metric = {k: s.value for k, s in scores.items()}
-        outputs_sqnr = {k: s.per_output for k, s in scores.items()}
-        fp32_metric = math.inf
-        quantized = metric[BASE]
-        metric_name = "sqnr_db"
-    else:
-        t0 = time.perf_counter()
-        scores, traces = engine.scores([], base=base, trace=True, desc="trace", probes=probes)
-        timings["trace_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        configs = {"fp32": EMPTY, BASE: base, **whole}
-        configs.update({t.key: t.config for t in per_layer.values()})
-        metric = engine.fn_scores(eval_fn, configs, desc="analyze")
-        timings["sweep_s"] = time.perf_counter() - t0
-        fp32_metric = metric["fp32"]
-        quantized = metric[BASE]
-        metric_name = getattr(eval_fn, "__name__", "eval_fn")
+    from ..scale import shared
+
+    with shared(executor, state, base):  # the quantized weights go to each worker once, if it can
+        if eval_fn is None:
+            t0 = time.perf_counter()
+            trials = [Trial(k, c) for k, c in whole.items()] + list(per_layer.values())
+            scores, traces = engine.scores(trials, base=base, trace=True, desc="analyze", probes=probes)
+            timings["sweep_s"] = time.perf_counter() - t0
+            metric = {k: s.value for k, s in scores.items()}
+            outputs_sqnr = {k: s.per_output for k, s in scores.items()}
+            fp32_metric = math.inf
+            quantized = metric[BASE]
+            metric_name = "sqnr_db"
+        else:
+            t0 = time.perf_counter()
+            scores, traces = engine.scores([], base=base, trace=True, desc="trace", probes=probes)
+            timings["trace_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            configs = {"fp32": EMPTY, BASE: base, **whole}
+            configs.update({t.key: t.config for t in per_layer.values()})
+            metric = engine.fn_scores(eval_fn, configs, desc="analyze")
+            timings["sweep_s"] = time.perf_counter() - t0
+            fp32_metric = metric["fp32"]
+            quantized = metric[BASE]
+            metric_name = getattr(eval_fn, "__name__", "eval_fn")
     evaluations = len(whole) + len(per_layer) + (2 if eval_fn is not None else 0)
 
     t0 = time.perf_counter()
