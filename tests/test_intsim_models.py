@@ -29,6 +29,8 @@ from refquant.intsim.lowering import LoweringError
 from refquant.intsim.program import IntSim
 from refquant.quant import QuantSim
 
+from .test_intsim import calibrated, make_model
+
 SHARED = Path(os.environ.get("REFQUANT_SHARED", "/work/shared"))
 F32 = np.float32
 LEVELS = {"disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -73,22 +75,6 @@ def op_counts(isim) -> dict[str, int]:
     for node in isim.graph.nodes:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
-
-
-def make_model(nodes, inputs, outputs, initializers, opset=17):
-    graph = helper.make_graph(
-        nodes, "synthetic", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
-        [numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    return model
-
-
-def calibrated(model, batches, precision="w8a8"):
-    sim = QuantSim(refquant.load(model), precision=precision, prepare=False)
-    sim.compute_encodings(batches, progress=False)
-    return sim
 
 
 # ----------------------------------------------------------------------------------------- MTCNN

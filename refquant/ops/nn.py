@@ -400,23 +400,7 @@ def average_pool(x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dila
     x3, params, end, out_size = _pool_setup(np.ascontiguousarray(x.astype(dtype, copy=False)), kernel_shape,
                                             strides, dilations, pads, auto_pad, ceil_mode)
     out3 = _to3(out_size, 1)
-    begin3, end3 = params["pad_begin"], _i64(_to3(end, 0))
-    extent = [(k - 1) * d + 1 for k, d in zip(params["kernel"], params["dilation"])]
-    reach = [(o - 1) * s + e for o, s, e in zip(out3, params["stride"], extent)]
-    widths = [(int(b), max(0, int(r - b - n))) for b, r, n in zip(begin3, reach, x3.shape[1:])]
-    # sums over zero-padded windows, divided by how many taps count: those inside x, plus the
-    # explicit padding with count_include_pad (never the overhang that ceil_mode adds)
-    counted = np.zeros((1,) + tuple(int(x3.shape[i + 1] + w0 + w1) for i, (w0, w1) in enumerate(widths)),
-                       dtype=dtype)
-    if count_include_pad:
-        inner = tuple(slice(0, min(n + b + e, n + w0 + w1)) for n, b, e, (w0, w1) in
-                      zip(x3.shape[1:], begin3, end3, widths))
-    else:
-        inner = tuple(slice(w0, w0 + n) for n, (w0, _) in zip(x3.shape[1:], widths))
-    counted[(slice(None),) + inner] = 1
-    counts = np.empty((1, *out3), dtype=dtype)
-    pool_kernels.sum_pool_padded(counted, params["kernel"], params["stride"], params["dilation"], counts)
-    counts = np.maximum(counts[0], 1)
+    counts, widths = average_pool_counts(x3.shape[1:], params, end, out3, count_include_pad, dtype)
     y = np.empty((x3.shape[0], *out3), dtype=dtype)
     if x3.shape[1] == 1 and params["kernel"][0] == 1:
         _pool2d(x3, params, out3, y, 0.0, counts[0])
@@ -426,6 +410,26 @@ def average_pool(x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dila
                                                                params["dilation"], y[a:b]), y.shape[0])
         y /= counts
     return y.reshape(x.shape[:2] + tuple(out_size)).astype(x.dtype, copy=False)
+
+
+def average_pool_counts(spatial, params, end, out3, count_include_pad, dtype):
+    """(counts [OD, OH, OW], widths): how many taps each window divides by (at least 1): those inside x, plus
+    the explicit padding with count_include_pad, never the overhang that ceil_mode adds; ``widths`` are the
+    (before, after) zero pads that make every window fit (up to the last window's reach)."""
+    begin3, end3 = params["pad_begin"], _i64(_to3(end, 0))
+    extent = [(k - 1) * d + 1 for k, d in zip(params["kernel"], params["dilation"])]
+    reach = [(o - 1) * s + e for o, s, e in zip(out3, params["stride"], extent)]
+    widths = [(int(b), max(0, int(r - b - n))) for b, r, n in zip(begin3, reach, spatial)]
+    counted = np.zeros((1,) + tuple(int(n + w0 + w1) for n, (w0, w1) in zip(spatial, widths)), dtype=dtype)
+    if count_include_pad:
+        inner = tuple(slice(0, min(n + b + e, n + w0 + w1)) for n, b, e, (w0, w1) in
+                      zip(spatial, begin3, end3, widths))
+    else:
+        inner = tuple(slice(w0, w0 + n) for n, (w0, _) in zip(spatial, widths))
+    counted[(slice(None),) + inner] = 1
+    counts = np.empty((1, *out3), dtype=dtype)
+    pool_kernels.sum_pool_padded(counted, params["kernel"], params["stride"], params["dilation"], counts)
+    return np.maximum(counts[0], 1), widths
 
 
 def _pool2d(x3, params, out3, y, pad_value, counts) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ... import parallel
 from ...kernels import conv as conv_kernels
-from ...ops.nn import _conv_transpose_geometry, _pool_setup, conv as conv_forward, conv_geometry
+from ...ops.nn import _conv_transpose_geometry, _pool_setup, average_pool_counts, conv as conv_forward, conv_geometry
 from ..backward_registry import register_backward
 from . import loops
 from .common import compute_dtype, like
@@ -290,25 +290,12 @@ def average_pool_backward(grads_out, inputs, outputs, *, auto_pad="NOTSET", ceil
     x3, params, end, out_size = _pool_setup(np.ascontiguousarray(x.astype(dtype, copy=False)), kernel_shape,
                                             strides, dilations, pads, auto_pad, ceil_mode)
     out3 = _to3(out_size, 1)
-    begin3, end3 = params["pad_begin"], _i64(_to3(end, 0))
-    extent = [(k - 1) * d + 1 for k, d in zip(params["kernel"], params["dilation"])]
-    reach = [(o - 1) * s + e for o, s, e in zip(out3, params["stride"], extent)]
-    widths = [(int(b), max(0, int(r - b - n))) for b, r, n in zip(begin3, reach, x3.shape[1:])]
+    counts, widths = average_pool_counts(x3.shape[1:], params, end, out3, count_include_pad, dtype)
     padded = tuple(n + w0 + w1 for n, (w0, w1) in zip(x3.shape[1:], widths))
-    counted = np.zeros((1,) + padded, dtype=dtype)  # the forward's count: taps that fall inside x (+ pads)
-    if count_include_pad:
-        inner = tuple(slice(0, min(n + b + e, n + w0 + w1)) for n, b, e, (w0, w1) in
-                      zip(x3.shape[1:], begin3, end3, widths))
-    else:
-        inner = tuple(slice(w0, w0 + n) for n, (w0, _) in zip(x3.shape[1:], widths))
-    counted[(slice(None),) + inner] = 1
     taps = [(slice(None),) + tap_slices((i, j, k), params["dilation"], out3, params["stride"])
             for i in range(int(params["kernel"][0])) for j in range(int(params["kernel"][1]))
             for k in range(int(params["kernel"][2]))]
-    counts = np.zeros((1, *out3), dtype=dtype)
-    for window in taps:  # the window sums of the indicator: how many taps each output divided by
-        counts += counted[window]
-    share = gy.reshape((x3.shape[0], *out3)) / np.maximum(counts, 1)
+    share = gy.reshape((x3.shape[0], *out3)) / counts  # the forward's divisors
     gxp = np.zeros((x3.shape[0],) + padded, dtype=dtype)
     for window in taps:  # each tap of each window receives gy / count
         gxp[window] += share
