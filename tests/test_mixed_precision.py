@@ -200,3 +200,74 @@ def test_cli_amp_exports_mixed_encodings(tmp_path, capsys):
     assert {"convnet.encodings", "amp.json", "pareto.png", "convnet.onnx"} <= files
     data = json.loads((tmp_path / "out" / "convnet.encodings").read_text())
     assert {e["bw"] for e in data["param_encodings"]} <= {4, 8}
+
+
+@needs_samples
+def test_top1_agreement_counts_argmax_matches_with_onnxruntime_fp32():
+    import onnxruntime as ort
+
+    from refquant.analysis.amp import top1_agreement
+
+    x = inputs("mtcnn_rnet", "eval", 48)
+    path = SAMPLES / "mtcnn_rnet" / MODELS["mtcnn_rnet"]
+    prob = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["prob"], {"input": x})[0]
+    agreement = top1_agreement(refquant.load(path), x, output="prob")
+    rows = {}
+
+    def run(feeds):  # onnxruntime's FP32 probabilities, in each batch of 16 rows 0, 3, ..., 15 reversed
+        i = len(rows)
+        rows[i] = out = prob[16 * i:16 * i + len(feeds["input"])].copy()
+        out[::3] = out[::3, ::-1]
+        return {"prob": out}
+
+    # hand-computed: a reversed row of 2 classes changes its argmax (no exact ties here); 6 rows of each
+    # of the 3 batches reversed -> 30 of 48 agree
+    assert not np.any(prob[:, 0] == prob[:, 1])
+    assert agreement(run) == pytest.approx(100.0 * 30 / 48, abs=1e-12)
+    with pytest.raises(RefquantError, match="not an output"):
+        top1_agreement(refquant.load(path), x, output="logits")
+
+
+@needs_samples
+def test_a_top1_agreement_target_is_met_at_the_cheapest_measured_point():
+    from refquant.analysis.amp import top1_agreement
+
+    graph, calib, x = load("mtcnn_rnet"), inputs("mtcnn_rnet", "calib"), inputs("mtcnn_rnet", "eval")
+    agreement = top1_agreement(graph, x, output="prob")
+    sim = QuantSim(graph, precision="w4a8")
+    result = mixed_precision(sim, x, candidates=("w4a8", "w8a8", "w8a16"), calib_data=calib, target=99.0,
+                             target_fn=agreement, progress=False)
+    # re-evaluated here on the sim it left behind, against onnxruntime's FP32 argmax
+    import onnxruntime as ort
+
+    path = SAMPLES / "mtcnn_rnet" / MODELS["mtcnn_rnet"]
+    fp32 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["prob"], {"input": x})[0]
+    ours = np.concatenate([sim.run({"input": x[i:i + 16]})["prob"] for i in range(0, len(x), 16)])
+    independent = 100.0 * np.mean(ours.argmax(axis=1) == fp32.argmax(axis=1))
+    assert result.target_fn == "top1_agreement_pct" and result.target == 99.0
+    assert result.final_target_metric == pytest.approx(independent, abs=1e-12)
+    assert result.target_met is True and independent >= 99.0
+    # bisection: few points measured; the chosen one meets the target and every cheaper measured one misses
+    measured = [p for p in result.path if p.target_metric is not None]
+    assert len(measured) <= int(np.ceil(np.log2(len(result.path)))) + 1 < len(result.path)
+    chosen = result.path[result.chosen_step]
+    assert chosen.target_metric >= 99.0 and result.cost == chosen.cost
+    assert all(p.target_metric < 99.0 for p in measured if p.cost < chosen.cost)
+    assert result.cost < result.uniform["W8A16"]["cost"]
+    assert "top1_agreement_pct" in result.format()
+    with pytest.raises(RefquantError, match="target must be a number"):
+        mixed_precision(QuantSim(graph, precision="w4a8"), x, target="w8a8", target_fn=agreement, progress=False)
+
+
+@needs_samples
+def test_uniform_points_are_the_model_calibrated_at_that_candidate():
+    # convnet's GlobalAveragePool group quantizes only an activation: at W8A8 it must keep the encoding
+    # of the W8A8 calibration, not that of the W4A8 one (the cheapest candidate with the same bitwidths)
+    calib, x = inputs("convnet", "calib"), inputs("convnet", "eval", 64)
+    result = mixed_precision(QuantSim(load("convnet"), precision="w4a8"), x, calib_data=calib,
+                             candidates=("w4a8", "w8a8", "w8a16"), progress=False)
+    for precision in ("w4a8", "w8a8", "w8a16"):
+        fresh = QuantSim(load("convnet"), precision=precision)
+        fresh.compute_encodings(calib, progress=False)
+        # the engine and QuantSim.run sum the same float64 powers per batch: equal to rounding
+        assert result.uniform[precision.upper()]["metric"] == pytest.approx(independent_sqnr(fresh, x), abs=1e-9)
