@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 import refquant
 from refquant.runtime import Session
 from refquant.train.cli import fp32_sqnr
-from refquant.train.losses import cross_entropy, kl_distill, mse_distill
+from refquant.train.losses import cross_entropy, kl_distill, mse_distill, sqnr_distill
 from refquant.train.qat import training_setup
 
 from .helpers import make_model
@@ -143,7 +143,7 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
 def test_losses_and_their_gradients():
     s = {"y": np.array([[1.0, 2.0, 0.5]])}
     t = {"y": np.array([[0.0, 2.0, 1.5]])}
-    value, grads = mse_distill(s, t)
+    value, grads = mse_distill(s, t, normalize=False)
     assert value == pytest.approx(2.0 / 3)
     np.testing.assert_allclose(grads["y"], [[2 / 3, 0.0, -2 / 3]])
     value, grads = kl_distill(s, t, temperature=2.0)
@@ -224,3 +224,77 @@ def test_bn_training_mode_then_reestimation_and_folding():
     assert "BatchNormalization" not in [n.op_type for n in result.folded_graph.nodes]
     # measured 16.5 -> 27.8 dB
     assert fp32_sqnr(sim, reference, data, 16)["y"] > sqnr0 + 3.0
+
+
+def test_normalized_mse_weighs_each_output_by_its_teacher_variance():
+    # hand-computed: output "a" (teacher [1, 3]: mean 2, variance 1), student [2, 3]: MSE 0.5, term 0.5;
+    # output "b" (teacher [0.1, 0.3]: variance 0.01), student [0.1, 0.2]: MSE 0.005, term 0.005 / 0.01 = 0.5
+    s = {"a": np.array([[2.0, 3.0]]), "b": np.array([[0.1, 0.2]])}
+    t = {"a": np.array([[1.0, 3.0]]), "b": np.array([[0.1, 0.3]])}
+    value, grads = mse_distill(s, t)
+    assert value == pytest.approx(1.0, rel=1e-12)  # float64 rounding of 0.1-0.3 only
+    # dL/ds = 2 (s - t) / (size var): a: 2 [1, 0] / (2 * 1) = [1, 0]; b: 2 [0, -0.1] / (2 * 0.01) = [0, -10]
+    np.testing.assert_allclose(grads["a"], [[1.0, 0.0]], rtol=1e-12)
+    np.testing.assert_allclose(grads["b"], [[0.0, -10.0]], rtol=1e-12, atol=1e-12)
+    raw, _ = mse_distill(s, t, normalize=False)  # the raw sum: 0.5 + 0.005, "a" dominates
+    assert raw == pytest.approx(0.505, rel=1e-12)
+    # rescaling an output (units) changes nothing; a constant teacher output falls back to the raw MSE
+    scaled, _ = mse_distill({"a": s["a"], "b": 1000 * s["b"]}, {"a": t["a"], "b": 1000 * t["b"]})
+    assert scaled == pytest.approx(value, rel=1e-12)
+    const, grad = mse_distill({"c": np.array([1.0, 2.0])}, {"c": np.array([2.0, 2.0])})
+    assert const == pytest.approx(0.5) and np.allclose(grad["c"], [-1.0, 0.0])
+
+
+def test_normalized_mse_gradient_matches_central_differences():
+    rng = np.random.default_rng(3)
+    t = {"p": rng.random((5, 2)), "box": rng.normal(size=(5, 4)) * 0.05}
+    s = {k: v + rng.normal(size=v.shape) * 0.01 for k, v in t.items()}
+    _, grads = mse_distill(s, t)
+    h = 1e-6
+    for name in s:
+        for index in np.ndindex(s[name].shape):
+            up = {k: v.copy() for k, v in s.items()}
+            down = {k: v.copy() for k, v in s.items()}
+            up[name][index] += h
+            down[name][index] -= h
+            numeric = (mse_distill(up, t)[0] - mse_distill(down, t)[0]) / (2 * h)
+            # a quadratic: central differences are exact up to float64 cancellation (~1e-16 L / h)
+            assert numeric == pytest.approx(grads[name][index], rel=1e-6, abs=1e-8)
+
+
+def test_qat_distill_options():
+    sim, data, _ = calibrated()
+    with pytest.raises(refquant.RefquantError, match="mse_raw"):
+        refquant.qat(sim, data, distill="l1", progress=False)
+    seen = []
+    refquant.qat(sim, data[:16], distill="mse_raw", lr=1e-3, batch_size=16, progress=False,
+                 callback=lambda info: seen.append(info["loss"]))
+    reference = Session(calibrated()[0].graph.copy()).run({"x": data[:16]})
+    fresh, _, _ = calibrated()
+    assert seen[0] == pytest.approx(mse_distill(fresh.run({"x": data[:16]}), reference, normalize=False)[0], rel=1e-6)
+
+
+def test_sqnr_loss_is_minus_the_summed_sqnr_in_db():
+    # hand-computed: "a": teacher [1, 3] (power (1 + 9) / 2 = 5), student [2, 3] (MSE 0.5): 10 log10(0.1) = -10;
+    # "b": teacher [0.1, 0.3] (power 0.05), student [0.1, 0.2] (MSE 0.005): -10 as well; total -20
+    s = {"a": np.array([[2.0, 3.0]]), "b": np.array([[0.1, 0.2]])}
+    t = {"a": np.array([[1.0, 3.0]]), "b": np.array([[0.1, 0.3]])}
+    value, grads = sqnr_distill(s, t)
+    assert value == pytest.approx(-20.0, rel=1e-12)
+    # dL/ds = (10 / ln 10) 2 (s - t) / (size mse): a: c [2, 0]; b: c [0, -20]
+    c = 10 / np.log(10)
+    np.testing.assert_allclose(grads["a"], [[2 * c, 0.0]], rtol=1e-12)
+    np.testing.assert_allclose(grads["b"], [[0.0, -20 * c]], rtol=1e-12, atol=1e-12)
+    # central differences (not a quadratic: step 1e-6 leaves O(h^2) ~ 1e-12 relative curvature error)
+    h = 1e-6
+    for name in s:
+        for index in np.ndindex(s[name].shape):
+            up = {k: v.copy() for k, v in s.items()}
+            down = {k: v.copy() for k, v in s.items()}
+            up[name][index] += h
+            down[name][index] -= h
+            numeric = (sqnr_distill(up, t)[0] - sqnr_distill(down, t)[0]) / (2 * h)
+            assert numeric == pytest.approx(grads[name][index], rel=1e-6, abs=1e-6)
+    # a student equal to the teacher: the floor (120 dB) and a zero gradient
+    value, grads = sqnr_distill(t, t)
+    assert value == pytest.approx(-240.0) and not np.any(grads["a"]) and not np.any(grads["b"])

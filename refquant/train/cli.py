@@ -21,8 +21,10 @@ def add_qat_parser(subparsers) -> None:
     p.add_argument("--range-lr", type=float, default=None, help="learning rate of the ranges (default --lr)")
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "step", "cosine"])
-    p.add_argument("--distill", default="mse", choices=["mse", "kl"],
-                   help="distillation loss without labels: MSE on the outputs, or KL on their softmax")
+    p.add_argument("--distill", default="mse", choices=["mse", "mse_raw", "sqnr", "kl"],
+                   help="distillation loss without labels: MSE on each output divided by the FP32 output's "
+                        "variance (mse), the plain sum of MSEs (mse_raw), minus the summed SQNR in dB (sqnr), "
+                        "or KL on their softmax")
     p.add_argument("--checkpoint-dir", help="checkpoints go here and a rerun resumes from them "
                                             "(default OUTDIR/checkpoint)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")

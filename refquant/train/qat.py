@@ -34,7 +34,7 @@ from ..fileio import save_npz
 from ..quant.encoding import bias_encoding
 from ..quant.observers import make_observer
 from .autograd import GradientEngine
-from .losses import cross_entropy, kl_distill, mse_distill
+from .losses import cross_entropy, kl_distill, mse_distill, sqnr_distill
 from .optim import make_optimizer, schedule
 from .quantizers import QDQ, LearnedRangeQDQ
 
@@ -95,10 +95,14 @@ def qat(sim, data, loss="distill", epochs: int = 1, lr: float = 1e-4, optimizer:
     ``epochs`` times). Returns a :class:`QatResult`; the sim is updated in place and exports as usual.
 
     ``loss``: ``"distill"`` matches the FP32 model's outputs, no labels needed: ``distill="mse"`` (mean
-    squared error on every output, e.g. logits) or ``"kl"`` (KL divergence of softmax(outputs / T),
-    ``temperature`` T); ``"cross_entropy"`` uses ``labels`` (one int per sample, in data order) on the
-    first output; or a callable ``loss(outputs, batch) -> (value, {output: dL/doutput})`` where
-    ``batch`` is a :class:`Batch` (see :mod:`refquant.train.losses` for ready-made ones).
+    squared error on every output, e.g. logits, each divided by the variance of the FP32 output in the
+    batch so that no output dominates by its units; see :func:`~refquant.train.losses.mse_distill`),
+    ``"mse_raw"`` (the plain sum of the outputs' MSEs), ``"sqnr"`` (minus the sum of the outputs' SQNRs
+    in dB: every output's relative improvement counts the same) or ``"kl"`` (KL divergence of
+    softmax(outputs / T), ``temperature`` T: for logit outputs, not for outputs that are probabilities
+    already); ``"cross_entropy"`` uses ``labels`` (one int per sample, in data order) on the first output;
+    or a callable ``loss(outputs, batch) -> (value, {output: dL/doutput})`` where ``batch`` is
+    a :class:`Batch` (see :mod:`refquant.train.losses` for ready-made ones).
     ``optimizer``: "adam" or "sgd" (``momentum``); ``lr_schedule``: "constant", "step", "cosine" over the
     run; ``range_lr``: learning rate of the quantizer ranges (default ``lr``).
     ``trainable``: names of the initializers to train (default: weights and biases of quantized layers,
@@ -336,11 +340,14 @@ def _loss_function(loss, distill: str, temperature: float, sim):
     if callable(loss):
         return loss
     if loss == "distill":
-        if distill == "mse":
-            return lambda outputs, batch: mse_distill(outputs, batch.teacher)
+        if distill in ("mse", "mse_raw"):
+            normalize = distill == "mse"
+            return lambda outputs, batch: mse_distill(outputs, batch.teacher, normalize)
+        if distill == "sqnr":
+            return lambda outputs, batch: sqnr_distill(outputs, batch.teacher)
         if distill == "kl":
             return lambda outputs, batch: kl_distill(outputs, batch.teacher, temperature)
-        raise RefquantError(f"qat: distill {distill!r} is not 'mse' or 'kl'")
+        raise RefquantError(f"qat: distill {distill!r} is not 'mse', 'mse_raw', 'sqnr' or 'kl'")
     if loss == "cross_entropy":
         first = sim.graph.output_names[0]
 
