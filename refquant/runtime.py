@@ -215,8 +215,11 @@ class Session:
     def _fuse_conv_epilogues(self, plan: list[_Step], keep: set[str]) -> list[_Step]:
         """A Conv followed by a chain of BatchNormalization / per-channel Mul, Add / Relu / Clip (each the only
         reader of the tensor before it) runs as one step that applies the chain to each output block in
-        cache (refquant.ops.nn.conv_epilogue); the values are the same as the ops one after the other."""
-        from .ops.nn import conv, conv_epilogue
+        cache (refquant.ops.nn.conv_epilogue); a chain that starts with a BatchNormalization elsewhere (a
+        pre-activation block after a Concat or a pool) runs as one pass too (refquant.ops.nn.channel_chain).
+        The values are the same as the ops one after the other."""
+        from .ops.nn import channel_chain, channel_chain_inplace, conv, conv_epilogue
+        from .ops.norm import batch_normalization
 
         readers: dict[str, list[int]] = {}
         for index, step in enumerate(plan):
@@ -224,14 +227,10 @@ class Session:
                 readers.setdefault(name, []).append(index)
         fused: dict[int, _Step] = {}
         dropped: set[int] = set()
-        for index, step in enumerate(plan):
-            node = step.node
-            if step.kernel is not conv or len(node.outputs) != 1 or index in dropped:
-                continue
-            weight = self.constants.get(node.inputs[1])
-            if weight is None or weight.dtype.kind != "f":
-                continue
-            tensor, chain, frees, last = node.outputs[0], [], list(step.frees), node
+
+        def follow(tensor, weight, chain, frees):
+            """Extend ``chain`` along single readers that are epilogue steps; the last node and tensor."""
+            last = None
             while tensor not in keep and len(readers.get(tensor, [])) == 1:
                 follower = plan[readers[tensor][0]]
                 epilogue_step = self._epilogue_step(follower.node, tensor, weight)
@@ -241,12 +240,38 @@ class Session:
                 dropped.add(readers[tensor][0])
                 frees.extend(follower.frees)
                 tensor, last = follower.node.outputs[0], follower.node
-            if not chain:
+            return tensor, last
+
+        for index, step in enumerate(plan):
+            node = step.node
+            if index in dropped or len(node.outputs) != 1:
                 continue
-            merged = Node("Conv", list(node.inputs), [tensor], {}, f"{node.name}+{last.name}", node.domain,
-                          node.version)
-            frees = tuple(dict.fromkeys(f for f in frees if f != tensor))
-            fused[index] = _Step(merged, conv_epilogue, dict(step.kwargs, epilogue=tuple(chain)), frees)
+            if step.kernel is conv:
+                weight = self.constants.get(node.inputs[1])
+                if weight is None or weight.dtype.kind != "f":
+                    continue
+                chain, frees = [], list(step.frees)
+                tensor, last = follow(node.outputs[0], weight, chain, frees)
+                if not chain:
+                    continue
+                merged = Node("Conv", list(node.inputs), [tensor], {}, f"{node.name}+{last.name}", node.domain,
+                              node.version)
+                frees = tuple(dict.fromkeys(f for f in frees if f != tensor))
+                fused[index] = _Step(merged, conv_epilogue, dict(step.kwargs, epilogue=tuple(chain)), frees)
+            elif step.kernel is batch_normalization and node.inputs[1] in self.constants:
+                scale = self.constants[node.inputs[1]]
+                first = self._epilogue_step(node, node.inputs[0], scale.reshape(-1, 1))
+                if first is None or scale.dtype.kind != "f":
+                    continue
+                chain, frees = [first], list(step.frees)
+                tensor, last = follow(node.outputs[0], scale.reshape(-1, 1), chain, frees)
+                if last is None:  # a lone BatchNormalization: its own (in-place) kernel is as good
+                    continue
+                merged = Node("BatchNormalization", [node.inputs[0]], [tensor], {}, f"{node.name}+{last.name}",
+                              node.domain, node.version)
+                frees = tuple(dict.fromkeys(f for f in frees if f != tensor))
+                fused[index] = _Step(merged, channel_chain, {"epilogue": tuple(chain)}, frees,
+                                     channel_chain_inplace if step.inplace is not None else None)
         if not fused:
             return plan
         return [fused.get(i, step) for i, step in enumerate(plan) if i not in dropped]

@@ -125,8 +125,22 @@ def identity(x):
 
 # ---------------------------------------------------------------- variadic
 def _variadic(op_type, fn, since=8):
+    """Register ``op_type`` = fn folded left over the inputs; float inputs of one dtype take the threaded
+    (and in-place) path, in the same order: ((x0 fn x1) fn x2) ..."""
+
+    def fast(xs) -> bool:
+        return len(xs) > 1 and all(_same_float(xs[0], x) for x in xs[1:])
+
+    def fold_into(out, xs):
+        parallel.elementwise(fn, out, xs[0], xs[1])
+        for x in xs[2:]:
+            parallel.elementwise(fn, out, out, x)
+        return out
+
     @register(op_type, since=since, infer=broadcast_rule)
     def kernel(*xs):
+        if fast(xs):
+            return fold_into(np.empty(np.broadcast_shapes(*[x.shape for x in xs]), dtype=xs[0].dtype), xs)
         result = xs[0]
         with np.errstate(all="ignore"):
             for x in xs[1:]:
@@ -134,6 +148,12 @@ def _variadic(op_type, fn, since=8):
         return _typed(np.array(result) if len(xs) == 1 else np.asarray(result), xs[0])
 
     kernel.__name__ = op_type.lower()
+
+    @register_inplace(kernel)
+    def inplace(*xs):
+        if not fast(xs) or np.broadcast_shapes(*[x.shape for x in xs]) != xs[0].shape:
+            return None
+        return fold_into(xs[0], xs)
 
 
 _variadic("Sum", np.add)
