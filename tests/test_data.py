@@ -503,7 +503,7 @@ def test_real_photos_are_classified_by_mobilenet(tmp_path):
 def test_lfw_faces_as_an_npy_source():
     path = shared_data() / "lfw_subset.npy"
     if not path.is_file():
-        pytest.skip(f"{path} not found")
+        pytest.skip(f"missing external resource: {path}")
     graph = one_input(["batch", 25, 25])
     assert count_samples(path, graph) == 200
     batches = list(iter_feeds(path, graph, batch_size=64))

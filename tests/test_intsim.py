@@ -291,7 +291,9 @@ def test_unary_tables_equal_the_simulation():
 
 
 def test_fused_relu_with_a_nonzero_zero_point_clamps_codes(tmp_path):
-    sim = sample_sim("convnet") if SAMPLES.is_dir() else pytest.skip(f"AIMET samples not found at {SAMPLES}")
+    if not SAMPLES.is_dir():
+        pytest.skip(f"missing external resource: the AIMET samples at {SAMPLES}")
+    sim = sample_sim("convnet")
     sim.set_encoding("/relu/Relu_output_0", from_min_max(-1.0, 3.0, 8, False))
     isim = IntSim(sim)
     entry = next(e for e in isim.program.lowered if e.node == "/c1/Conv")

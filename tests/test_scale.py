@@ -160,7 +160,7 @@ def test_a_process_pool_fits_the_calibration_seam(tmp_path):
 @pytest.fixture(scope="module")
 def executor():
     if not HAVE_DASK:
-        pytest.skip("dask.distributed is not installed (pip install refquant[dask])")
+        pytest.skip("missing package dask.distributed (the test extra installs it; pip install refquant[dask])")
     import dask.config
 
     from refquant.scale.cluster import local_cluster
