@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -31,3 +35,24 @@ def ort_run(model: onnx.ModelProto, feeds: dict) -> dict:
 
 FLOAT = TensorProto.FLOAT
 INT64 = TensorProto.INT64
+
+
+# ------------------------------------------------------------------ the AIMET samples (../shared/refs/aimet_samples)
+SHARED = Path(os.environ.get("REFQUANT_SHARED", "/work/shared"))
+SAMPLES = SHARED / "refs" / "aimet_samples"
+SAMPLE_MODELS = {"convnet": "model_bnfolded.onnx", "mlp": "model.onnx", "mtcnn_rnet": "model.onnx"}
+needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(),
+                                   reason=f"missing external resource: AIMET samples at {SAMPLES}")
+
+
+def load_sample(entry):
+    """The sample's model (convnet: the BN-folded one AIMET simulated)."""
+    import refquant
+
+    return refquant.load(SAMPLES / entry / SAMPLE_MODELS[entry])
+
+
+def sample_inputs(entry, split, n=None):
+    """The sample's ``split`` inputs ("calib" or "eval"), the first ``n`` when given."""
+    x = np.load(SAMPLES / entry / f"{split}.npz")["input"]
+    return x if n is None else x[:n]

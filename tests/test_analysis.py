@@ -22,21 +22,10 @@ from refquant.analysis.engine import Score, sqnr_from
 from refquant.errors import RefquantError
 from refquant.quant import QuantSim
 
-from .helpers import FLOAT, make_model
+from .helpers import FLOAT, SAMPLE_MODELS, SAMPLES, load_sample, make_model, needs_samples, sample_inputs
 
-SHARED = Path(os.environ.get("REFQUANT_SHARED", "/work/shared"))
-SAMPLES = SHARED / "refs" / "aimet_samples"
-needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"AIMET samples not found at {SAMPLES}")
-MODELS = {"convnet": "model_bnfolded.onnx", "mlp": "model.onnx", "mtcnn_rnet": "model.onnx"}
-
-
-def load(entry):
-    return refquant.load(SAMPLES / entry / MODELS[entry])
-
-
-def inputs(entry, split, n=None):
-    x = np.load(SAMPLES / entry / f"{split}.npz")["input"]
-    return x if n is None else x[:n]
+MODELS = SAMPLE_MODELS
+load, inputs = load_sample, sample_inputs
 
 
 def calibrated(entry, graph=None, config="default", precision="w8a8"):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +14,10 @@ from refquant.errors import RefquantError
 from refquant.model_info import node_macs
 from refquant.quant import QuantSim
 
-SHARED = Path(os.environ.get("REFQUANT_SHARED", "/work/shared"))
-SAMPLES = SHARED / "refs" / "aimet_samples"
-needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"AIMET samples not found at {SAMPLES}")
-MODELS = {"convnet": "model_bnfolded.onnx", "mlp": "model.onnx", "mtcnn_rnet": "model.onnx"}
+from .helpers import SAMPLE_MODELS, SAMPLES, load_sample, needs_samples, sample_inputs
 
-
-def load(entry):
-    return refquant.load(SAMPLES / entry / MODELS[entry])
-
-
-def inputs(entry, split, n=None):
-    x = np.load(SAMPLES / entry / f"{split}.npz")["input"]
-    return x if n is None else x[:n]
+MODELS = SAMPLE_MODELS
+load, inputs = load_sample, sample_inputs
 
 
 def independent_sqnr(sim, x, batch=16):

@@ -61,6 +61,7 @@ import numpy as np
 from ..errors import RefquantError
 from ..ir import Graph, Node, Value
 from ..runtime import Session
+from .adaround import _progress
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -411,14 +412,6 @@ class _restored_on_error:
             for name, array in self.saved.items():
                 self.sim.set_parameter(name, array)
         return False
-
-
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="layer", leave=False)
 
 
 __all__ = ["REFERENCES", "Layer", "analytical_input_mean", "analytical_shift", "bias_correction", "corrected_bias",

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ...kernels.pool import max_pool
+
 
 # reassociating the weight-gradient sums lets LLVM keep them in vector registers (they are sums of
 # products, rounded differently but no less accurately); no other fast-math assumption is made
@@ -87,34 +89,19 @@ def depthwise_weight_grad_3x3(xp, gy, sy, sx, c0, c1, gw):
 
 @njit(cache=True, nogil=True)
 def max_pool_backward(x, gy, kernel, stride, dilation, pad_begin, gx):
-    """gx[p, argmax of window o] += gy[p, o] on planes [P, D, H, W]; the argmax is the forward's (padding never
-    wins, the first maximum on ties: ``v > best``)."""
-    planes, d_in, h_in, w_in = x.shape
-    od, oh, ow = gy.shape[1], gy.shape[2], gy.shape[3]
+    """gx[p, argmax of window o] += gy[p, o] on planes [P, D, H, W]; the argmax is the forward's own
+    (refquant.kernels.pool.max_pool's Indices: padding never wins, the first maximum on ties)."""
+    planes = x.shape[0]
+    values = np.empty(gy.shape, dtype=x.dtype)
+    indices = np.empty(gy.shape, dtype=np.int64)
+    max_pool(x, kernel, stride, dilation, pad_begin, values, indices, True)
     for p in range(planes):
-        for a in range(od):
-            for b in range(oh):
-                for e in range(ow):
-                    best = -np.inf
-                    bz, by, bx = -1, -1, -1
-                    for i in range(kernel[0]):
-                        z = a * stride[0] + i * dilation[0] - pad_begin[0]
-                        if z < 0 or z >= d_in:
-                            continue
-                        for j in range(kernel[1]):
-                            y = b * stride[1] + j * dilation[1] - pad_begin[1]
-                            if y < 0 or y >= h_in:
-                                continue
-                            for k in range(kernel[2]):
-                                xx = e * stride[2] + k * dilation[2] - pad_begin[2]
-                                if xx < 0 or xx >= w_in:
-                                    continue
-                                v = x[p, z, y, xx]
-                                if v > best or bz < 0:
-                                    best = v
-                                    bz, by, bx = z, y, xx
-                    if bz >= 0:
-                        gx[p, bz, by, bx] += gy[p, a, b, e]
+        flat_gx = gx[p].reshape(-1)
+        flat_gy = gy[p].reshape(-1)
+        flat_index = indices[p].reshape(-1)
+        for o in range(flat_gy.size):
+            if flat_index[o] >= 0:
+                flat_gx[flat_index[o]] += flat_gy[o]
 
 
 @njit(cache=True, nogil=True)
