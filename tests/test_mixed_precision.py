@@ -261,3 +261,37 @@ def test_uniform_points_are_the_model_calibrated_at_that_candidate():
         fresh.compute_encodings(calib, progress=False)
         # the engine and QuantSim.run sum the same float64 powers per batch: equal to rounding
         assert result.uniform[precision.upper()]["metric"] == pytest.approx(independent_sqnr(fresh, x), abs=1e-9)
+
+
+@needs_samples
+def test_cli_amp_reaches_a_top1_agreement_target(tmp_path, capsys):
+    import argparse
+
+    import onnxruntime as ort
+
+    from refquant.analysis import add_amp_parser
+
+    parser = argparse.ArgumentParser()
+    add_amp_parser(parser.add_subparsers())
+    path = SAMPLES / "mtcnn_rnet" / MODELS["mtcnn_rnet"]
+    x = inputs("mtcnn_rnet", "eval")
+    np.savez(tmp_path / "calib.npz", input=inputs("mtcnn_rnet", "calib"))
+    np.savez(tmp_path / "eval.npz", input=x)
+    common = [str(path), "--data", str(tmp_path / "calib.npz"), "--eval-data", str(tmp_path / "eval.npz"),
+              "--candidates", "w4a8,w8a8,w8a16", "--precision", "w4a8", "--prefix", "rnet"]
+    args = parser.parse_args(["amp", *common, "--target-top1", "99", "--top1-output", "prob",
+                              "-o", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    assert "top1_agreement_pct" in capsys.readouterr().out
+    # the exported mixed-precision encodings, loaded into a fresh sim, agree with onnxruntime's FP32 argmax
+    saved = json.loads((tmp_path / "out" / "amp.json").read_text())
+    assert saved["target_fn"] == "top1_agreement_pct" and saved["target"] == 99.0
+    fp32 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["prob"], {"input": x})[0]
+    sim = QuantSim(refquant.load(path), precision="w4a8")
+    sim.load_encodings(tmp_path / "out" / "rnet.encodings")
+    ours = np.concatenate([sim.run({"input": x[i:i + 16]})["prob"] for i in range(0, len(x), 16)])
+    assert 100.0 * np.mean(ours.argmax(axis=1) == fp32.argmax(axis=1)) >= 99.0
+    for bad in (["--target", "w8a8", "--target-top1", "99"], ["--top1-output", "prob"]):
+        args = parser.parse_args(["amp", *common, *bad, "-o", str(tmp_path / "bad")])
+        with pytest.raises(RefquantError, match="target-top1"):
+            args.func(args)

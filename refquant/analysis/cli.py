@@ -78,6 +78,10 @@ def add_amp_parser(subparsers) -> None:
     p.add_argument("--eval-data", help="data the search is scored on (default: the calibration data)")
     p.add_argument("--candidates", default="w8a8,w8a16,w4a8", help="comma-separated, e.g. w4a8,w8a8,w8a16")
     p.add_argument("--target", help="metric to reach (SQNR dB vs FP32), or a candidate whose uniform metric to reach")
+    p.add_argument("--target-top1", type=float, metavar="PCT",
+                   help="reach this top-1 agreement with FP32 in percent on the eval data (instead of --target); "
+                        "the search still ranks layers by SQNR, the agreement is bisected along its path")
+    p.add_argument("--top1-output", help="output whose argmax --target-top1 compares (default: the first)")
     p.add_argument("--budget", help="largest cost, or a candidate whose uniform cost is the budget")
     p.add_argument("--cost", default="bitops", choices=["bitops", "memory"])
     _sim_arguments(p)
@@ -100,19 +104,30 @@ def cli_amp(args) -> int:
     from pathlib import Path
 
     from ..data import Preprocess
+    from ..errors import RefquantError
     from ..onnx_io import load
     from ..quant import QuantSim
     from ..scale import executor_from_args
-    from .amp import mixed_precision
+    from .amp import mixed_precision, top1_agreement
 
+    if args.target_top1 is not None and args.target is not None:
+        raise RefquantError("refquant amp: give --target or --target-top1, not both")
+    if args.top1_output is not None and args.target_top1 is None:
+        raise RefquantError("refquant amp: --top1-output only applies with --target-top1")
     graph = load(args.model)
     config = "per_tensor" if args.per_tensor and args.config == "default" else args.config
     sim = QuantSim(graph, precision=args.precision, quant_scheme=args.scheme, config=config, rounding=args.rounding)
     preprocess = Preprocess.parse(args.preprocess) if args.preprocess else None
     candidates = [c for c in args.candidates.split(",") if c.strip()]
+    eval_data = args.eval_data or args.data
+    target, target_fn = _goal_arg(args.target), None
+    if args.target_top1 is not None:  # FP32 argmax computed once here, on the original graph
+        target = args.target_top1
+        target_fn = top1_agreement(graph, eval_data, output=args.top1_output, batch_size=args.batch_size,
+                                   preprocess=preprocess)
     with executor_from_args(args) as executor:
-        result = mixed_precision(sim, args.eval_data or args.data, candidates=candidates,
-                                 target=_goal_arg(args.target), budget=_goal_arg(args.budget),
+        result = mixed_precision(sim, eval_data, candidates=candidates, target=target, target_fn=target_fn,
+                                 budget=_goal_arg(args.budget),
                                  batch_size=args.batch_size, progress=True, executor=executor, cost=args.cost,
                                  calib_data=args.data, preprocess=preprocess)
     out = Path(args.output_dir)
