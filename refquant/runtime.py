@@ -365,6 +365,8 @@ def _compile(node: Node) -> tuple[Callable, dict]:
                           f"supported (kernel {opdef.kernel.__module__}.{opdef.kernel.__name__})")
     if "noutputs" in opdef.special:
         kwargs["noutputs"] = len(node.outputs)
+    if "present_outputs" in opdef.special:
+        kwargs["present_outputs"] = tuple(bool(name) for name in node.outputs)
     if "ctx" in opdef.special:
         kwargs["ctx"] = None
     return opdef.kernel, kwargs

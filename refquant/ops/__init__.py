@@ -13,6 +13,7 @@ from . import (  # noqa: E402,F401  (each module registers its ops on import)
     norm,
     qoperators,
     quant,
+    quantized_rnn,
     reduce,
     resize,
     rnn,

@@ -4,7 +4,8 @@ A kernel is called as ``kernel(*inputs, **attrs)``: inputs are NumPy arrays (``N
 omitted optional input), keyword arguments are the node's ONNX attributes with the defaults
 written in the kernel's signature. It returns one array or a tuple (one per output).
 A kernel that declares a parameter ``noutputs`` receives how many outputs the node has; one that
-declares ``ctx`` receives the runtime context (to run subgraphs).
+declares ``present_outputs`` receives one bool per output (False where the node omits it by an empty
+name); one that declares ``ctx`` receives the runtime context (to run subgraphs).
 
 Lookup resolves the entry with the highest ``since`` not above the node's opset version, like
 ONNX's own versioning: a versioned op is a thin adapter over a common implementation.
@@ -16,7 +17,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
-SPECIAL_PARAMS = ("noutputs", "ctx")
+SPECIAL_PARAMS = ("noutputs", "ctx", "present_outputs")
 
 
 @dataclass
