@@ -21,6 +21,7 @@ from .requant import (  # noqa: F401
 # refquant.ops.qoperators imports this package for the requantization schemes, and the lowering imports the ops.
 _PROGRAM = ("IntSim", "qdq_gap", "GapReport", "LayerGap", "OutputGap", "sqnr")
 _LOWERING = ("lower", "LoweringError", "Program", "QTensor")
+_OVERFLOW = ("overflow_report", "OverflowReport", "LayerAccumulator", "AccumulatorOverflowError")
 
 
 def __getattr__(name):
@@ -32,4 +33,8 @@ def __getattr__(name):
         from . import lowering
 
         return getattr(lowering, name)
+    if name in _OVERFLOW:
+        from . import overflow
+
+        return getattr(overflow, name)
     raise AttributeError(f"module 'refquant.intsim' has no attribute {name!r}")

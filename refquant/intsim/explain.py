@@ -14,8 +14,9 @@ Gemm / MatMul (QGemm, QLinearMatMul, or MatMulInteger + Requantize) the row of A
 
 The values come from the program's own constants and its run on ``feeds``: the explained code is checked
 against the code the program computed (a mismatch would be a bug and raises). Explanations cover the layers
-that accumulate and requantize (Conv, Gemm, MatMul) and, in :mod:`refquant.intsim.explain_elementwise`, Add, Mul,
-GlobalAveragePool and the lookup tables; other nodes raise an error that says what they became.
+that accumulate and requantize (Conv, Gemm, MatMul), in :mod:`refquant.intsim.explain_elementwise` Add, Mul,
+GlobalAveragePool and the lookup tables, and in :mod:`refquant.intsim.explain_pool_concat` AveragePool, Concat and
+Softmax; other nodes raise an error that says what they became.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from fractions import Fraction
 
 import numpy as np
 
-from ..errors import RefquantError
+from ..errors import OpError, RefquantError
 from ..ops import nn as _nn
 from .explain_elementwise import ELEMENTWISE_OPS, ElementExplanation, explain_elementwise
+from .explain_pool_concat import POOL_CONCAT_OPS, explain_pool_concat
+from .overflow import raise_for_layer
 from .requant import (
     INT32_MAX,
     INT32_MIN,
@@ -157,11 +160,13 @@ def explain(isim, node: str, index=None, feeds=None) -> Explanation | ElementExp
                             "unquantized output), so there is no result code to explain")
     chain = _chain(isim.graph, isim.program.tensors[final].name)
     kind = chain["accumulate"].op_type
-    if (kind not in _GEMM_OPS and kind not in ELEMENTWISE_OPS) or kind not in entry.ops:
+    known = kind in _GEMM_OPS or kind in ELEMENTWISE_OPS or (kind in POOL_CONCAT_OPS and entry.mode == "integer")
+    if not known or kind not in entry.ops:
         raise RefquantError(f"explain: node {src_node.name!r} ({src_node.op_type}) became "
                             f"{' + '.join(entry.ops) or 'nothing'} ({entry.mode}); explain shows the arithmetic of "
                             "layers that accumulate and requantize (Conv, Gemm, MatMul), of QLinearAdd, QLinearMul, "
-                            "QLinearGlobalAveragePool and of lookup tables (ops on codes copy them unchanged)")
+                            "QLinearGlobalAveragePool, QLinearAveragePool, Concat / QLinearConcat, QLinearSoftmax "
+                            "and of lookup tables (ops on codes copy them unchanged)")
     note = ""
     if feeds is None:
         feeds = default_feeds(isim)
@@ -173,7 +178,10 @@ def explain(isim, node: str, index=None, feeds=None) -> Explanation | ElementExp
         source = producers[chain["accumulate"].inputs[1]]
         reads |= set(source.inputs) | (set(producers[source.inputs[0]].inputs) if source.op_type == "Add" else set())
     wanted = sorted({codes_name} | {n for n in reads if n and n not in isim.session.constants})
-    values = isim.session.run(feeds, outputs=wanted)
+    try:
+        values = isim.session.run(feeds, outputs=wanted)
+    except OpError as exc:  # an int32 accumulator overflow on these feeds names the layer
+        raise_for_layer(isim, exc)
 
     def get(name):
         if not name:
@@ -197,8 +205,9 @@ def _explain_elementwise_layer(isim, src_node, entry, chain, get, producers, sha
     names = {}
     for original, q in isim.program.tensors.items():
         names.setdefault(q.name, original)
-    lines, requantized, inputs = explain_elementwise(chain["accumulate"], get, producers, index,
-                                                     lambda name: names.get(name, name))
+    explain_op = explain_pool_concat if chain["accumulate"].op_type in POOL_CONCAT_OPS else explain_elementwise
+    lines, requantized, inputs = explain_op(chain["accumulate"], get, producers, index,
+                                            lambda name: names.get(name, name))
     grid = isim.program.tensors[final]
     clamp = None
     code = requantized
@@ -279,6 +288,8 @@ def _chain(graph, codes_name: str) -> dict:
         if acc.op_type == "Add":
             chain["bias"] = acc
             acc = producers[acc.inputs[0]]
+            if acc.op_type == "Cast":  # the int32 accumulator widened to int64 before the bias is added
+                acc = producers[acc.inputs[0]]
         chain["accumulate"] = acc
     else:
         chain["accumulate"] = node

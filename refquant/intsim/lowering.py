@@ -10,7 +10,8 @@ running it with :class:`refquant.Session` and exporting it to ONNX give the same
   (zero point 0) and uint8 with a per-channel zero point otherwise (AIMET's unsigned-symmetric channels, or
   asymmetric weights); grids narrower than 8 bits (w4) are held in the 8-bit types. Biases are int32 codes
   ``round(b / (f32(x_scale) * f32(w_scale)))`` in float64, half to even, as onnxruntime's
-  ``quantize_bias_static_impl`` computes them; accumulation is int32; requantization goes to the output encoding;
+  ``quantize_bias_static_impl`` computes them, clipped to int32 as its quantizer does (a clipped bias is
+  noted on the layer in the summary and warned about, never silent); accumulation is int32; requantization goes to the output encoding;
 * ConvTranspose -> the stride-1 ``QLinearConv`` it equals: the input codes zero-stuffed with their zero point
   (``Pad`` of the channel axis, ``DepthToSpace`` DCR, a ``Slice`` where the pads exceed the kernel's reach), the
   kernel flipped with its in/out axes swapped, pads ``d (k - 1) - pad`` (+ output_padding); the accumulator is
@@ -50,13 +51,24 @@ running it with :class:`refquant.Session` and exporting it to ONNX give the same
 
 Requantization: ``scheme="ort"`` uses onnxruntime's kernels as they are. Any other scheme of
 :mod:`refquant.intsim.requant` (``tflite_double``, ``tflite_single``, ``onnx_reference``, ``exact``) lowers
-Conv / Gemm / MatMul to ``ConvInteger`` / ``MatMulInteger`` + an int32 bias ``Add`` + a refquant ``Requantize``
-node (domain ``com.refquant``) that calls :func:`refquant.intsim.requant.requantize` on the int32 accumulator;
-such a program runs in refquant only (onnxruntime has no such op).
+Conv / Gemm / MatMul to ``ConvInteger`` / ``MatMulInteger`` + the bias (``Cast`` to int64, ``Add``: an int32 Add
+would wrap silently) + a refquant ``Requantize`` node (domain ``com.refquant``) that checks the sum fits int32 and
+calls :func:`refquant.intsim.requant.requantize` on it; such a program runs in refquant only (onnxruntime has no
+such op).
+
+Bad encodings are errors naming the node and tensor (:class:`LoweringError`): a scale that is not a positive,
+finite, normal float32 (zero, negative, NaN, or a float64 value that underflows or overflows float32); a
+requantization multiplier ``x_scale * w_scale / y_scale`` the scheme cannot represent (``ort`` /
+``onnx_reference``: its float32 value must be finite and normal; ``tflite_*``: ``2^-32 <= M < 2^30``, where
+tflite::QuantizeMultiplier neither flushes it to zero nor needs a left shift above 30 bits; ``exact``: any);
+QLinearAdd / QLinearMul float32 scale ratios that overflow or underflow; a Softmax output scale above 1
+(onnxruntime multiplies by ``floor(1 / y_scale)``). An int32 accumulator that overflows at run time is reported
+per layer (:mod:`refquant.intsim.overflow`), never wrapped.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,6 +87,7 @@ from .requant import (
     as_scheme,
     exact_multiplier,
     ort_multiplier,
+    quantize_multiplier,
     requantize,
     tflite_multiplier,
 )
@@ -151,6 +164,7 @@ class Lowered:
     ops: list[str]
     mode: str  # "integer", "codes" (data movement on codes), "table", "float" (fallback), "copy" (shapes)
     note: str = ""
+    program_nodes: list = field(default_factory=list)  # names of the program nodes it became
 
 
 @dataclass
@@ -174,6 +188,11 @@ def requantize_op(acc, x_scale, w_scale, y_scale, y_zero_point, *, scheme="ort",
     ``x_scale * w_scale / y_scale`` as ``scheme`` forms it (``axis``: the channel axis of a per-channel
     ``w_scale``, -1 to broadcast it against the accumulator's last axis)."""
     sch = as_scheme(scheme)
+    acc = np.asarray(acc)
+    if acc.size and (int(acc.min()) < INT32_MIN or int(acc.max()) > INT32_MAX):  # every scheme: int32 on target
+        raise OverflowError(f"the int32 accumulator (+ bias) overflows: exact range [{int(acc.min())}, "
+                            f"{int(acc.max())}], {int(np.count_nonzero((acc < INT32_MIN) | (acc > INT32_MAX)))} "
+                            "elements outside int32; the target accumulates in int32, so no bit-exact result exists")
     ws = np.asarray(w_scale, dtype=F32).reshape(-1)
     ws = ws.reshape(()) if ws.size == 1 else ws
     if sch.name in ("ort", "onnx_reference"):
@@ -208,6 +227,7 @@ class _Lowerer:
             self.used_names.update(o for o in n.outputs if o)
         self.lowered: list[Lowered] = []
         self.fallbacks: list[Lowered] = []
+        self.bias_clipped: dict[str, str] = {}  # layer -> what bias_codes clipped
         self.consumed: set[int] = set()
         self.consumers = self.src.consumers()
         self.producers = self.src.producers()
@@ -265,10 +285,28 @@ class _Lowerer:
         if enc.bitwidth not in (8, 16):
             raise self.error(where, f"tensor {name!r} has a {enc.bitwidth}-bit activation grid; the integer program "
                                     "holds 8- and 16-bit activations (uint8/uint16)")
+        self.check_scales(where, f"tensor {name!r}", enc.scale)
         scale, zp, type_name = enc.to_onnx(signed=False)
         if enc.bitwidth == 16:
             self.needs_21 = True
         return F32(np.asarray(scale).reshape(())), int(np.asarray(zp).reshape(())), np.dtype(type_name)
+
+    def check_scales(self, where: str, what: str, scale) -> None:
+        """Every scale must be a positive, finite, normal float32 (the integer ops store scales as float32):
+        zero, negative, NaN, or a float64 value that underflows or overflows float32 is an error."""
+        s64 = np.asarray(scale, dtype=np.float64).reshape(-1)
+        with np.errstate(all="ignore"):
+            s32 = s64.astype(F32)
+        bad = ~(np.isfinite(s32) & (s32 >= np.finfo(F32).tiny))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            value = float(s64[i])
+            why = ("NaN" if np.isnan(value) else "zero" if value == 0 else "negative" if value < 0
+                   else f"too large for float32 (max {float(np.finfo(F32).max):.4g})" if not np.isfinite(s32[i])
+                   else f"too small for float32 (below {float(np.finfo(F32).tiny):.4g})")
+            channel = f" (channel {i})" if s64.size > 1 else ""
+            raise self.error(where, f"{what} has scale {value!r}{channel}: {why}; a scale must be a positive, "
+                                    "finite, normal float32 (fix or recompute the encoding)")
 
     def qtensor(self, codes_name: str, src_name: str, enc: Encoding, where: str) -> QTensor:
         scale, zp, dtype = self.activation_grid(src_name, enc, where)
@@ -307,6 +345,9 @@ class _Lowerer:
                 del self.nodes[start:]
                 entry = self.lower_float(node, exc.reason)
                 self.fallbacks.append(entry)
+            entry.program_nodes = [n.name for n in self.nodes[start:]]
+            if node.name in self.bias_clipped and entry.mode != "float":
+                entry.note = "; ".join(filter(None, [entry.note, "bias clipped to int32"]))
             self.lowered.append(entry)
         return self.finish()
 
@@ -510,6 +551,7 @@ class _Lowerer:
         if enc.bitwidth > 8:
             raise self.error(where, f"weight {name!r} has a {enc.bitwidth}-bit grid; onnxruntime's integer ops "
                                     "take 8-bit weights")
+        self.check_scales(where, f"weight {name!r}", enc.scale)
         value = np.asarray(self.sim_constant(name), dtype=np.float32)
         scale = np.asarray(enc.scale, dtype=F32)
         offset = np.asarray(enc.offset, dtype=np.float64)
@@ -527,8 +569,11 @@ class _Lowerer:
 
     def bias_codes(self, node: Node, name: str, x: QTensor, w_scale: np.ndarray, beta: float = 1.0) -> np.ndarray:
         """onnxruntime's quantize_bias_static_impl: round(f64(b) / f64(f32(x_scale * w_scale))), half to even,
-        clipped to int32. A Gemm's beta scales the bias first (f32(beta * b)): onnxruntime's quantizer folds beta
-        into the bias scale instead, which is right for its QDQ form (where it then sets beta to 1) only."""
+        clipped to int32 as onnxruntime's quantizer does; a clipped channel is never silent: it is noted on the
+        layer (``isim.summary()``, ``Program.bias_clipped``) and warned about (RuntimeWarning). A NaN bias is a
+        LoweringError. A Gemm's beta scales the
+        bias first (f32(beta * b)): onnxruntime's quantizer folds beta into the bias scale instead, which is right
+        for its QDQ form (where it then sets beta to 1) only."""
         if name not in self.src.initializers:
             raise self.error(self.where(node), self.not_initializer("bias", name))
         bias = np.asarray(self.src.initializers[name], dtype=np.float32)
@@ -537,7 +582,27 @@ class _Lowerer:
         bias_scale = (np.asarray([x.scale], dtype=F32) * np.asarray(w_scale, dtype=F32).reshape(-1)).astype(F32)
         if bias.ndim == 0 or bias.size == 1:
             bias = np.broadcast_to(bias.reshape(-1), bias_scale.shape)
-        codes = np.round(bias.astype(np.float64) / bias_scale.astype(np.float64))  # along the last axis
+        where = self.where(node)
+        if not np.all(bias_scale > 0):  # x_scale * w_scale underflowed float32 (each scale is checked already)
+            i = int(np.flatnonzero(~(bias_scale > 0))[0])
+            raise self.error(where, f"bias {name!r}: the bias scale f32(x_scale * w_scale) = f32({float(x.scale):.6g} "
+                                    f"* {float(np.asarray(w_scale, F32).reshape(-1)[i]):.6g}) underflows to 0")
+        with np.errstate(all="ignore"):
+            codes = np.round(bias.astype(np.float64) / bias_scale.astype(np.float64))  # along the last axis
+        if np.isnan(codes).any():
+            i = int(np.flatnonzero(np.isnan(codes).reshape(-1))[0])
+            raise self.error(where, f"bias {name!r} is NaN in channel {i}")
+        over = (codes < INT32_MIN) | (codes > INT32_MAX)
+        if over.any():
+            i = int(np.flatnonzero(over.reshape(-1))[0])
+            flat_bias, flat_scale = bias.reshape(-1), np.broadcast_to(bias_scale, bias.shape).reshape(-1)
+            message = (f"bias {name!r} overflows int32 in {int(over.sum())} of {over.size} channels, clipped to "
+                       f"[{INT32_MIN}, {INT32_MAX}] as onnxruntime's quantizer does; channel {i}: round(b / "
+                       f"bias_scale) = round({float(flat_bias[i]):.6g} / {float(flat_scale[i]):.6g}) = "
+                       f"{float(codes.reshape(-1)[i]):.6g} (bias_scale = x_scale * w_scale is too small for this "
+                       "bias: widen the weight's or the input's encoding)")
+            self.bias_clipped[node.name] = message
+            warnings.warn(f"IntSim: {where}: {message}", RuntimeWarning, stacklevel=2)
         return np.clip(codes, INT32_MIN, INT32_MAX).astype(np.int32)
 
     # -------------------------------------------------------------------------------- output grid and fusion
@@ -604,6 +669,50 @@ class _Lowerer:
             return lo
         return int(np.clip(t + q.zero_point, lo, hi))
 
+    def check_multiplier(self, where: str, x: QTensor, w_scale, y: QTensor) -> None:
+        """The requantization multiplier ``x_scale * w_scale / y_scale`` must be representable in the scheme's
+        arithmetic: ``ort`` / ``onnx_reference`` form it in float32, which must stay finite and normal (not
+        overflow, not underflow to 0 or a subnormal); ``tflite_*`` form ``M0 * 2^(shift - 31)`` with
+        tflite::QuantizeMultiplier, which flushes ``M < 2^-32`` to 0 (shift < -31) and cannot left-shift an
+        int32 accumulator by more than 30 bits (shift > 30: double rounding would overflow, single rounding
+        saturates). ``exact`` takes any positive multiplier (the scales are checked already)."""
+        ws = np.asarray(w_scale, dtype=F32).reshape(-1)
+        name = self.scheme.name
+        if name == "exact":
+            return
+        with np.errstate(all="ignore"):
+            if name in ("ort", "onnx_reference"):
+                m = ort_multiplier(x.scale, ws, y.scale).reshape(-1)
+                bad = ~(np.isfinite(m) & (m >= np.finfo(F32).tiny))
+                limits = f"the float32 multiplier f32(f32(x_scale * w_scale) / y_scale) must be in " \
+                         f"[{float(np.finfo(F32).tiny):.4g}, {float(np.finfo(F32).max):.4g}]"
+            else:
+                m = tflite_multiplier(x.scale, ws, y.scale).reshape(-1)
+                _, shift = quantize_multiplier(m)
+                tiny = m < 2.0 ** -32  # QuantizeMultiplier's shift < -31: flushed to zero
+                bad = tiny | (np.asarray(shift) > 30)
+                limits = ("tflite::QuantizeMultiplier needs 2^-32 <= M < 2^30 (smaller multipliers are flushed "
+                          "to 0; a shift above 30 overflows the int32 left shift, or saturates with single "
+                          "rounding)")
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            mult = float(tflite_multiplier(x.scale, ws[i if ws.size > 1 else 0], y.scale))
+            channel = f" (output channel {i})" if ws.size > 1 else ""
+            raise self.error(where, f"requantization multiplier x_scale * w_scale / y_scale = {float(x.scale):.6g} "
+                                    f"* {float(ws[i if ws.size > 1 else 0]):.6g} / {float(y.scale):.6g} = "
+                                    f"{mult:.6g}{channel} cannot be represented by requant={self.scheme}: {limits}")
+
+    def add_bias(self, node: Node, acc: str, bias: np.ndarray, ops: list) -> str:
+        """acc + bias in int64 (``Cast`` then ``Add``): an int32 Add would wrap around silently; the Requantize
+        node checks that the sum fits int32, as the target's int32 accumulator must."""
+        wide = self.fresh(f"{node.outputs[0]}_acc64")
+        self.emit("Cast", [acc], [wide], {"to": 7}, name=f"{node.name}_widen")  # INT64
+        summed = self.fresh(f"{node.outputs[0]}_acc_bias")
+        self.emit("Add", [wide, self.const(f"{node.inputs[2]}_quantized", bias, np.int64)], [summed],
+                  name=f"{node.name}_bias")
+        ops += ["Cast", "Add"]
+        return summed
+
     def requant_node(self, node: Node, acc: str, x: QTensor, w_scale_name: str, y: QTensor, out: str,
                      axis: int | None) -> None:
         self.custom = True
@@ -636,6 +745,7 @@ class _Lowerer:
                                     "after it has one)")
         y = self.qtensor("", final, enc, where)
         self.require_8bit_gemm(where, y, final)
+        self.check_multiplier(where, x, ws, y)
         base = node.inputs[1]
         w_name = self.const(f"{base}_quantized", w)
         ws_name = self.const(f"{base}_scale", ws, F32)
@@ -658,12 +768,7 @@ class _Lowerer:
             ops.append("ConvInteger")
             if has_bias:
                 bias = self.bias_codes(node, node.inputs[2], x, ws)
-                summed = self.fresh(f"{node.outputs[0]}_acc_bias")
-                self.emit("Add", [acc, self.const(f"{node.inputs[2]}_quantized",
-                                                  bias.reshape((-1,) + (1,) * (len(w.shape) - 2)))],
-                          [summed], name=f"{node.name}_bias")
-                acc = summed
-                ops.append("Add")
+                acc = self.add_bias(node, acc, bias.reshape((-1,) + (1,) * (len(w.shape) - 2)), ops)
             self.requant_node(node, acc, x, ws_name, y, codes, 1)
             ops.append("Requantize")
         y.name = codes
@@ -794,6 +899,7 @@ class _Lowerer:
             return Lowered(node.name, node.op_type, ["QGemm"], "integer", "float output (no output quantizer)")
         y = self.qtensor("", final, enc, where)
         self.require_8bit_gemm(where, y, final)
+        self.check_multiplier(where, a, bs, y)
         ys, yz = self.params(final, y)
         codes = self.fresh(f"{final}_codes")
         ops = []
@@ -813,10 +919,7 @@ class _Lowerer:
             self.emit("MatMulInteger", [a_in, b_in, az, bz_name], [acc], name=f"{node.name}_integer")
             ops.append("MatMulInteger")
             if bias_name:
-                summed = self.fresh(f"{node.outputs[0]}_acc_bias")
-                self.emit("Add", [acc, bias_name], [summed], name=f"{node.name}_bias")
-                acc = summed
-                ops.append("Add")
+                acc = self.add_bias(node, acc, bias, ops)
             self.requant_node(node, acc, a, bs_name, y, codes, None)
             ops.append("Requantize")
         y.name = codes
@@ -848,6 +951,7 @@ class _Lowerer:
             raise self.error(where, f"output {node.outputs[0]!r} has no active quantizer")
         y = self.qtensor("", final, enc, where)
         self.require_8bit_gemm(where, y, final)
+        self.check_multiplier(where, a, bs, y)
         as_, az = self.params(node.inputs[0], a)
         ys, yz = self.params(final, y)
         codes = self.fresh(f"{final}_codes")
@@ -889,6 +993,15 @@ class _Lowerer:
         y = self.qtensor("", final, enc, where)
         if y.dtype != a.dtype:
             raise self.error(where, f"output is {y.dtype} but the operands are {a.dtype}")
+        # onnxruntime's float32 ratios (sa / sc, sb / sc; Mul: f32(sa * sb) / sc) must be finite and normal
+        with np.errstate(all="ignore"):
+            ratios = [F32(a.scale / y.scale), F32(b.scale / y.scale)] if node.op_type == "Add" else \
+                [F32(F32(a.scale * b.scale) / y.scale)]
+        if not all(np.isfinite(r) and r >= np.finfo(F32).tiny for r in ratios):
+            raise self.error(where, f"scales {float(a.scale):.6g}, {float(b.scale):.6g} -> {float(y.scale):.6g}: "
+                                    f"the float32 ratio{'s' if len(ratios) > 1 else ''} "
+                                    f"{', '.join(f'{float(r):.6g}' for r in ratios)} of QLinear{node.op_type} "
+                                    "overflow or underflow float32")
         codes = self.fresh(f"{final}_codes")
         as_, az = self.params(node.inputs[0], a)
         bs, bz = self.params(node.inputs[1], b)
@@ -939,6 +1052,21 @@ class _Lowerer:
         codes = self.fresh(f"{node.outputs[0]}_codes")
         xs, xz = self.params(node.inputs[0], x)
         ys, yz = self.params(node.outputs[0], y)
+        value = self.src.values.get(node.inputs[0])
+        shape = value.shape if value is not None else None
+        known = bool(shape) and all(isinstance(d, int) and d > 0 for d in shape[2:])
+        # an AveragePool whose kernel covers the unpadded image runs onnxruntime's integer global average too
+        covers = node.op_type == "GlobalAveragePool" or (
+            known and list(node.attrs.get("kernel_shape") or []) == list(shape[2:])
+            and not any(node.attrs.get("pads") or []) and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID"))
+        if covers and known:
+            n = int(np.prod(shape[2:]))  # MLAS's integer global average needs 2^-32 <= x_scale / (y_scale N) < 256
+            with np.errstate(all="ignore"):
+                m = F32(x.scale / F32(y.scale * F32(n)))
+            if not F32(2.0 ** -32) <= m < F32(256.0):
+                raise self.error(where, f"the multiplier f32(x_scale / f32(y_scale * N)) = f32({float(x.scale):.6g} / "
+                                        f"({float(y.scale):.6g} * {n})) = {float(m):.6g} is outside onnxruntime's "
+                                        "range [2^-32, 256)")
         if node.op_type == "GlobalAveragePool":
             self.emit("QLinearGlobalAveragePool", [x.name, xs, xz, ys, yz], [codes], {"channels_last": 0},
                       name=node.name, domain=MS)
@@ -964,6 +1092,9 @@ class _Lowerer:
         if x.dtype != y.dtype or x.dtype not in (np.uint8, np.int8):
             raise self.error(where, f"input {x.dtype} and output {y.dtype}: onnxruntime's QLinearSoftmax takes uint8 "
                                     "or int8, the same type in and out")
+        if np.floor(F32(1) / y.scale) < 1:  # onnxruntime scales the probabilities by floor(1 / y_scale)
+            raise self.error(where, f"output scale {float(y.scale):.6g} > 1: QLinearSoftmax multiplies by "
+                                    "floor(1 / y_scale) = 0, so every output would be the zero point")
         opset = 13 if node.version >= 13 else max(node.version, 1)
         attrs = {"opset": opset, "axis": int(node.attrs.get("axis", -1 if opset >= 13 else 1))}
         codes = self.fresh(f"{node.outputs[0]}_codes")

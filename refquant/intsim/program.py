@@ -20,10 +20,11 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ..errors import RefquantError
+from ..errors import OpError, RefquantError
 from ..onnx_io import save, to_onnx
 from ..runtime import Session
 from .lowering import Program, QTensor, lower
+from .overflow import OverflowReport, overflow_report, raise_for_layer
 
 
 class IntSim:
@@ -71,10 +72,22 @@ class IntSim:
             raise RefquantError(f"IntSim.run: {unknown} are not outputs of the model ({self.output_names}); "
                                 "use tensor_codes() for intermediate tensors")
         if not codes:
-            return self.session.run(feeds, outputs=names)
+            return self._session_run(feeds, names)
         wanted = [self.program.codes.get(n, n) for n in names]
-        result = self.session.run(feeds, outputs=wanted)
+        result = self._session_run(feeds, wanted)
         return {n: result[w] for n, w in zip(names, wanted)}
+
+    def _session_run(self, feeds, outputs):
+        """Session.run; an int32 accumulator overflow becomes an AccumulatorOverflowError naming the layer."""
+        try:
+            return self.session.run(feeds, outputs=outputs)
+        except OpError as exc:
+            raise_for_layer(self, exc)  # re-raises any other error as it is
+
+    def overflow_report(self, feeds=None) -> OverflowReport:
+        """Per accumulating layer: the worst-case int32 accumulator bound and (given ``feeds``) the exact range
+        on them (:mod:`refquant.intsim.overflow`)."""
+        return overflow_report(self, feeds)
 
     def tensor_codes(self, feeds: Mapping[str, np.ndarray], names: Iterable[str] | None = None
                      ) -> dict[str, np.ndarray]:
@@ -85,7 +98,7 @@ class IntSim:
         if missing:
             raise RefquantError(f"IntSim: {missing[:5]} are not held as integer codes by the program")
         wanted = [self.program.tensors[n].name for n in names]
-        result = self.session.run(feeds, outputs=list(dict.fromkeys(wanted)))
+        result = self._session_run(feeds, list(dict.fromkeys(wanted)))
         return {n: result[w] for n, w in zip(names, wanted)}
 
     def grid(self, name: str) -> QTensor:
@@ -124,6 +137,11 @@ class IntSim:
             note = f"  ({entry.note})" if entry.note else ""
             lines.append(f"{entry.node[-52:]:<52} {entry.op_type:<18} {entry.mode:<8} "
                          f"{' + '.join(entry.ops) or '-'}{note}")
+        risky = [layer.node for layer in overflow_report(self).layers if layer.can_overflow]
+        lines.append("int32 accumulators: " + (f"{len(risky)} layers can exceed int32 for some inputs (each run checks "
+                                                f"them; isim.overflow_report(feeds)): {', '.join(risky[:8])}"
+                                                + (" ..." if len(risky) > 8 else "") if risky
+                                                else "no layer can exceed int32 for any input"))
         if prog.fallbacks:
             lines.append(f"float fallback ({len(prog.fallbacks)} nodes run in float between DequantizeLinear "
                          "and QuantizeLinear):")

@@ -270,6 +270,7 @@ def _ort(acc, mult, zp, qmin, qmax):
 
 
 def _onnx_reference(acc, mult, zp, qmin, qmax):
+    _check_int32(acc, "onnx_reference")  # the reference casts to int32: a wider accumulator would wrap
     m = np.asarray(mult)
     if m.dtype.kind != "f":
         m = m.astype(np.float64)
@@ -323,7 +324,7 @@ def _exact_round(acc, mult, rounding):
     max_acc = int(np.abs(acc).max()) if acc.size else 0
     max_num = max((abs(int(v)) for v in num.reshape(-1)), default=0)
     max_den = max((int(v) for v in den.reshape(-1)), default=1)
-    if max_acc * max_num < (1 << 62) and max_den < (1 << 61):
+    if max_acc * max_num < (1 << 62) and max_num < (1 << 62) and max_den < (1 << 61):
         n64 = num.astype(np.int64)
         d64 = den.astype(np.int64)
         product = acc * n64
@@ -346,5 +347,6 @@ def _exact_round(acc, mult, rounding):
         for index in zip(*np.nonzero(np.broadcast_to(near, shape))):
             p = int(acc_b[index]) * int(num_b[index])
             d = int(den_b[index])
-            result[index] = _round_int(p, d, rounding)
-    return result.astype(np.int64)
+            result[index] = float(min(max(_round_int(p, d, rounding), -(1 << 62)), 1 << 62))
+    # a huge multiplier can take acc * M past int64: saturate (the caller clamps to [qmin, qmax] anyway)
+    return np.clip(result, -2.0 ** 62, 2.0 ** 62).astype(np.int64)

@@ -46,8 +46,9 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 
-from ..errors import RefquantError
+from ..errors import OpError, RefquantError
 from .lowering import LoweringError, QTensor
+from .overflow import AccumulatorOverflowError, raise_for_layer
 
 TRY_SCHEMES = ("ort", "onnx_reference", "tflite_double", "tflite_single", "exact(half_even)", "exact(half_up)",
                "exact(half_away)")
@@ -361,7 +362,7 @@ def verify(sim, dump, requant="ort", schemes=TRY_SCHEMES, teacher_forcing: bool 
         try:
             alt = isim if label == report.scheme else IntSim(sim, requant=scheme, float_fallback=float_fallback)
             result = ours if alt is isim else _run(alt, feeds, forced, tensors, teacher_forcing)
-        except (LoweringError, OverflowError) as exc:
+        except (LoweringError, OverflowError, OpError, AccumulatorOverflowError) as exc:
             report.scheme_errors[label] = str(exc)
             continue
         matched = 0
@@ -438,7 +439,10 @@ def _run(isim, feeds, forced, tensors, teacher_forcing) -> dict:
             computed[original] = array
         return forced[names[0]] if teacher_forcing else None
 
-    isim.session.run(feeds, outputs=list(by_codes), hooks=[hook])
+    try:
+        isim.session.run(feeds, outputs=list(by_codes), hooks=[hook])
+    except OpError as exc:  # an int32 accumulator overflow names the model's layer
+        raise_for_layer(isim, exc)
     missing = [n for n in forced if n not in computed]
     if missing:  # tensors folded to constants never pass a hook: read them directly
         result = isim.session.run(feeds, outputs=[program.tensors[n].name for n in missing])
