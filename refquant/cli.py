@@ -307,6 +307,13 @@ def cmd_intsim(args) -> int:
     print(isim.summary())
     feeds = next(iter(iter_feeds(args.eval_data or args.data, graph, batch_size=args.batch_size,
                                  preprocess=preprocess)))
+    overflow = isim.overflow_report(feeds)
+    if any(layer.can_overflow for layer in overflow.layers):  # the exact int32 accumulator range of those layers
+        print(overflow)
+    if overflow.overflowing:
+        print(f"refquant intsim: the int32 accumulator of {len(overflow.overflowing)} layer(s) overflows on this "
+              "data (see above); no bit-exact integer result exists", file=sys.stderr)
+        return 1
     print(qdq_gap(sim, isim, feeds))
     if args.export:
         isim.export(args.export, overwrite=True)

@@ -135,3 +135,20 @@ def test_intsim_command_exports_a_program_onnxruntime_runs_bit_exactly(tmp_path,
     names = [o.name for o in ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_outputs()]
     for name, value in zip(names, theirs):
         assert np.array_equal(ours[name], value), name
+
+
+def test_intsim_command_reports_an_overflowing_accumulator(tmp_path, capsys):
+    """W8A16 MatMul with K = 1024 and weights 1, fed ones: uint16 codes 65535 (zero point 0) times int8 codes 127
+    sum to 65535 * 127 * 1024 = 8.5e9 > 2^31 - 1: the command prints the per-layer report and exits 1."""
+    import onnx
+
+    k = 1024
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="wide_matmul")], [("x", FLOAT, ["n", k])],
+                       [("y", FLOAT, ["n", 1])], {"w": np.ones((k, 1), np.float32)})
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.ones((4, k), np.float32))
+    code = main(["intsim", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npy"), "--precision", "w8a16",
+                 "--requant", "tflite_double"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "wide_matmul" in out and "overflow" in err
