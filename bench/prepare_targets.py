@@ -12,9 +12,12 @@
   random positions: half of them held blank paper or the gap between two lines (FP32 read nothing in 58
   of 128), which is not a text-line crop and inflated the CER to 28 %.
 
-Each is printed for: no preparation, default preparation, and default preparation with the
-validator's outlier rule (``QuantSim(..., prepare_data=calibration)``: activations the validator flags
-on the calibration data get 16-bit quantizers). It prints; it asserts nothing.
+Each is printed for: no preparation; the default preparation without ``fuse_mul_add_chains``; the default
+preparation without its residual-stream rule (``residual_rule=False``: every activation at 8 bits); the
+default preparation (the rule gives 16 bits to the tensors from each residual branch's last linear layer
+to the LayerNorm that reads the sum, found from the graph alone); and the default preparation with the
+validator's outlier rule too (``QuantSim(..., prepare_data=calibration)``: activations the validator
+flags on the calibration data get 16-bit quantizers). It prints; it asserts nothing.
 
     python bench/prepare_targets.py [--models minilm,ocr]
 """
@@ -167,6 +170,7 @@ def _without(name: str) -> list[str]:
 
 VARIANTS = [("no preparation", {"prepare": False}),
             ("default without fuse_mul_add_chains", {"prepare": _without("fuse_mul_add_chains")}),
+            ("default, residual_rule=False", {"residual_rule": False}),
             ("default preparation", {}),
             ("default preparation, prepare_data", {"prepare_data": "calibration"})]
 

@@ -231,10 +231,19 @@ def cmd_quantize(args) -> int:
     graph = load(args.model)
     config = "per_tensor" if args.per_tensor and args.config == "default" else args.config
     options = {"percentile": args.percentile} if args.percentile is not None else {}
-    sim = QuantSim(graph, precision=args.precision, quant_scheme=args.scheme, config=config,
-                   rounding=args.rounding, scheme_options=options)
     preprocess = Preprocess.parse(args.preprocess) if args.preprocess else None
     labels = load_labels(args.labels) if args.labels else None  # before any work: a bad path fails fast
+    # the preparation's verification and the validator's outlier rule see the calibration data (its first
+    # 8 batches of 8, preprocessed), as QuantSim(..., prepare_data=...) would
+    from itertools import islice
+
+    prepare_data = list(islice(iter_feeds(args.data, graph, batch_size=8, preprocess=preprocess), 8))
+    sim = QuantSim(graph, precision=args.precision, quant_scheme=args.scheme, config=config,
+                   rounding=args.rounding, scheme_options=options, prepare_data=prepare_data or None)
+    if sim.widened:
+        print(f"{len(sim.widened)} activation(s) at 16 bits (QuantSim's residual-stream and outlier rules):")
+        for name, why in sim.widened.items():
+            print(f"  {name}: {why.split(':')[0]}")
     start = time.perf_counter()
     from .scale import executor_from_args
 

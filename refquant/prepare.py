@@ -244,6 +244,29 @@ def prepare_for_quantsim(graph: Graph, passes="default", data=None) -> tuple[Gra
     return prepared, report
 
 
+def residual_activations(graph: Graph) -> dict[str, str]:
+    """The residual-stream rule's tensors (``QuantSim(..., residual_rule=True)``, the default): every tensor
+    from a residual branch's last linear layer to the normalization that reads the residual sum
+    (:func:`refquant.validate.residual_streams`), tensor name -> why. Structural: no data is needed, and
+    a graph without a normalization over a residual sum (a conv net, an MLP) has none.
+
+    Why these and 16 bits (the validator's "residual-stream" finding): transformers' residual streams carry
+    a few channels 100-1000x the median one, which the normalization divides out per token. A per-tensor
+    grid of 2^b codes sized for a channel r times the median leaves the median channel ~2^b / r codes: at 8
+    bits and r = 200 (paraphrase-MiniLM's first FFN output, channel 99 at [CLS]/[SEP]) that is one code, at
+    16 bits 327. Which layer carries them differs between models (and is invisible without data), so every
+    residual stream into a normalization is widened: a few tensors per block, the ones Bondarenko et al.
+    (2021) keep at 16 bits for BERT."""
+    from .validate import residual_streams
+
+    flagged: dict[str, str] = {}
+    for stream in residual_streams(graph):
+        for name in stream.tensors:
+            flagged.setdefault(name, f"residual-stream: on the residual stream into {stream.norm} "
+                                     f"(the sum {stream.input!r})")
+    return flagged
+
+
 # findings on calibration data whose tensor a min-max 8-bit grid serves badly: the outlier rule widens them
 WIDEN_CODES = ("huge-activation", "outlier-channel", "outlier-dominated")
 

@@ -17,6 +17,9 @@ The checks (codes in ``CATALOG``):
 * ranges: huge or infinite constants (attention masks), and with calibration data (``data``, read with
   ``refquant.data.iter_feeds``) activations that are huge, whose grid is set by a few outliers, with
   outlier channels, or with dead channels;
+* residual streams: the tensors between a residual branch's last linear layer and the normalization that
+  reads the sum (:func:`residual_streams`), where transformers keep their outlier channels; QuantSim gives
+  them 16 bits by default;
 * structure: unknown shapes and dtypes, dead nodes, unused initializers and inputs, missing or duplicate
   names, tensors read but never produced.
 
@@ -312,6 +315,17 @@ CATALOG: dict[str, Check] = {
         "leaves the other channels a handful of codes", "cross-layer equalization (refquant.ptq.cle) for "
         "Conv/Gemm chains, 16-bit activations for this tensor (QuantSim(..., prepare_data=D) does this: its "
         "outlier rule), or a range-search scheme"),
+    "residual-stream": Check(
+        "info", "a transformer's residual stream carries a few channels 100-1000x the median one (at a few tokens, "
+        "e.g. BERT's [CLS]/[SEP]; Bondarenko et al. 2021, Dettmers et al. 2022, Sun et al. 2024), which the "
+        "normalization divides out per token: only the tensors from the branches' last linear layers to the "
+        "normalization hold them. A per-tensor 8-bit grid sized for a channel r times the median one leaves the "
+        "median channel about 256 / r codes (r = 200 in paraphrase-MiniLM's first FFN output: one code); a "
+        "16-bit grid leaves it 65536 / r, 8 bits or more for r <= 256",
+        "16-bit activations on these tensors: QuantSim does this by default, its residual-stream rule "
+        "(sim.widened lists them; residual_rule=False or outlier_bw=None turns it off); prepare does not "
+        "rewrite the graph for it. With calibration data, outlier-channel findings show which of them carry "
+        "the outliers on that data"),
     "dead-channel": Check(
         "info", "channels that are zero on all calibration data: harmless for the grid, but their weights are "
         "wasted and per-channel encodings computed on them are degenerate", "prune them, or check the data"),
@@ -373,7 +387,7 @@ def validate(model, data=None, *, batch_size: int = 8, max_batches: int = 8) -> 
     ctx = _Context(graph, proto)
     report = Report(model=source)
     for check in (_check_proto, _check_ops, _check_names, _check_structure, _check_shapes, _check_weights,
-                  _check_encodings, _check_batchnorm, _check_constants):
+                  _check_encodings, _check_batchnorm, _check_constants, _check_residual_streams):
         report.findings += check(ctx)
     if ctx.session is None:
         report.findings.append(make_finding("runtime-skipped", f"the model cannot run: {ctx.session_error}"))
@@ -848,6 +862,113 @@ def _check_constants(ctx: _Context) -> list[Finding]:
             findings.append(make_finding("constant-as-activation", f"{name!r} ({array.dtype}{list(array.shape)}) "
                                          f"is an input of {spec.op_type} without a parameter role",
                                          [r.name for r in readers], [name]))
+    return findings
+
+
+# ------------------------------------------------------------------------------ residual streams
+NORMALIZATIONS = {"LayerNormalization"}  # and the decomposed form: Sub(x, ReduceMean(x)), see residual_streams
+_BRANCH_LAYERS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}  # where a residual branch's output is computed
+_CONSTANT_AFFINE = {"Add", "Sub", "Mul", "Div"}  # with one constant operand: a bias or a layer scale
+_MOVES = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout"}  # no quantizer
+
+
+@dataclass
+class ResidualStream:
+    """A normalization that reads a residual sum: ``norm`` (node name(s), for the report), ``input`` (the
+    sum it normalizes) and ``tensors``: every tensor from the branches' last linear layers to ``input``."""
+
+    norm: str
+    input: str
+    tensors: list[str]
+
+
+def residual_streams(graph: Graph) -> list[ResidualStream]:
+    """The residual streams of ``graph`` that end in a normalization, in graph order.
+
+    A normalization is a LayerNormalization node, or the decomposed form an opset < 17 export writes: a
+    tensor ``x`` read by ``m = ReduceMean(x)`` and by ``Sub(x, m)``. It reads a residual stream when its input
+    is an ``Add`` of two computed (non-constant) tensors. From that sum the walk goes up through
+    * further sums of two computed tensors (the residual stream of a pre-LN transformer, embedding sums),
+    * Add/Sub/Mul/Div with one constant operand (a bias kept as an Add, a layer scale),
+    * data movement (Reshape, Transpose... which have no quantizer of their own),
+    and stops at a MatMul/Gemm/Conv output (the branch's last linear layer, included) or at anything else
+    (a normalization's output, an activation, a graph input: not included). The tensors returned are the
+    sums, the affine outputs with their constant operands (bias, layer scale) and the linear outputs met on
+    the way, in graph order; data-movement outputs are not listed.
+    Conv nets without a normalization over a residual sum have none.
+    """
+    producers = graph.producers()
+    consumers = graph.consumers()
+    order = {n.outputs[0]: i for i, n in enumerate(graph.nodes) if n.outputs}
+    found: list[tuple[str, str]] = []  # (normalization description, its input)
+    for node in graph.nodes:
+        if node.domain:
+            continue
+        if node.op_type in NORMALIZATIONS and node.inputs:
+            found.append((f"{node.op_type} {node.name!r}", node.inputs[0]))
+        elif node.op_type == "ReduceMean" and node.inputs:
+            x, mean = node.inputs[0], node.outputs[0]
+            subs = [s for s in consumers.get(mean, []) if s.op_type == "Sub" and s.inputs[:2] == [x, mean]]
+            if subs:
+                found.append((f"mean-centering ReduceMean {node.name!r} -> Sub {subs[0].name!r}", x))
+
+    inputs = set(graph.input_names)
+
+    def computed(name: str) -> bool:
+        return bool(name) and name not in graph.initializers and (name in producers or name in inputs)
+
+    def is_sum(node) -> bool:
+        return (node is not None and node.op_type == "Add" and not node.domain and len(node.inputs) == 2
+                and all(computed(i) for i in node.inputs))
+
+    first_read: dict[str, int] = {}
+    for index, node in enumerate(graph.nodes):
+        for name in node.inputs:
+            first_read.setdefault(name, index)
+
+    def position(name: str) -> tuple[int, int]:  # graph order; a constant just before the node reading it
+        return (order[name], 1) if name in order else (first_read.get(name, -1), 0)
+
+    streams, done = [], set()
+    for norm, x in found:
+        if x in done or not is_sum(producers.get(x)):
+            continue
+        done.add(x)
+        tensors, seen, stack = [], set(), [x]
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            node = producers.get(name)
+            if node is None or node.domain:
+                continue
+            if is_sum(node):
+                tensors.append(name)
+                stack += node.inputs
+            elif node.op_type in _CONSTANT_AFFINE and len(node.inputs) == 2 and \
+                    sum(i in graph.initializers for i in node.inputs) == 1:
+                # the constant too: a bias or layer scale holds the outlier channel's offset or gain as
+                # often as the product does, and its 8-bit per-tensor grid would crush the other entries
+                tensors += [name] + [i for i in node.inputs if i in graph.initializers]
+                stack += [i for i in node.inputs if computed(i)]
+            elif node.op_type in _MOVES and node.inputs and computed(node.inputs[0]):
+                stack.append(node.inputs[0])
+            elif node.op_type in _BRANCH_LAYERS:
+                tensors.append(name)
+        streams.append(ResidualStream(norm, x, sorted(dict.fromkeys(tensors), key=position)))
+    return streams
+
+
+def _check_residual_streams(ctx: _Context) -> list[Finding]:
+    findings = []
+    for stream in residual_streams(ctx.graph):
+        shown = ", ".join(repr(t) for t in stream.tensors[:4]) + ("..." if len(stream.tensors) > 4 else "")
+        node = ctx.producers.get(stream.input)
+        findings.append(make_finding("residual-stream", f"{stream.norm} normalizes the residual sum "
+                                     f"{stream.input!r}: {len(stream.tensors)} tensor(s) from the branches' "
+                                     f"last linear layers to it ({shown})", [node.name] if node else [],
+                                     stream.tensors))
     return findings
 
 

@@ -337,6 +337,11 @@ def test_minilm_mask_constant_is_reported_with_the_scale_it_forces():
     assert len(report.by_code("bias-as-add")) == 18  # 3 layers x 6 linear layers, rank 3: kept
     embeddings = {f.tensors[0] for f in report.by_code("unquantized-constant")}
     assert "model.0.auto_model.embeddings.word_embeddings.weight" in embeddings
+    # post-LN BERT: 3 layers x 2 LayerNorms over a residual sum (bias, bias Add, MatMul output and the sum
+    # each) and the embeddings' LayerNorm over the sum of three lookups (two sums, no linear layer)
+    streams = report.by_code("residual-stream")
+    assert [len(f.tensors) for f in streams] == [2] + [4] * 6
+    assert "/model/model.0/auto_model/encoder/layer.0/output/dense/MatMul_output_0" in streams[2].tensors
 
 
 # ------------------------------------------------------------------------------ command line

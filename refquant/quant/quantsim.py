@@ -102,19 +102,31 @@ class QuantSim:
     does not prepare), to load encodings written for the unprepared graph, or when a technique needs
     what preparation removes (BN re-estimation needs the BatchNormalization nodes).
 
+    Two rules give some activations ``outlier_bw`` bits (16) instead of ``output_bw``, both part of the
+    preparation (none with ``prepare=False``, AIMET's behaviour). ``sim.widened`` lists every widened tensor
+    with the rule's reason; ``outlier_bw=None`` turns both off. The export writes their 16-bit encodings like
+    any other. Neither rewrites the graph: FP32 outputs are those of the prepared graph.
+
+    **The residual-stream rule** (default, ``residual_rule=True``; no data needed): every tensor from a
+    residual branch's last linear layer (MatMul/Gemm/Conv output, bias Add, layer scale) to the residual
+    sum a normalization reads (LayerNormalization, or Sub(x, ReduceMean(x))), found from the graph's
+    structure (:func:`refquant.prepare.residual_activations`). Transformer residual streams carry a few
+    channels 100-1000x the median one, which the normalization divides out per token; a per-tensor grid of
+    2^b codes sized for a channel r times the median leaves the median channel ~2^b / r codes: one code at
+    8 bits for paraphrase-MiniLM's first FFN output (r = 200), 327 at 16 bits. Graphs without a
+    normalization over a residual sum (conv nets, MLPs, the AIMET samples) are unaffected.
+
     **The outlier rule** (with ``prepare_data``): the validator looks at every activation on that data,
     and those it flags as set by outliers (an outlier channel > 32x the median channel's range, most
     values within two 8-bit steps of zero, or beyond the float16 range: ``prepare.WIDEN_CODES``) are
-    quantized at ``outlier_bw`` bits (16) instead of ``output_bw``, as AIMET's and Qualcomm's transformer
-    recipes keep such tensors at 16 bits. ``sim.widened`` lists them with the finding; ``outlier_bw=None``
-    keeps every activation at ``output_bw``. The export writes their 16-bit encodings like any other.
+    widened too, as AIMET's and Qualcomm's transformer recipes keep such tensors at 16 bits.
     """
 
     def __init__(self, graph: Graph, param_bw: int | str = 8, output_bw: int | str = 8,
                  quant_scheme: str = "min_max", config="default", rounding: str = "half_even",
                  precision: str | None = None, threads: int | None = None, scheme_options: dict | None = None,
                  param_scheme: str | None = None, prepare: bool | str | list = True, prepare_data=None,
-                 outlier_bw: int | None = 16):
+                 outlier_bw: int | None = 16, residual_rule: bool = True):
         if precision is not None:
             param_bw, output_bw = parse_precision(precision)
         if rounding not in ROUNDING:
@@ -156,9 +168,15 @@ class QuantSim:
         self._float_session = Session(graph, threads=threads)
         self._hooked: dict[str, Quantizer] = {}
         self._calibrated: set[str] = set()
-        self.widened: dict[str, str] = {}  # the outlier rule (class docstring): tensor -> the finding
-        if prepare and prepare_data is not None and outlier_bw:
-            self._widen_outliers(prepare_data, check_bitwidth(outlier_bw, where="outlier_bw"))
+        self.widened: dict[str, str] = {}  # the two rules (class docstring): tensor -> the reason
+        if prepare and outlier_bw:
+            from ..prepare import outlier_activations, residual_activations
+
+            bitwidth = check_bitwidth(outlier_bw, where="outlier_bw")
+            if residual_rule:
+                self._widen(residual_activations(self.graph), bitwidth)
+            if prepare_data is not None:
+                self._widen(outlier_activations(self.graph, prepare_data), bitwidth)
 
     @property
     def graph_was_prepared(self) -> bool:
@@ -166,12 +184,10 @@ class QuantSim:
         report = self.prepare_report
         return report is not None and any(p.status == "applied" for p in report.passes)
 
-    def _widen_outliers(self, data, bitwidth: int) -> None:
-        """The outlier rule: integer activation quantizers (with their tied group) of the tensors the
-        validator flags on ``data`` (:func:`refquant.prepare.outlier_activations`) get ``bitwidth``."""
-        from ..prepare import outlier_activations
-
-        for name, why in outlier_activations(self.graph, data).items():
+    def _widen(self, flagged: dict[str, str], bitwidth: int) -> None:
+        """The widening rules: integer activation quantizers (with their tied group) of the ``flagged``
+        tensors (name -> reason) get ``bitwidth``; tensors without such a quantizer are left alone."""
+        for name, why in flagged.items():
             quantizer = self.quantizers.get(name)
             if quantizer is None or quantizer.kind == "param" or not quantizer.enabled:
                 continue
