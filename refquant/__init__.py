@@ -12,6 +12,11 @@ from .ir import Graph, Node, Value  # noqa: F401
 from .onnx_io import load, save, to_onnx  # noqa: F401
 from .runtime import Session  # noqa: F401
 
+# functions named like their modules: bound here, after their modules are imported, so that importing
+# ``refquant.validate`` / ``refquant.prepare`` anywhere later cannot rebind the name to the module
+from .validate import validate  # noqa: E402,F401
+from .prepare import prepare  # noqa: E402,F401  (isort: after validate, which it imports)
+
 __version__ = "0.1.0"
 
 
@@ -33,14 +38,6 @@ def __getattr__(name):
         from . import intsim
 
         return getattr(intsim, name)
-    if name == "validate":
-        from .validate import validate
-
-        return validate
-    if name == "prepare":
-        from .prepare import prepare
-
-        return prepare
     if name in _ANALYSIS:
         from . import analysis
 

@@ -366,3 +366,15 @@ def test_cli_validate_exit_codes_for_errors_and_unreadable_models(tmp_path, caps
     assert main(["validate", str(broken)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("refquant: error:") and "broken.onnx" in err
+
+
+def test_refquant_validate_and_prepare_stay_the_functions_after_their_modules_are_imported():
+    """``refquant.validate`` / ``refquant.prepare`` are functions named like their modules: importing the
+    modules (as other refquant modules do, in any order) must not rebind the package names to the modules."""
+    import subprocess
+    import sys
+
+    code = ("import refquant.prepare, refquant.validate, refquant; from refquant.validate import Report; "
+            "import refquant.passes; assert callable(refquant.validate) and callable(refquant.prepare); "
+            "assert refquant.validate.__module__ == 'refquant.validate' and refquant.prepare.__name__ == 'prepare'")
+    subprocess.run([sys.executable, "-c", code], check=True)
