@@ -97,9 +97,17 @@ def make_inputs(name: str, graph_inputs) -> dict[str, np.ndarray]:
         head += [256] * (1024 - len(head))
         tail = [256] * (1024 - len(tail)) + tail
         return {"bytes": np.array([head + tail], dtype=np.int32)}
+    if name == "magika_v1":  # magika 0.5.1: beginning, middle and end, 512 bytes each, as float32
+        content = (zoo.shared_dir() / "design.md").read_bytes()
+        middle = len(content) // 2 - 256
+        picked = list(content[:512]) + list(content[middle:middle + 512]) + list(content[-512:])
+        return {"bytes": np.array([picked], dtype=np.float32)}
     if name == "minilm_l3":
         ids = np.concatenate([[101], rng.integers(1000, 30000, 30), [102]]).astype(np.int64)[None]
         return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if name == "ddddocr_old":  # ddddocr's preprocessing: grayscale, height 64, (pixel / 255 - 0.5) / 0.5
+        line = _text_crop(64, 166, 100) @ np.float32([0.299, 0.587, 0.114])
+        return {"input1": ((line / 255 - 0.5) / 0.5)[None, None].astype(np.float32)}
     raise KeyError(name)
 
 

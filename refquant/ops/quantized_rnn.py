@@ -21,7 +21,7 @@ activations are quantized on the fly. For each direction (onnxruntime: ``Dynamic
 
 every operation a float32 operation rounded on its own (no FMA outside MLAS). f, g, h default to Sigmoid,
 Tanh, Tanh, which are MLAS's rational approximations (:func:`mlas_sigmoid`, :func:`mlas_tanh`: the FMA3
-kernels, reproduced with an exact float32 FMA). The other ONNX activations follow onnxruntime's
+kernels, :mod:`refquant.kernels.mlas`). The other ONNX activations follow onnxruntime's
 ``rnn_activation_functors.h`` (Elu, Softplus and ScaledTanh call the C library's expf/logf, called here
 too) and MLAS ReLU, with onnxruntime's alpha/beta defaults (ThresholdedRelu: 0, not ONNX's 1).
 
@@ -49,13 +49,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import math
 import os
 
 import numpy as np
-from numba import njit
 
-from .qoperators import _LOGISTIC, EXACT_LIMIT, MS, dynamic_quantize_linear
+from ..kernels import mlas
+from .qoperators import EXACT_LIMIT, MS, dynamic_quantize_linear
 from .registry import register
 from .shapes import TensorInfo
 
@@ -98,84 +97,18 @@ def set_ort_intra_op_threads(threads: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------- activations
-_TANH = dict(lo=-9.0, hi=9.0, a13=-2.76076847742355e-16, a11=2.00018790482477e-13, a9=-8.60467152213735e-11,
-             a7=5.12229709037114e-08, a5=1.48572235717979e-05, a3=6.37261928875436e-04, a1=4.89352455891786e-03,
-             b6=1.19825839466702e-06, b4=1.18534705686654e-04, b2=2.26843463243900e-03, b0=4.89352518554385e-03)
-_TANH_C = np.array([_TANH[k] for k in ("lo", "hi", "a13", "a11", "a9", "a7", "a5", "a3", "a1", "b6", "b4", "b2",
-                                       "b0")], dtype=F32)
-_LOGISTIC_C = np.array([_LOGISTIC[k] for k in ("lo", "hi", "a9", "a7", "a5", "a3", "a1", "b10", "b8", "b6", "b4",
-                                               "b2", "b0")], dtype=F32)
-_TWO_53 = 9007199254740992.0
-
-
-@njit(cache=True)
-def _fma32(a, b, c):
-    """float32 ``round(a*b + c)`` with one rounding (vfmadd): a*b is exact in float64, TwoSum gives the
-    addition's error, and rounding the float64 sum to odd first makes the final float32 rounding exact
-    (the scalar form of :func:`refquant.ops.qoperators.fma32`)."""
-    p = np.float64(a) * np.float64(b)
-    c64 = np.float64(c)
-    s = p + c64
-    bb = s - p
-    err = (p - (s - bb)) + (c64 - bb)
-    if err != 0.0:
-        m, e = math.frexp(s)
-        mantissa = np.int64(m * _TWO_53)
-        if mantissa % 2 == 0:  # even last bit: make it sticky in the direction of the lost part
-            mantissa += 1 if err > 0.0 else -1
-            s = math.ldexp(np.float64(mantissa), e - 53)
-    return np.float32(s)
-
-
-@njit(cache=True)
-def _tanh_kernel(x, out, c):
-    for k in range(x.size):
-        v = x[k]
-        v = c[0] if v < c[0] else (c[1] if v > c[1] else v)
-        v2 = v * v
-        p = _fma32(v2, c[2], c[3])
-        for j in range(4, 9):
-            p = _fma32(v2, p, c[j])
-        q = _fma32(v2, c[9], c[10])
-        for j in range(11, 13):
-            q = _fma32(v2, q, c[j])
-        out[k] = (v * p) / q
-
-
-@njit(cache=True)
-def _logistic_kernel(x, out, c):
-    for k in range(x.size):
-        v = x[k]
-        v = c[0] if v < c[0] else (c[1] if v > c[1] else v)
-        v2 = v * v
-        p = _fma32(v2, c[2], c[3])
-        for j in range(4, 7):
-            p = _fma32(v2, p, c[j])
-        q = _fma32(v2, c[7], c[8])
-        for j in range(9, 13):
-            q = _fma32(v2, q, c[j])
-        y = (v * p) / q + np.float32(0.5)
-        out[k] = np.float32(0.0) if y < 0 else y
-
-
-def _elementwise(kernel, constants, x) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=F32)
-    out = np.empty_like(x)
-    kernel(x.reshape(-1), out.reshape(-1), constants)
-    return out
-
-
 def mlas_tanh(x) -> np.ndarray:
-    """MlasComputeTanh as the x86 FMA3 kernel computes it (Eigen's rational approximation, float32):
+    """MlasComputeTanh as onnxruntime computes it (Eigen's rational approximation, float32):
     v = clamp(x, -9, 9); p = v * (((((a13 v^2 + a11) v^2 + a9) v^2 + a7) v^2 + a5) v^2 + a3) v^2 + a1);
-    q = ((b6 v^2 + b4) v^2 + b2) v^2 + b0, every step one FMA; y = p / q (no final clamp)."""
-    return _elementwise(_tanh_kernel, _TANH_C, x)
+    q = ((b6 v^2 + b4) v^2 + b2) v^2 + b0, every step one FMA; y = p / q (no final clamp).
+    See :func:`refquant.kernels.mlas.tanh`."""
+    return mlas.tanh(np.asarray(x, dtype=F32))
 
 
 def mlas_sigmoid(x) -> np.ndarray:
-    """MlasComputeLogistic, the same arithmetic as :func:`refquant.ops.qoperators.mlas_logistic` (clamp to
-    +-18, odd/even rational polynomial with FMA, p / q + 0.5, max 0) in one compiled pass."""
-    return _elementwise(_logistic_kernel, _LOGISTIC_C, x)
+    """MlasComputeLogistic (clamp to +-18, odd/even rational polynomial with FMA, p / q + 0.5, max 0):
+    :func:`refquant.kernels.mlas.logistic`."""
+    return mlas.logistic(np.asarray(x, dtype=F32))
 
 
 def _load_libm():

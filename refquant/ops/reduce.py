@@ -57,8 +57,9 @@ def _log_sum_exp(x, axes, keepdims):
 
 _reduction("ReduceSum", 13, lambda x, a, k: np.sum(x, axis=a, keepdims=k), 0)
 _REDUCTIONS = {
+    # the mean of nothing: onnxruntime returns 0 (its sum, 0, times 1 / count as 0); ONNX leaves it undefined
     "ReduceMean": (lambda x, a, k: np.mean(x, axis=a, keepdims=k, dtype=np.float64 if x.dtype == np.float16 else None),
-                   np.nan),
+                   0),
     "ReduceMax": (lambda x, a, k: np.max(x, axis=a, keepdims=k), -np.inf),
     "ReduceMin": (lambda x, a, k: np.min(x, axis=a, keepdims=k), np.inf),
     "ReduceProd": (lambda x, a, k: np.prod(x, axis=a, keepdims=k), 1),

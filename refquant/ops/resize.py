@@ -27,7 +27,7 @@ def source_coordinates(mode, out_int, scale, in_size, roi_start=0.0, roi_end=1.0
     if mode == "align_corners":
         src = np.zeros_like(x) if out_float == 1 else x * (in_size - 1) / (out_float - 1)
     elif mode == "asymmetric":
-        src = x / scale
+        src = _f32_source(x, scale, 0.0)
     elif mode == "tf_crop_and_resize":
         if out_float == 1:
             src = np.full_like(x, (roi_end - roi_start) * (in_size - 1) / 2)
@@ -36,9 +36,9 @@ def source_coordinates(mode, out_int, scale, in_size, roi_start=0.0, roi_end=1.0
         src = src + roi_start * (in_size - 1)
         outside = (src < 0) | (src > in_size - 1)
     elif mode == "pytorch_half_pixel":
-        src = np.full_like(x, -0.5) if out_float == 1 else (x + 0.5) / scale - 0.5
+        src = np.full_like(x, -0.5) if out_float == 1 else _f32_source(x, scale, 0.5)
     elif mode == "half_pixel":
-        src = (x + 0.5) / scale - 0.5
+        src = _f32_source(x, scale, 0.5)
     elif mode == "half_pixel_symmetric":
         adjustment = out_int / out_float
         offset = in_size / 2 * (1 - adjustment)
@@ -46,6 +46,18 @@ def source_coordinates(mode, out_int, scale, in_size, roi_start=0.0, roi_end=1.0
     else:
         raise ValueError(f"unknown coordinate_transformation_mode {mode!r}")
     return src, outside
+
+
+def _f32_source(x, scale, half):
+    """(x + half) / scale - half. A scale given as a float32 ``scales`` input is applied in float32, in
+    onnxruntime's order (GetOriginalCoordinate): float64 rounds differently at exact pixel boundaries
+    (3 / 0.6f is 5 in float32, 4.9999998 in float64), which moves a floor/ceil nearest pick by one pixel.
+    A scale derived from ``sizes`` (out / in, not a float32 value) stays float64, which is what matches
+    onnxruntime there (8 / (16/7) = 3.5 for round_prefer_ceil)."""
+    if float(np.float32(scale)) != float(scale):  # float(): NumPy 2 would compare in float32
+        return (x + half) / scale - half
+    x32, s32, h32 = x.astype(np.float32), np.float32(scale), np.float32(half)
+    return (((x32 + h32) / s32) - h32).astype(np.float64)
 
 
 # ----------------------------------------------------------------------------- taps

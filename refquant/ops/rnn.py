@@ -9,16 +9,27 @@ from __future__ import annotations
 import numpy as np
 import scipy.special
 
+from ..kernels import mlas
 from .registry import register
+
+
+def _sigmoid(x):
+    """float32: MLAS's logistic, onnxruntime's own gate function (bit for bit); other dtypes: expit."""
+    return mlas.logistic(x) if x.dtype == np.float32 else scipy.special.expit(x)
+
+
+def _tanh(x):
+    """float32: MLAS's tanh, as onnxruntime's gates compute it; other dtypes: NumPy's."""
+    return mlas.tanh(x) if x.dtype == np.float32 else np.tanh(x)
 
 
 def _activation(name: str, alpha=None, beta=None):
     """ONNX's RNN activation functions by name, with their optional alpha/beta."""
     name = name.lower()
     if name == "sigmoid":
-        return scipy.special.expit
+        return _sigmoid
     if name == "tanh":
-        return np.tanh
+        return _tanh
     if name == "relu":
         return lambda x: np.maximum(x, 0)
     if name == "affine":

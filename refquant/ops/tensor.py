@@ -1,5 +1,5 @@
 """Shape and layout ops: Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Concat, Split, Slice, Pad, Tile,
-Expand, Shape, Size, DepthToSpace, SpaceToDepth.
+Expand, Shape, Size, DepthToSpace, SpaceToDepth, Trilu, ReverseSequence.
 
 Kernels return views where NumPy gives one: no kernel writes into its inputs, so sharing is safe.
 """
@@ -297,3 +297,26 @@ def space_to_depth(x, *, blocksize, mode="DCR"):
     y = x.reshape(n, c, h // b, b, w // b, b)
     y = y.transpose(0, 3, 5, 1, 2, 4) if mode == "DCR" else y.transpose(0, 1, 3, 5, 2, 4)
     return y.reshape(n, c * b * b, h // b, w // b)
+
+
+@register("Trilu", since=14, infer=lambda x, k=None, **a: TensorInfo(x.dtype, x.shape))
+def trilu(x, k=None, *, upper=1):
+    """The upper (j - i >= k) or lower (j - i <= k) triangle of the last two axes; the rest 0."""
+    k = 0 if k is None else int(np.asarray(k).reshape(-1)[0])
+    return np.triu(x, k) if upper else np.tril(x, k)
+
+
+@register("ReverseSequence", since=10, infer=lambda x, lens, **a: TensorInfo(x.dtype, x.shape))
+def reverse_sequence(x, sequence_lens, *, batch_axis=1, time_axis=0):
+    """For each batch entry b, the first sequence_lens[b] steps along ``time_axis`` reversed, the rest kept."""
+    out = x.copy()
+    steps = x.shape[time_axis]
+    for b, length in enumerate(np.asarray(sequence_lens).reshape(-1)):
+        length = int(min(max(length, 0), steps))
+        index = [slice(None)] * x.ndim
+        index[batch_axis] = b
+        index[time_axis] = slice(0, length)
+        source = list(index)
+        source[time_axis] = slice(length - 1, None, -1) if length > 0 else slice(0, 0)
+        out[tuple(index)] = x[tuple(source)]
+    return out

@@ -51,8 +51,18 @@ PARAM_ROLES: dict[str, dict[int, str]] = {
     "GroupNormalization": {1: "weight", 2: "bias"},
     "LSTM": {1: "weight", 2: "recurrent_weight", 3: "bias"},
     "GRU": {1: "weight", 2: "recurrent_weight", 3: "bias"},
+    "FusedConv": {1: "weight", 2: "bias"},
+    "FusedGemm": {1: "weight", 2: "bias"},
+    "SkipLayerNormalization": {2: "weight", 3: "bias"},
+    "SkipSimplifiedLayerNormalization": {2: "weight"},
+    "EmbedLayerNormalization": {5: "weight", 6: "bias"},
 }
-PER_CHANNEL_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+PER_CHANNEL_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm"}
+# onnxruntime's float contrib ops (com.microsoft) are ordinary float ops here; other contrib ops (QLinear*,
+# QGemm, DynamicQuantizeLSTM, ...) compute on integers and get no quantizers
+FLOAT_CONTRIB_OPS = {"Gelu", "BiasGelu", "FastGelu", "QuickGelu", "BiasAdd", "SkipLayerNormalization",
+                     "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization", "FusedMatMul", "FusedGemm",
+                     "FusedConv", "Attention", "MultiHeadAttention"}
 
 
 @dataclass
@@ -74,7 +84,7 @@ def weight_axis(node: Node, rank: int) -> int:
     """Output-channel axis of a weight: Conv 0, ConvTranspose 1, Gemm 0 if transB else 1, MatMul -1."""
     if node.op_type == "ConvTranspose":
         return 1
-    if node.op_type == "Gemm":
+    if node.op_type in ("Gemm", "FusedGemm"):
         return 0 if node.attrs.get("transB", 0) else 1
     if node.op_type == "MatMul":
         return rank - 1
@@ -99,7 +109,7 @@ def place_quantizers(graph: Graph, config: QuantsimConfig) -> dict[str, Quantize
                                               bool(config.model_input.get("is_input_quantized", False)),
                                               bool(config.defaults_ops.get("is_symmetric", False)))
     for node in graph.nodes:
-        if node.domain:
+        if node.domain and not (node.domain == "com.microsoft" and node.op_type in FLOAT_CONTRIB_OPS):
             continue
         roles = PARAM_ROLES.get(node.op_type, {})
         for index, name in enumerate(node.inputs):

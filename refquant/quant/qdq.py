@@ -22,6 +22,7 @@ def quantize_dequantize(x: np.ndarray, encoding: Encoding, rounding: str = "half
         raise EncodingError(f"rounding {rounding!r} is not one of {', '.join(ROUNDING)}")
     if encoding.kind == "float":
         return x.astype(np.float16).astype(x.dtype)
+    shape = np.shape(x)  # ascontiguousarray makes a 0-d array 1-d: a scalar must stay a scalar
     x = np.ascontiguousarray(x, dtype=np.float32)
     view, scale, offset = _channel_view(x, encoding)
     out = np.empty_like(view)
@@ -30,17 +31,18 @@ def quantize_dequantize(x: np.ndarray, encoding: Encoding, rounding: str = "half
         qdq_kernels.qdq_half_even(view, scale, offset, offset + steps, out)
     else:
         qdq_kernels.qdq_half_up(view, scale, offset, steps, out)
-    return out.reshape(x.shape)
+    return out.reshape(shape)
 
 
 def quantize(x: np.ndarray, encoding: Encoding) -> np.ndarray:
     """Integer codes on the unsigned grid, ``clamp(rint(x / s) - offset, 0, steps)`` (int64), as
     onnxruntime's QuantizeLinear computes them (before the signed shift)."""
+    shape = np.shape(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
     view, scale, offset = _channel_view(x, encoding)
     codes = np.rint(view / scale[None, :, None])
     codes = np.clip(codes - offset[None, :, None], 0, encoding.steps)
-    return codes.astype(np.int64).reshape(x.shape)
+    return codes.astype(np.int64).reshape(shape)
 
 
 def _channel_view(x: np.ndarray, encoding: Encoding):
