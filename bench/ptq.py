@@ -5,6 +5,8 @@
     python bench/ptq.py --optimizers            # Adam vs L-BFGS-B on MobileNetV2 layers (loss vs seconds)
     python bench/ptq.py --w8a8 --models mobilenet_v2   # W8A8 per-channel / per-tensor / CLE / bias correction
     python bench/ptq.py --autoquant --models mobilenet_v2   # AutoQuant (per-tensor W8A8, SQNR target)
+    python bench/ptq.py --models mobilenet_v2 --iterations --greedy --seq-mse-variants   # SeqMSE variants
+    python bench/ptq.py --w8a8 --models mobilenet_v2 --seed-pair 1   # other crops (seeds 2/3)
 
 Every row is a fresh ``QuantSim(precision="w4a8")`` (AIMET's default per-channel config, min-max) with
 ``compute_encodings`` on the calibration set; then the technique on the same set; then
@@ -13,9 +15,16 @@ AdaRound's fixed weights are kept). Reported: logits SQNR against FP32 and top-1
 on the evaluation set, and the technique's wall seconds (calibration not included).
 
 Data: the AIMET samples' calib.npz (64) and eval.npz (128); MobileNetV2 gets ``--mnv2-calib`` (64)
-and ``--mnv2-eval`` (128) random 224x224 crops (and flips) of the photos in /work/shared/data, resized
-(shorter side 256) and normalized with ImageNet's mean and std (refquant.data.Preprocess), seeded.
+and ``--mnv2-eval`` (128) random 224x224 crops of the photos in /work/shared/data, normalized with
+ImageNet's mean and std, seeded (calibration seed 2k, evaluation seed 2k+1 for ``--seed-pair k``).
+``--recipe``/``--photo-set`` choose how the crops are made (bench/ptq_data.py, which also measures how
+much the plain figures move with them). Default: ``resize248``/``photos``, the geometry of AIMET's own
+example pipelines (their calibration data is the validation loader, ``Resize(224 + 24)`` then a 224
+crop; ``Examples/torch/utils/image_net_data_loader.py``) with a random crop for the center crop, no
+flip, on the 10 natural photos (page.png and text.png are scanned text, not photos). The crops used
+first (``photo_crops`` below, still bench/qat.py's) are ``--recipe resize256 --photo-set all``.
 AIMET's figures are printed beside ours where we have them (see AIMET_* below). Asserts nothing.
+MobileNetV2 figures of the last runs, 4 seed pairs: bench/results_ptq_mobilenet.txt.
 
 ``--w8a8``: instead, W8A8 rows (default per-channel config, and ``config="per_tensor"``) of the
 model as it is, after ``equalize`` (CLE; also with AIMET's ReLU6 -> ReLU swap), and with bias
@@ -48,6 +57,9 @@ AIMET = {
     ("convnet", "adaround 200"): (None, None, 16.0),  # PyTorch AdaRound, 5-layer convnet
     ("convnet", "adaround 1000"): (None, None, 37.0),
     ("mlp", "nearest"): (23.15, 96.1, None),  # aimet_samples/mlp/w4a8_minmax/meta.json
+    ("convnet", "W8A8 per-channel"): (38.00, 100.0, None),  # aimet_samples/convnet/w8a8_minmax/meta.json
+    ("convnet", "W8A8 per-tensor"): (35.62, 100.0, None),  # .../w8a8_minmax_pertensor/meta.json
+    ("mlp", "W8A8 per-channel"): (35.11, 96.9, None),  # aimet_samples/mlp/w8a8_minmax/meta.json
     ("mobilenet_v2", "nearest"): (-0.2, 6.0, None),
     ("mobilenet_v2", "seq_mse"): (4.7, 58.0, None),
     ("mobilenet_v2", "adaround 20 (AIMET)"): (1.5, 17.0, 1057.0),
@@ -82,11 +94,21 @@ def model_and_data(name: str, args):
     import refquant
 
     if name == "mobilenet_v2":
-        return (refquant.load(MOBILENET), photo_crops(args.mnv2_calib, seed=0), photo_crops(args.mnv2_eval, seed=1),
-                "logits")
+        from bench.ptq_data import crops
+
+        k = args.seed_pair
+        return (refquant.load(MOBILENET), crops(args.recipe, args.photo_set, args.mnv2_calib, 2 * k),
+                crops(args.recipe, args.photo_set, args.mnv2_eval, 2 * k + 1), "logits")
     file = "model_bnfolded.onnx" if name == "convnet" else "model.onnx"
     return (refquant.load(SAMPLES / name / file), np.load(SAMPLES / name / "calib.npz")["input"],
             np.load(SAMPLES / name / "eval.npz")["input"], "logits")
+
+
+def data_label(name: str, args) -> str:
+    if name != "mobilenet_v2":
+        return "aimet_samples calib.npz / eval.npz"
+    k = args.seed_pair
+    return f"crops {args.recipe}/{args.photo_set}, seeds {2 * k}/{2 * k + 1}"
 
 
 # -- runs ------------------------------------------------------------------------------------------
@@ -123,6 +145,11 @@ def techniques(name: str, args, calib):
 
     rows = [("nearest", None), ("seq_mse", lambda sim: seq_mse(sim, calib, progress=False)),
             ("seq_mse symqt (AIMET default)", lambda sim: seq_mse(sim, calib, inp_symmetry="symqt", progress=False))]
+    if args.seq_mse_variants:  # AIMET's other input symmetry, and a finer candidate grid
+        rows += [("seq_mse symfp", lambda sim: seq_mse(sim, calib, inp_symmetry="symfp", progress=False)),
+                 ("seq_mse 50 candidates", lambda sim: seq_mse(sim, calib, num_candidates=50, progress=False)),
+                 ("seq_mse symqt, 50 candidates",
+                  lambda sim: seq_mse(sim, calib, num_candidates=50, inp_symmetry="symqt", progress=False))]
     for iterations in args.iterations:
         rows.append((f"adaround {iterations}",
                      lambda sim, n=iterations: adaround(sim, calib, num_iterations=n, progress=False)))
@@ -147,8 +174,8 @@ def bench_model(name: str, args) -> None:
     start = time.perf_counter()
     graph, calib, ev, output = model_and_data(name, args)
     ref = batched(refquant.Session(graph).run, ev, output)
-    print(f"\n{name}: calibration {calib.shape}, evaluation {ev.shape}, data + FP32 reference "
-          f"{time.perf_counter() - start:.1f} s", flush=True)
+    print(f"\n{name}: calibration {calib.shape}, evaluation {ev.shape} ({data_label(name, args)}), "
+          f"data + FP32 reference {time.perf_counter() - start:.1f} s", flush=True)
     print(f"  {'W4A8 +':<28} {'SQNR dB':>8} {'top-1 %':>8} {'seconds':>8}   | AIMET {'SQNR':>6} {'top-1':>6} {'s':>7}")
     for label, technique in techniques(name, args, calib):
         sqnr, top1, seconds = run_row(graph, calib, ev, output, ref, technique)
@@ -193,7 +220,10 @@ def w8a8_row(graph, calib, ev, output, ref, config, correct_bias=False):
     from refquant.ptq.bias_correction import bias_correction
     from refquant.quant import QuantSim
 
-    sim = QuantSim(graph, config=config)
+    # a copy: when preparation changes nothing, the sim simulates the caller's graph object itself, and
+    # bias correction's sim.set_parameter would write the corrected biases into it (every later row and
+    # the FP32 reference of the caller would see them)
+    sim = QuantSim(graph.copy(), config=config)
     sim.compute_encodings(calib, batch_size=BATCH, progress=False)
     seconds = None
     if correct_bias:
@@ -219,8 +249,10 @@ def bench_w8a8(name: str, args) -> None:
         cle_seconds = time.perf_counter() - start
         relu_equalized = equalize(graph, replace_relu6=True)  # AIMET's equalize_model (changes the FP32 model)
     fp32_sqnr, fp32_top1 = scores(ref, batched(refquant.Session(equalized).run, ev, output))
-    print(f"\n{name} W8A8: calibration {calib.shape}, evaluation {ev.shape}; CLE {cle_seconds:.1f} s, the "
-          f"equalized FP32 model against the original: {fp32_sqnr:.1f} dB, top-1 {fp32_top1:.1f} %")
+    relu_sqnr, relu_top1 = scores(ref, batched(refquant.Session(relu_equalized).run, ev, output))
+    print(f"\n{name} W8A8: calibration {calib.shape}, evaluation {ev.shape} ({data_label(name, args)}); "
+          f"CLE {cle_seconds:.1f} s, the equalized FP32 model against the original: {fp32_sqnr:.1f} dB, "
+          f"top-1 {fp32_top1:.1f} % (with ReLU6->ReLU: {relu_sqnr:.1f} dB, {relu_top1:.1f} %)")
     print(f"  {'W8A8':<34} {'SQNR dB':>8} {'top-1 %':>8} {'seconds':>8}   | AIMET {'SQNR':>6} {'top-1':>6}")
     rows = [("W8A8 per-channel", graph, "per_channel", False),
             ("W8A8 per-channel + bias corr.", graph, "per_channel", True),
@@ -290,6 +322,13 @@ def main(argv=None) -> int:
                         help="AdaRound iterations with finish='greedy' (none: skip)")
     parser.add_argument("--mnv2-calib", type=int, default=64)
     parser.add_argument("--mnv2-eval", type=int, default=128)
+    parser.add_argument("--recipe", default="resize248", choices=["resize248", "resize256", "native", "rrc"],
+                        help="how MobileNetV2's crops are made (bench/ptq_data.py)")
+    parser.add_argument("--photo-set", default="photos", choices=["photos", "all"],
+                        help="photos: the 10 natural photos; all: also page.png and text.png")
+    parser.add_argument("--seed-pair", type=int, default=0, help="crop seeds: calibration 2k, evaluation 2k+1")
+    parser.add_argument("--seq-mse-variants", action="store_true",
+                        help="also SeqMSE with inp_symmetry='symfp' and with 50 candidates (asym, symqt)")
     parser.add_argument("--optimizers", action="store_true", help="only the Adam vs L-BFGS-B layer comparison")
     parser.add_argument("--w8a8", action="store_true",
                         help="only W8A8 per-channel / per-tensor / CLE / CLE + bias correction rows")
