@@ -519,7 +519,7 @@ def test_quantsim_prepares_the_graph_by_default_and_exports_a_model_for_the_orig
 def test_quantsim_prepare_false_simulates_the_graph_as_given(tmp_path):
     graph = refquant.load(_affine_block_model())
     sim = QuantSim(graph, prepare=False)
-    assert sim.graph is graph and sim.prepare_report is None and not sim.graph_was_prepared
+    assert _same_model(sim.graph, graph) and sim.prepare_report is None and not sim.graph_was_prepared
     assert {"c", "m", "a"} <= set(sim.quantizers)  # AIMET's placement on the unprepared graph
     sim.compute_encodings([{"input": np.ones((2, 3, 6, 6), np.float32)}], progress=False)
     files = sim.export(tmp_path)
@@ -527,7 +527,43 @@ def test_quantsim_prepare_false_simulates_the_graph_as_given(tmp_path):
         QuantSim(graph).load_encodings(files["encodings"])  # names of the graph as given ('a' survives)
     QuantSim(graph, prepare=False).load_encodings(files["encodings"])
     only = QuantSim(graph, prepare=["remove_dead_code"])  # a pass list: nothing to do, the graph is kept
-    assert only.graph is graph and [p.name for p in only.prepare_report.passes] == ["remove_dead_code"]
+    assert _same_model(only.graph, graph) and [p.name for p in only.prepare_report.passes] == ["remove_dead_code"]
+
+
+def _same_model(simulated, given) -> bool:
+    """The sim simulates the given graph itself (same nodes, same arrays) through its own containers."""
+    return (simulated is not given and simulated.initializers is not given.initializers
+            and all(a is b for a, b in zip(simulated.nodes, given.nodes)) and len(simulated.nodes) == len(given.nodes)
+            and all(simulated.initializers[k] is v for k, v in given.initializers.items())
+            and simulated.initializers.keys() == given.initializers.keys())
+
+
+def test_parameter_updates_never_reach_the_callers_graph():
+    """Bias correction (sim.set_parameter) on a sim whose preparation changed nothing: the sim's FP32
+    reference and simulation see the new bias, the caller's model keeps its own."""
+    from refquant.ptq.bias_correction import bias_correction
+
+    from onnx import TensorProto, helper, numpy_helper
+    r = np.random.default_rng(4)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["y"], name="relu")], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [numpy_helper.from_array(r.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(r.normal(0, 0.5, 4).astype(np.float32), "b")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    graph = refquant.load(model)
+    before = {k: v.copy() for k, v in graph.initializers.items()}
+    rng = np.random.default_rng(0)
+    data = [{"input": rng.normal(size=(2, 3, 6, 6)).astype(np.float32)} for _ in range(2)]
+    for prepare in (False, True):  # default preparation: no pass applies to this graph
+        sim = QuantSim(graph, prepare=prepare, param_bw=4)
+        sim.compute_encodings(data, progress=False)
+        bias_correction(sim, data, progress=False)
+        changed = [k for k in before if not np.array_equal(sim.graph.initializers.get(k, before[k]), before[k])]
+        assert changed  # the correction did something to the sim's copy ...
+        assert all(np.array_equal(graph.initializers[k], v) for k, v in before.items())  # ... and not to ours
 
 
 @needs_samples
@@ -537,7 +573,7 @@ def test_default_preparation_changes_nothing_on_the_aimet_samples(entry):
     applies, so the quantizers (and so the encodings compared byte for byte) are AIMET's."""
     graph = refquant.load(sample_model(entry))
     prepared, plain = QuantSim(graph), QuantSim(graph, prepare=False)
-    assert prepared.graph is graph
+    assert _same_model(prepared.graph, graph)
     assert not [p.name for p in prepared.prepare_report.passes if p.status == "applied"]
     assert prepared.quantizers.keys() == plain.quantizers.keys()
 
@@ -552,7 +588,7 @@ def test_quantsim_warns_and_simulates_the_graph_as_given_when_preparation_cannot
     graph = refquant.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     with pytest.warns(UserWarning, match="the model was not prepared .*does not run on random feeds"):
         sim = QuantSim(graph)
-    assert sim.graph is graph and sim.prepare_report.findings[0].code == "pass-skipped"
+    assert _same_model(sim.graph, graph) and sim.prepare_report.findings[0].code == "pass-skipped"
     with pytest.raises(RefquantError, match="unknown pass"):  # a wrong pass name is an error, not a warning
         QuantSim(graph, prepare="fold_batchnorm,no_such_pass")
 

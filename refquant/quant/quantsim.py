@@ -9,6 +9,7 @@ parameters and float activations while observers collect activation statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -132,6 +133,7 @@ class QuantSim:
         if rounding not in ROUNDING:
             raise RefquantError(f"rounding {rounding!r} is not one of {', '.join(ROUNDING)}")
         self.prepare_report = None  # step 1 of the workflow: refquant.prepare (see the class docstring)
+        given = graph
         if prepare:
             from ..prepare import prepare_for_quantsim
 
@@ -145,6 +147,8 @@ class QuantSim:
         make_observer(quant_scheme)  # fail now on an unknown scheme, not after placing quantizers
         make_observer(param_scheme)
         self.param_scheme = param_scheme
+        if graph is given:  # nothing rewritten: own the parameter table, so that set_parameter (bias
+            graph = _own_parameters(graph)  # correction, BN re-estimation, QAT) never writes into the caller's model
         self.graph = graph
         self.config: QuantsimConfig = load_config(config)
         self.quant_scheme = quant_scheme
@@ -539,3 +543,13 @@ def _progress(total, enabled: bool, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="sample", leave=False)
+
+
+def _own_parameters(graph: Graph) -> Graph:
+    """A Graph sharing ``graph``'s nodes and arrays but with its own containers (initializers, values,
+    inputs, outputs, node list): replacing a parameter in it leaves ``graph`` as it was. Arrays are never
+    written in place (set_parameter replaces them), so sharing them is safe and costs no memory."""
+    return dataclasses.replace(graph, nodes=list(graph.nodes), inputs=list(graph.inputs),
+                               outputs=list(graph.outputs), initializers=dict(graph.initializers),
+                               values=dict(graph.values), opset=dict(graph.opset), metadata=dict(graph.metadata),
+                               model_info=dict(graph.model_info))
