@@ -42,7 +42,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import RefquantError
-from .engine import BASE, Config, Engine, SimState, Trial, mean_sqnr, progress_bar, sim_config
+from ..progress import bar as progress_bar
+from .engine import BASE, Config, Engine, SimState, Trial, mean_sqnr, sim_config
 from .groups import QuantGroup, layer_groups
 
 DEFAULT_CANDIDATES = (("int8", "int8"), ("int8", "int16"), ("int4", "int8"))

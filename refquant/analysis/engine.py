@@ -36,6 +36,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..ir import Graph, Value, node_reads
+from ..progress import bar as progress_bar
 from ..quant.observers import MinMaxObserver, PercentileObserver
 from ..quant.qdq import quantize_dequantize
 from ..runtime import Session
@@ -566,17 +567,3 @@ class Engine:
         return {k: scores[k].value for k in configs}
 
 
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def progress_bar(total, enabled: bool, desc: str, unit: str = "it"):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=False)

@@ -74,6 +74,7 @@ import numpy as np
 from ..errors import RefquantError
 from ..ir import Graph, Node, Value
 from ..ops.nn import _as3d, _to3, _windows, conv_geometry
+from ..progress import iterate
 from ..runtime import Session
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -909,7 +910,7 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
         if not quantize_activations:
             disable_activation_quantizers(sim)
         inputs = LayerInputs(sim, data, batch_size, use_fp32_inputs, carry=cache_activations)
-        for layer in _progress(layers, progress, "adaround"):
+        for layer in iterate(layers, progress, "adaround", unit="layer"):
             result = adaround_layer(sim, layer, inputs, num_iterations=num_iterations, reg_param=reg_param,
                                     beta_range=beta_range, warm_start=warm_start, optimizer=optimizer,
                                     include_activation=include_activation, num_columns=num_columns,
@@ -1055,14 +1056,6 @@ class _blas_threads:
         if self.limit is not None:
             self.limit.unregister()
         return False
-
-
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="layer", leave=False)
 
 
 __all__ = ["AdaroundLayerReport", "LayerInputs", "LinearLayer", "SoftRounding", "adaround", "adaround_layer",

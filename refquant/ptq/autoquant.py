@@ -68,6 +68,7 @@ import numpy as np
 
 from ..errors import RefquantError
 from ..ir import Graph
+from ..progress import bar as progress_bar
 
 STEPS = ("prepare", "bn_fold", "quant_scheme", "cle", "bias_correction", "seq_mse", "adaround")  # in run order
 DEFAULT_STEPS = ("prepare", "bn_fold", "quant_scheme", "cle", "adaround")  # AIMET's AutoQuant
@@ -485,7 +486,7 @@ def autoquant(graph, data, eval_fn="sqnr", allowed_drop: float | None = None, *,
     common = dict(data=data, eval_fn=metric, batch_size=batch_size, preprocess=preprocess)
     records: list[StepRecord] = []
     chosen = [s for s in STEPS if s in steps]
-    bar = _bar(len(chosen) + 2, progress, "autoquant")
+    bar = progress_bar(len(chosen) + 2, progress, "autoquant", unit="step")
 
     # FP32 reference and goal
     start = time.perf_counter()
@@ -553,7 +554,7 @@ def autoquant(graph, data, eval_fn="sqnr", allowed_drop: float | None = None, *,
                              scheme_options=c.scheme_options) for c in candidates]
             unique = [s for i, s in enumerate(specs) if s != state.spec and s not in specs[:i]]  # config may be a dict
             trials = [Trial(s.scheme, state.graph, s, **common) for s in unique]
-            inner = _bar(len(trials), progress, "quant schemes", unit="trial")
+            inner = progress_bar(len(trials), progress, "quant schemes", unit="trial")
             results = run_trials(trials, executor, inner)
             inner.close()
             if results:
@@ -667,28 +668,6 @@ def _technique_options(step, adaround_iterations, adaround_options, seq_mse_cand
     if step == "seq_mse":
         return {"num_candidates": int(seq_mse_candidates)}
     return {}
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_description(self, text):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(total: int, enabled: bool, desc: str, unit: str = "step"):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
 __all__ = ["AutoQuantError", "AutoQuantResult", "BuiltinMetric", "DEFAULT_SCHEMES", "DEFAULT_STEPS", "STEPS",

@@ -62,7 +62,7 @@ import numpy as np
 from ..errors import RefquantError
 from ..ir import Graph, Node, Value
 from ..runtime import Session
-from .adaround import _progress
+from ..progress import iterate
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -143,7 +143,7 @@ def bias_correction(sim, data=None, analytical: bool = False, batch_size: int = 
             if empirical and reference == "fp32_model":
                 fp32_means = fp32_output_means(sim.graph, empirical, data, batch_size)
             inputs = _carried_inputs(sim, data, batch_size) if carry and empirical else None
-            for layer, input_mean in _progress(plan, progress, "bias correction"):
+            for layer, input_mean in iterate(plan, progress, "bias correction", unit="layer"):
                 delta_w = weight_error(sim, layer)
                 if input_mean is not None:
                     shift = analytical_shift(layer, delta_w, input_mean)

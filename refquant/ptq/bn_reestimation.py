@@ -98,7 +98,8 @@ def reestimate_batchnorm(sim, data, batch_size: int = 16, progress: bool = True,
     simulation's activation encodings are not recomputed: build a QuantSim on the returned graph
     (or call ``sim.compute_encodings`` again) to calibrate for the new statistics.
     """
-    from .bias_correction import _progress, _restored_on_error
+    from ..progress import iterate
+    from .bias_correction import _restored_on_error
 
     graph = sim.graph
     bns = batchnorms(graph)
@@ -114,7 +115,7 @@ def reestimate_batchnorm(sim, data, batch_size: int = 16, progress: bool = True,
     names = [name for bn in bns for name in bn.inputs[3:5]]
     bypassed = prefold_quantizers(sim, bns) if observe_folded else []
     with _restored_on_error(sim, names), _quantizers_bypassed(bypassed):
-        for bn in _progress(bns, progress, "BN re-estimation"):
+        for bn in iterate(bns, progress, "BN re-estimation", unit="layer"):
             moments = input_moments(sim, bn, data, batch_size)
             sim.set_parameter(bn.inputs[3], moments.mean)
             sim.set_parameter(bn.inputs[4], moments.variance)

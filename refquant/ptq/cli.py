@@ -78,13 +78,14 @@ def run_ptq(graph, data, techniques, metric, spec, *, batch_size=16, preprocess=
     (graph, quantizers). ``metric``: ``model -> float``; ``options``: technique -> keyword arguments."""
     import warnings
 
-    from .autoquant import StepRecord, Trial, _bar, prepare_graph
+    from ..progress import bar as progress_bar
+    from .autoquant import StepRecord, Trial, prepare_graph
     from .bn_fold import fold_batchnorms_info
     from .cle import equalize_pass
 
     options = options or {}
     common = dict(data=data, eval_fn=metric, batch_size=batch_size, preprocess=preprocess)
-    bar = _bar(len(techniques) + 1, progress, "ptq")
+    bar = progress_bar(len(techniques) + 1, progress, "ptq", unit="step")
     bar.set_description("ptq: calibrating")
     result = Trial("calibrated", graph, spec, **common)()
     quantizers = result.quantizers

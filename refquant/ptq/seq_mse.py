@@ -46,9 +46,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import RefquantError
+from ..progress import iterate
 from ..quant.encoding import Encoding, from_min_max
 from ..quant.qdq import quantize_dequantize
-from .adaround import (LayerInputs, LinearLayer, SimState, _blas_threads, _bmm, _Moments, _progress,
+from .adaround import (LayerInputs, LinearLayer, SimState, _blas_threads, _bmm, _Moments,
                        disable_activation_quantizers, ensure_weight_encodings, find_layers, position_chunks)
 
 SEQ_MSE_OPS = ("Conv", "Gemm", "MatMul")
@@ -106,7 +107,7 @@ def seq_mse(sim, data, num_candidates: int = 20, loss: str = "mse", batch_size: 
         if not quantized_activations:
             disable_activation_quantizers(sim)
         inputs = LayerInputs(sim, data, batch_size, use_fp32_inputs=inp_symmetry == "symfp", carry=cache_activations)
-        for layer in _progress(layers, progress, "seq_mse"):
+        for layer in iterate(layers, progress, "seq_mse", unit="layer"):
             result = seq_mse_layer(sim, layer, inputs, num_candidates, loss, threads, fp32_target=inp_symmetry == "asym")
             if report is not None:
                 report.append(result)

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import RefquantError
 from ..ir import Graph
+from ..progress import bar as progress_bar
 from ..runtime import Session
 from .config import QuantsimConfig, load_config
 from .encoding import Encoding, EncodingError, bias_encoding, check_bitwidth, fp16_encoding, from_min_max
@@ -261,7 +262,7 @@ class QuantSim:
         session.set_constants(self._quantized_constants())
         total = count_samples(data, self.graph)
         seen = 0
-        bar = _progress(total, progress, "calibrating")
+        bar = progress_bar(total, progress, "calibrating", unit="sample")
         for feeds in iter_feeds(data, self.graph, batch_size=batch_size, preprocess=preprocess):
             session.run(feeds, outputs=self._calibration_outputs(observed))
             n = len(next(iter(feeds.values()))) if feeds else 0
@@ -527,22 +528,6 @@ def _constraints(value) -> tuple[float, float] | None:
         return float(value["min"]), float(value["max"])
     except (KeyError, TypeError, ValueError):
         raise EncodingError(f"encoding_constraints {value!r}: expected {{'min': float, 'max': float}}") from None
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="sample", leave=False)
 
 
 def _own_parameters(graph: Graph) -> Graph:

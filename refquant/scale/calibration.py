@@ -116,7 +116,8 @@ def calibrate(sim, executor, data, batch_size: int = 16, progress: bool = True, 
               shards: int | None = None) -> None:
     """``sim.compute_encodings`` with the data pass on ``executor`` (see the module docstring).
     ``shards``: how many shards (default: the executor's width)."""
-    from ..quant.quantsim import CalibrationError, _progress
+    from ..progress import bar as progress_bar
+    from ..quant.quantsim import CalibrationError
     from . import shared
 
     saved = {name: (q.encoding, q.axis, q.bitwidth) for name, q in sim.quantizers.items()}
@@ -133,7 +134,7 @@ def calibrate(sim, executor, data, batch_size: int = 16, progress: bool = True, 
         results = {}
         with shared(executor, job.constants):  # the quantized weights go to each worker once, if it can
             start = _anchored_observers(executor, job, parts)
-            bar = _progress(len(parts), progress, "calibrating (shards)")
+            bar = progress_bar(len(parts), progress, "calibrating (shards)", unit="sample")
             futures = {executor.submit(job, i, shard, start): i for i, shard in enumerate(parts)}
             try:
                 for future in as_completed(futures):

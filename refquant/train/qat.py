@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import RefquantError
 from ..fileio import save_npz
+from ..progress import bar as progress_bar
 from ..quant.encoding import bias_encoding
 from ..quant.observers import make_observer
 from .autograd import GradientEngine
@@ -150,7 +151,7 @@ def qat(sim, data, loss="distill", epochs: int = 1, lr: float = 1e-4, optimizer:
         result.resumed_from = start
 
     teacher_cache: dict[int, dict] = {}
-    bar = _progress(total, progress, start)
+    bar = progress_bar(total, progress, "qat", unit="step", initial=start)
     step = 0
     try:
         for epoch in range(epochs):
@@ -421,25 +422,6 @@ def _load_checkpoint(path, fingerprint, params, ranges, opt, range_opt) -> tuple
     opt.load_state_dict(stores["opt"])
     range_opt.load_state_dict(stores["ropt"])
     return int(meta["step"]), losses
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool, initial: int):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="qat", unit="step", leave=False)
 
 
 __all__ = ["Batch", "QatResult", "qat", "training_setup"]
