@@ -18,7 +18,7 @@ from refquant.quant.config import load_config
 from refquant.quant.placement import place_quantizers
 from refquant.validate import validate
 
-from .helpers import FLOAT, INT64, make_model
+from .helpers import FLOAT, INT64, SHARED, make_model
 
 rng = np.random.default_rng(1)
 
@@ -427,6 +427,18 @@ def text_line_images(n, seed):
     return images + r.normal(0, 0.05, images.shape).astype(np.float32)
 
 
+def page_crops(corners, height=160, width=320):
+    """Crops of the scanned page (/work/shared/data/page.png) at (top, left), normalized as PP-OCR expects."""
+    from PIL import Image
+
+    path = SHARED / "data" / "page.png"
+    if not path.is_file():
+        pytest.skip(f"needs {path} (the shared data directory)")
+    page = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    crops = [page[y:y + height, x:x + width] for y, x in corners]
+    return ((np.stack(crops) / 255 - 0.5) / 0.5).transpose(0, 3, 1, 2).copy()
+
+
 def sentences(n, seed, length=32):
     """[CLS] random vocabulary ids [SEP], zero-padded and masked."""
     r = np.random.default_rng(seed)
@@ -492,18 +504,19 @@ def test_ppocr_rec_surviving_tensor_names_keep_their_values(ppocr):
 
 def test_ppocr_det_affine_blocks_fold_into_convs_and_surviving_names_keep_their_values():
     graph = refquant.load(fetch("ppocr_det"))
-    images = text_line_images(2, seed=0)
-    data = {"x": np.concatenate([images, images, images, images[:, :, :16]], axis=2)[:, :, :160]}  # [2, 3, 160, 320]
+    # real text (crops of the scanned page, on which the detector finds text): on synthetic strokes it
+    # outputs ~5e-7 everywhere, where relative errors measure only the sigmoid's rounding near 0
+    data = {"x": page_crops([(0, 0), (31, 64)])}  # [2, 3, 160, 320]
     prepared, report = prepare(graph, passes=["fold_constants", "fuse_mul_add_chains"], data=[data])
     changes = report.pass_record("fuse_mul_add_chains").changes
     assert report.pass_record("fuse_mul_add_chains").status == "applied" and not report.findings
     assert sum("folded into Conv " in c for c in changes) == 28  # the learnable affine blocks
     assert sum("folded into ConvTranspose" in c for c in changes) == 2  # biases exported as an Add
-    feeds = {"x": data["x"][:, :, ::-1].copy()}  # other images than the verification data
+    feeds = {"x": page_crops([(15, 20), (31, 0)])}  # other crops than the verification data
     # within prepare's bound: 1e-5, or 4x the model's one-ulp noise floor where that is larger (moving
-    # every weight of this det model by one ulp moves its output by ~1e-5 already; prepare's docstring)
+    # every weight of this det model by one ulp moves its output by ~3e-5 already; prepare's docstring)
     (key,) = graph.output_names
-    assert report.stats["tolerance"][key] <= 1e-4
+    assert report.stats["tolerance"][key] <= 2e-4
     assert worst(outputs(prepared, feeds), outputs(graph, feeds)) <= report.stats["tolerance"][key]
     # every surviving tensor name holds the same values; 1e-4: a folded weight rounds differently in its
     # last bit, and deep inside the network that moves activations by up to ~2e-5 relative (the one-ulp
