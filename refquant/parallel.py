@@ -133,10 +133,14 @@ def parallel_for(n_items: int, body: Callable[[int], None], threads: int | None 
 
 
 def split(length: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous ranges covering range(length), sizes differing by at most one."""
+    """``parts`` contiguous ranges covering range(length), sizes differing by at most one: edge i is
+    round(i * length / parts), half to even, in integer arithmetic (np.linspace cost ~15 us a call)."""
     parts = max(1, min(parts, length))
-    edges = np.linspace(0, length, parts + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    edges = []
+    for i in range(parts + 1):
+        quotient, remainder = divmod(i * length, parts)
+        edges.append(quotient + (2 * remainder > parts or (2 * remainder == parts and quotient % 2 == 1)))
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,

@@ -13,6 +13,8 @@ may replace (quantized weights) without touching the graph.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import sys
 from collections import ChainMap
 from dataclasses import dataclass
@@ -39,6 +41,37 @@ class _Step:
     kwargs: dict
     frees: tuple[str, ...]  # tensors whose last reader is this node
     inplace: Callable | None = None  # the kernel's in-place form, when inputs[0] dies here
+    # Concat elision (see Session._elide_concats): a producer writes into slice ``into`` = (concat output,
+    # channel offset, channels in all) of a buffer its Concat returns; ``assembles`` names that buffer
+    into: tuple | None = None
+    assembles: str | None = None
+
+
+def _reuse_freed_memory() -> None:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the kernel.
+
+    By default glibc serves blocks above its mmap threshold (at most 32 MB) with a fresh mmap and unmaps
+    them on free, so every large activation (MobileNetV2 at batch 8 has 38 MB ones) is page-faulted in
+    anew on each run: 2.3 ms of kernel time per 38 MB, about 20 % of that model's run time. With mmap
+    off and trimming raised, a freed tensor's pages are handed to the next allocation already mapped,
+    as onnxruntime's arena does. The cost is that the process keeps its high-water mark of memory.
+    Done once per process, on the first Session; a no-op where glibc is absent. Set the environment
+    variable REFQUANT_KEEP_MALLOC=1 to leave malloc's settings alone.
+    """
+    global _malloc_tuned
+    if _malloc_tuned or os.environ.get("REFQUANT_KEEP_MALLOC") == "1" or not sys.platform.startswith("linux"):
+        return
+    _malloc_tuned = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
+        libc.mallopt(m_trim_threshold, ctypes.c_int(1 << 30))
+        libc.mallopt(m_mmap_max, ctypes.c_int(0))
+    except (OSError, AttributeError):  # not glibc (musl, macOS): keep the allocator as it is
+        pass
+
+
+_malloc_tuned = False
 
 
 class Context:
@@ -63,6 +96,7 @@ class Session:
     """
 
     def __init__(self, graph: Graph, threads: int | None = None, hooks: Iterable[Hook] = ()):
+        _reuse_freed_memory()
         self.graph = graph
         self.threads = threads
         self.hooks = list(hooks)
@@ -138,12 +172,17 @@ class Session:
         scope = ChainMap(env, self.constants, outer) if outer is not None else ChainMap(env, self.constants)
         for name, array in feeds.items():
             env[name] = _apply_hooks(hooks, name, array, None)
+        buffers: dict[str, np.ndarray] = {}  # elided Concats' outputs, filled by their producers
         for step in self._plan(wanted, fuse=not hooks):
             node = step.node
             args = [scope[name] if name else None for name in node.inputs]
             kwargs = step.kwargs
             if "ctx" in kwargs:
                 kwargs = dict(kwargs, ctx=Context(self, scope, hooks))
+            if step.into is not None:
+                kwargs = dict(kwargs, out=_Placer(buffers, *step.into))
+            elif step.assembles is not None:
+                kwargs = dict(kwargs, buffer=buffers.pop(step.assembles, None))
             try:
                 result = None
                 if step.inplace is not None and _is_private(args[0]):
@@ -209,6 +248,7 @@ class Session:
             plan.append(_Step(node, kernel, kwargs, tuple(free), inplace))
         if fuse:
             plan = self._fuse_conv_epilogues(plan, keep)
+            plan = self._elide_concats(plan, keep)
         self._plans[key] = plan
         return plan
 
@@ -216,9 +256,10 @@ class Session:
         """A Conv followed by a chain of BatchNormalization / per-channel Mul, Add / Relu / Clip (each the only
         reader of the tensor before it) runs as one step that applies the chain to each output block in
         cache (refquant.ops.nn.conv_epilogue); a chain that starts with a BatchNormalization elsewhere (a
-        pre-activation block after a Concat or a pool) runs as one pass too (refquant.ops.nn.channel_chain).
+        pre-activation block after a Concat or a pool) runs as one pass too (refquant.ops.nn.channel_chain),
+        and so does a residual Add of two tensors with the Relu after it (refquant.ops.nn.add_chain).
         The values are the same as the ops one after the other."""
-        from .ops.nn import channel_chain, channel_chain_inplace, conv, conv_epilogue
+        from .ops.nn import add_chain, add_chain_inplace, channel_chain, channel_chain_inplace, conv, conv_epilogue
         from .ops.norm import batch_normalization
 
         readers: dict[str, list[int]] = {}
@@ -272,9 +313,83 @@ class Session:
                 frees = tuple(dict.fromkeys(f for f in frees if f != tensor))
                 fused[index] = _Step(merged, channel_chain, {"epilogue": tuple(chain)}, frees,
                                      channel_chain_inplace if step.inplace is not None else None)
+            elif (node.op_type in ("Add", "Sum") and node.domain in ("", "ai.onnx") and len(node.inputs) == 2
+                  and all(node.inputs) and not any(name in self.constants for name in node.inputs)):
+                # a residual Add (or two-input Sum) and the Relu / per-channel ops after it: one pass
+                value = self.graph.value(node.outputs[0])
+                if value.dtype is None or value.dtype.kind != "f" or value.shape is None or len(value.shape) < 2:
+                    continue
+                channels = value.shape[1] if isinstance(value.shape[1], int) else 0  # 0: scalar steps only
+                chain, frees = [], list(step.frees)
+                tensor, last = follow(node.outputs[0], np.empty((channels, 1), value.dtype), chain, frees)
+                if last is None:
+                    continue
+                merged = Node(node.op_type, list(node.inputs), [tensor], {}, f"{node.name}+{last.name}",
+                              node.domain, node.version)
+                frees = tuple(dict.fromkeys(f for f in frees if f != tensor))
+                fused[index] = _Step(merged, add_chain, {"epilogue": tuple(chain), "add": step.kernel}, frees,
+                                     add_chain_inplace if step.inplace is not None else None)
         if not fused:
             return plan
         return [fused.get(i, step) for i, step in enumerate(plan) if i not in dropped]
+
+    def _elide_concats(self, plan: list[_Step], keep: set[str]) -> list[_Step]:
+        """A Concat along channels (axis 1) whose inputs include convs read by nothing else: each such conv
+        writes its result straight into its channel slice of the Concat's output, which the first of them
+        allocates, and the Concat only copies in its other inputs (pools, earlier Concats) instead of
+        copying everything. Only planned without hooks: the convs' outputs are never separate tensors.
+        Every channel count must be known beforehand (a conv's from its weight, another input's from the
+        graph's shapes); the Concat falls back to a plain concatenation whenever a shape at run time
+        disagrees (see _concat_into), so the values are always those of np.concatenate."""
+        from .ops.nn import conv, conv_epilogue
+        from .ops.tensor import concat
+
+        readers: dict[str, int] = {}
+        producer_step: dict[str, int] = {}
+        for index, step in enumerate(plan):
+            for name in node_reads(step.node):
+                readers[name] = readers.get(name, 0) + 1
+            for name in step.node.outputs:
+                producer_step[name] = index
+        changed: dict[int, _Step] = {}
+        for index, step in enumerate(plan):
+            node = step.node
+            if step.kernel is not concat or len(node.outputs) != 1 or not node.inputs:
+                continue
+            rank = self.graph.value(node.outputs[0]).rank
+            axis = node.attrs.get("axis")
+            if rank is None or axis is None or axis % rank != 1 or len(set(node.inputs)) != len(node.inputs):
+                continue
+            channels, writers = [], {}
+            for name in node.inputs:
+                source = producer_step.get(name)
+                producer = plan[source] if source is not None else None
+                weight = self.constants.get(producer.node.inputs[1]) if (
+                    producer is not None and producer.kernel in (conv, conv_epilogue)) else None
+                if (weight is not None and weight.dtype.kind == "f" and readers.get(name) == 1
+                        and name not in keep and len(producer.node.outputs) == 1 and source not in changed):
+                    channels.append(int(weight.shape[0]))
+                    writers[source] = len(channels) - 1
+                else:
+                    shape = self.graph.value(name).shape
+                    if shape is None or len(shape) != rank or not isinstance(shape[1], int):
+                        break
+                    channels.append(shape[1])
+            else:  # (for-else) every input's channel count is known
+                if not writers:
+                    continue
+                offsets = np.concatenate([[0], np.cumsum(channels)]).tolist()
+                total, out_name = offsets[-1], node.outputs[0]
+                for source, position in writers.items():
+                    producer = plan[source]
+                    kernel, kwargs = producer.kernel, dict(producer.kwargs)
+                    if kernel is conv:
+                        kernel, kwargs = conv_epilogue, dict(kwargs, epilogue=())
+                    changed[source] = _Step(producer.node, kernel, kwargs, producer.frees,
+                                            into=(out_name, offsets[position], total))
+                changed[index] = _Step(node, _concat_into, dict(step.kwargs, offsets=tuple(offsets)), step.frees,
+                                       assembles=out_name)
+        return [changed.get(i, step) for i, step in enumerate(plan)]
 
     def _epilogue_step(self, node: Node, tensor: str, weight: np.ndarray):
         """The conv_epilogue step computing ``node`` from ``tensor`` (the output of a conv with this weight)
@@ -392,6 +507,48 @@ def _is_private(array) -> bool:
     # references to base: array.base and getrefcount's argument (this frame's ``base`` makes three)
     return (type(base) is np.ndarray and base.flags.owndata and base.size == array.size
             and base.dtype == array.dtype and sys.getrefcount(base) <= 3)
+
+
+class _Placer:
+    """``placer(shape, dtype)``: the channel slice [offset, offset + shape[1]) of an elided Concat's output
+    buffer (allocated by the first producer to ask, with ``channels`` channels and the other dims of
+    ``shape``), or None when the buffer's shape or dtype does not fit (the producer then allocates its own
+    array and the Concat copies it)."""
+
+    def __init__(self, buffers: dict, name: str, offset: int, channels: int):
+        self.buffers, self.name, self.offset, self.channels = buffers, name, offset, channels
+
+    def __call__(self, shape, dtype):
+        buffer = self.buffers.get(self.name)
+        if buffer is None:
+            buffer = self.buffers[self.name] = np.empty((shape[0], self.channels, *shape[2:]), dtype=dtype)
+        if (buffer.dtype != dtype or buffer.shape[0] != shape[0] or buffer.shape[2:] != tuple(shape[2:])
+                or self.offset + shape[1] > self.channels):
+            return None
+        return buffer[:, self.offset:self.offset + shape[1]]
+
+
+def _concat_into(*xs, axis, offsets, buffer=None):
+    """Concat along axis 1 into ``buffer``, whose channel slices [offsets[i], offsets[i+1]) some producers
+    already wrote: every input that is not already its own slice is copied into it. Any disagreement of
+    shapes or dtypes (or no buffer) gives np.concatenate's result instead."""
+    if buffer is not None and len(xs) == len(offsets) - 1 and all(
+            x.dtype == buffer.dtype and x.ndim == buffer.ndim and x.shape[0] == buffer.shape[0]
+            and x.shape[2:] == buffer.shape[2:] and x.shape[1] == stop - start
+            for x, start, stop in zip(xs, offsets[:-1], offsets[1:])) and offsets[-1] == buffer.shape[1]:
+        copies = [(x, buffer[:, start:stop]) for x, start, stop in zip(xs, offsets[:-1], offsets[1:])]
+        copies = [(x, target) for x, target in copies if not _same_view(x, target)]
+        # one item per image and input: the copies (DenseNet's growing features) share the thread budget
+        items = [(x[i], target[i]) for x, target in copies for i in range(buffer.shape[0])]
+        parallel.parallel_for(len(items), lambda k: np.copyto(items[k][1], items[k][0]))
+        return buffer
+    return np.concatenate(xs, axis=axis)
+
+
+def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when a and b are the same elements of the same memory (same start, shape and strides)."""
+    return (a.shape == b.shape and a.strides == b.strides
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
 
 
 def _apply_hooks(hooks, name, array, node):

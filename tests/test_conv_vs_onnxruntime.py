@@ -1,6 +1,7 @@
 """Conv against onnxruntime over the paths the kernel takes (depthwise 3x3 at strides 1, 2 and 3, generic
 depthwise with dilation and channel multiplier, 1-D depthwise, grouped and dense im2col, 1x1 with stride, one
-large image cut into row bands) at one and two threads: the threaded split must not change a result."""
+large image cut into row bands, a batch-1 GEMM split by rows, blocks of small images per call) at one and
+two threads: the threaded split must not change a result."""
 
 import numpy as np
 import onnxruntime as ort
@@ -23,6 +24,11 @@ CASES = {
     "dense_s2": ((3, 5, 11, 10), (7, 5, 3, 3), 1, dict(pads=[1, 0, 1, 2], strides=[2, 2])),
     "dense_1x1_s2": ((2, 8, 9, 9), (16, 8, 1, 1), 1, dict(strides=[2, 2])),
     "dense_big_image_bands": ((1, 16, 96, 96), (8, 16, 3, 3), 1, dict(pads=[1, 1, 1, 1])),
+    # batch 1, more output channels than pixels: at two threads one GEMM split by rows of the weights
+    "dense_batch1_channel_heavy": ((1, 32, 7, 7), (96, 32, 3, 3), 1, dict(pads=[1, 1, 1, 1])),
+    # several small images per pointwise GEMM call and per depthwise kernel call
+    "pointwise_image_blocks": ((6, 8, 4, 5), (10, 8, 1, 1), 1, {}),
+    "dw3x3_image_blocks": ((5, 6, 6, 6), (6, 1, 3, 3), 6, dict(pads=[1, 1, 1, 1], strides=[2, 2])),
 }
 
 

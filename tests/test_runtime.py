@@ -280,3 +280,123 @@ def test_channel_chain_fusion_after_a_pool_gives_the_same_bits():
     want = ort_run(_preactivation_model(), {"x": x})["y"]
     # float32 sums of 4 products in another order than onnxruntime's: a few ulp of the largest values
     np.testing.assert_allclose(fused, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+# ------------------------------------------------------------------ Concat elision
+def _fire_model():
+    """A SqueezeNet Fire module plus a pool branch: x -> squeeze conv+Relu -> [expand 1x1 conv+Relu,
+    expand 3x3 conv (no epilogue), MaxPool, and a conv that a second node also reads] -> Concat(axis=1)
+    -> 1x1 conv. The two expands write into the Concat's output, the pool and the twice-read conv are
+    copied into it."""
+    rng = np.random.default_rng(7)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    init = {"ws": f(4, 3, 1, 1), "bs": f(4), "w1": f(5, 4, 1, 1), "b1": f(5), "w3": f(6, 4, 3, 3),
+            "w2": f(2, 4, 1, 1), "wo": f(3, 17, 1, 1)}
+    nodes = [helper.make_node("Conv", ["x", "ws", "bs"], ["s"], name="squeeze"),
+             helper.make_node("Relu", ["s"], ["sr"], name="squeeze_relu"),
+             helper.make_node("Conv", ["sr", "w1", "b1"], ["e1"], name="expand1"),
+             helper.make_node("Relu", ["e1"], ["e1r"], name="expand1_relu"),
+             helper.make_node("Conv", ["sr", "w3"], ["e3"], pads=[1, 1, 1, 1], name="expand3"),
+             helper.make_node("MaxPool", ["sr"], ["p"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="pool"),
+             helper.make_node("Conv", ["sr", "w2"], ["side"], name="side_conv"),
+             helper.make_node("Sigmoid", ["side"], ["z"], name="side_reader"),
+             helper.make_node("Concat", ["e1r", "e3", "p", "side"], ["cat"], axis=1, name="concat"),
+             helper.make_node("Conv", ["cat", "wo"], ["y"], name="out")]
+    return make_model(nodes, [("x", FLOAT, ["batch", 3, 6, 7])], [("y", FLOAT, None), ("z", FLOAT, None)], init)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_concat_elision_gives_the_same_bits_as_the_ops_one_by_one(threads):
+    from refquant.runtime import _concat_into
+
+    graph = refquant.load(_fire_model())
+    session = refquant.Session(graph, threads=threads)
+    x = np.random.default_rng(8).standard_normal((3, 3, 6, 7)).astype(np.float32)
+    elided = session.run({"x": x})
+    plan = session._plan(tuple(graph.output_names), fuse=True)
+    writers = {s.node.name: s.into[1:] for s in plan if s.into is not None}
+    assert writers == {"expand1+expand1_relu": (0, 17), "expand3": (5, 17)}  # (channel offset, channels)
+    assert [s.kernel for s in plan if s.node.name == "concat"] == [_concat_into]
+    one_by_one = session.run({"x": x}, hooks=[lambda name, array, node: None])  # hooks turn elision off
+    assert all(s.into is None for s in session._plan(tuple(graph.output_names), fuse=False))
+    for name in ("y", "z"):
+        assert np.array_equal(elided[name], one_by_one[name])
+    both = session.run({"x": x}, outputs=["cat", "y"])  # the Concat's output is the assembled buffer
+    assert np.array_equal(both["y"], elided["y"])
+    expected = ort_run(_fire_model(), {"x": x})
+    # float32 sums of at most 36 products in another order than onnxruntime's: a few ulp of the largest values
+    for name in ("y", "z"):
+        np.testing.assert_allclose(elided[name], expected[name], rtol=0, atol=1e-5 * np.abs(expected[name]).max())
+
+
+def test_concat_into_falls_back_to_a_plain_concatenation_when_shapes_disagree():
+    from refquant.runtime import _concat_into
+
+    rng = np.random.default_rng(9)
+    a, b = rng.standard_normal((2, 3, 4, 4)).astype(np.float32), rng.standard_normal((2, 2, 4, 4)).astype(np.float32)
+    want = np.concatenate([a, b], axis=1)
+    assert np.array_equal(_concat_into(a, b, axis=1, offsets=(0, 3, 5), buffer=None), want)
+    wrong_channels = np.zeros((2, 6, 4, 4), np.float32)  # the plan expected 6 channels, the inputs have 5
+    assert np.array_equal(_concat_into(a, b, axis=1, offsets=(0, 3, 6), buffer=wrong_channels), want)
+    wrong_size = np.zeros((2, 5, 4, 3), np.float32)
+    assert np.array_equal(_concat_into(a, b, axis=1, offsets=(0, 3, 5), buffer=wrong_size), want)
+    right = np.empty((2, 5, 4, 4), np.float32)
+    right[:, :3] = a  # as a producer would have written it
+    out = _concat_into(right[:, :3], b, axis=1, offsets=(0, 3, 5), buffer=right)
+    assert out is right and np.array_equal(out, want)
+
+
+# ------------------------------------------------------------------ residual Add + Relu
+def _residual_model():
+    """conv -> Add(conv, x) -> Relu -> conv, a two-input Sum -> Clip(0, 6), and an Add that broadcasts a
+    [1, C, 1, 1] graph input (the fused step's fallback: the Add kernel, then the chain)."""
+    rng = np.random.default_rng(13)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    init = {"w1": f(4, 4, 3, 3), "w2": f(4, 4, 1, 1), "lo": np.array(0, np.float32), "hi": np.array(6, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Add", ["c1", "x"], ["a1"], name="residual"),
+             helper.make_node("Relu", ["a1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Sum", ["c2", "r1"], ["s2"], name="sum"),
+             helper.make_node("Clip", ["s2", "lo", "hi"], ["y"], name="relu6"),
+             helper.make_node("Add", ["y", "shift"], ["a3"], name="broadcast_add"),
+             helper.make_node("Relu", ["a3"], ["z"], name="relu3")]
+    return make_model(nodes, [("x", FLOAT, ["batch", 4, 5, 6]), ("shift", FLOAT, [1, 4, 1, 1])],
+                      [("y", FLOAT, None), ("z", FLOAT, None)], init)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_residual_add_and_relu_fusion_gives_the_same_bits(threads):
+    graph = refquant.load(_residual_model())
+    session = refquant.Session(graph, threads=threads)
+    rng = np.random.default_rng(14)
+    feeds = {"x": rng.standard_normal((3, 4, 5, 6)).astype(np.float32),
+             "shift": rng.standard_normal((1, 4, 1, 1)).astype(np.float32)}
+    feeds["x"][0, 0, 0, :2] = [np.nan, -0.0]  # NaN propagates through both paths alike
+    fused = session.run(feeds)
+    plan = session._plan(tuple(graph.output_names), fuse=True)
+    assert [s.node.name for s in plan] == ["conv1", "residual+relu", "conv2", "sum+relu6", "broadcast_add+relu3"]
+    one_by_one = session.run(feeds, hooks=[lambda name, array, node: None])
+    for name in ("y", "z"):
+        assert np.array_equal(fused[name], one_by_one[name], equal_nan=True)
+        assert np.array_equal(np.signbit(fused[name]), np.signbit(one_by_one[name]))
+    expected = ort_run(_residual_model(), feeds)
+    # float32 sums of at most 36 products in another order than onnxruntime's: a few ulp of the largest values
+    for name in ("y", "z"):
+        want = expected[name]
+        scale = np.nanmax(np.abs(np.where(np.isinf(want), 0, want)))
+        np.testing.assert_allclose(fused[name], want, rtol=0, atol=1e-5 * scale)
+
+
+def test_parallel_split_covers_the_range_in_near_equal_parts():
+    from refquant import parallel
+
+    assert parallel.split(10, 4) == [(0, 2), (2, 5), (5, 8), (8, 10)]  # edges round(i * 10 / 4): 2.5 -> 2, 7.5 -> 8
+    assert parallel.split(3, 8) == [(0, 1), (1, 2), (2, 3)]  # never more parts than items
+    assert parallel.split(0, 3) == []
+    for length in range(1, 60):
+        for parts in range(1, 12):
+            ranges = parallel.split(length, parts)
+            assert [i for a, b in ranges for i in range(a, b)] == list(range(length))
+            sizes = [b - a for a, b in ranges]
+            assert len(ranges) == min(parts, length) and max(sizes) - min(sizes) <= 1

@@ -72,62 +72,114 @@ def sum_pool_padded(xp, kernel, stride, dilation, out):
 
 
 @njit(cache=True, nogil=True)
-def pool2d_planes(x, kh, kw, sy, sx, dy, dx, pad_top, pad_left, plane, counts, take_max, out):
-    """2-D pooling, plane by plane: out[p, r, q] = max, or sum / counts[r, q], over the window taps
-    x_pad[p, r*sy + i*dy, q*sx + j*dx] in row-major tap order (sum = tap 0, then + each next tap).
+def _max_rows(plane, rows, kw, sx, dx):
+    """rows[y, q] = max over j < kw of plane[y, q*sx + j*dx]: the horizontal half of a 2-D max pool. The
+    3-tap windows at stride 1 and 2 are spelled out with literal offsets, which LLVM vectorizes (a loop
+    over taps with a runtime stride ran 2-3x slower)."""
+    ow = rows.shape[1]
+    for y in range(rows.shape[0]):
+        src, dst = plane[y], rows[y]
+        if dx == 1 and kw == 3 and sx == 2:
+            for q in range(ow):
+                a, b, c = src[2 * q], src[2 * q + 1], src[2 * q + 2]
+                m = a if a > b else b
+                dst[q] = m if m > c else c
+        elif dx == 1 and kw == 3 and sx == 1:
+            for q in range(ow):
+                a, b, c = src[q], src[q + 1], src[q + 2]
+                m = a if a > b else b
+                dst[q] = m if m > c else c
+        else:
+            for q in range(ow):
+                m = src[q * sx]
+                for j in range(1, kw):
+                    v = src[q * sx + j * dx]
+                    m = v if v > m else m
+                dst[q] = m
 
-    ``plane`` is the scratch padded plane (its border already holds the pad value: -inf for max, 0 for
-    sum; its size is the last window's reach); each x[p] is copied into its interior, then every tap is
-    accumulated over the whole output plane. Tap-outer loops over local 2-D buffers vectorize; the former
-    per-window loops over 4-D caller arrays were 3-5x slower. Returns True (and stops) at the first NaN
-    when ``take_max``, so the caller can use the exact NaN-propagating kernel.
+
+@njit(cache=True, nogil=True)
+def _sum_rows(plane, rows, kw, sx, dx):
+    """rows[y, q] = sum over j < kw (in order) of plane[y, q*sx + j*dx]; see _max_rows."""
+    ow = rows.shape[1]
+    for y in range(rows.shape[0]):
+        src, dst = plane[y], rows[y]
+        if dx == 1 and kw == 3 and sx == 2:
+            for q in range(ow):
+                dst[q] = src[2 * q] + src[2 * q + 1] + src[2 * q + 2]
+        elif dx == 1 and kw == 3 and sx == 1:
+            for q in range(ow):
+                dst[q] = src[q] + src[q + 1] + src[q + 2]
+        else:
+            for q in range(ow):
+                m = src[q * sx]
+                for j in range(1, kw):
+                    m += src[q * sx + j * dx]
+                dst[q] = m
+
+
+@njit(cache=True, nogil=True)
+def pool2d_planes(x, kh, kw, sy, sx, dy, dx, pad_top, pad_left, pad_value, counts, take_max, out):
+    """2-D pooling, plane by plane, as two 1-D passes: rows[y, q] = max, or sum, of x_pad[p, y, q*sx + j*dx]
+    over j < kw (tap order), then out[p, r, q] = max, or sum / counts[r, q], of rows[r*sy + i*dy, q] over
+    i < kh (tap order). x_pad is x[p] padded with ``pad_value`` (-inf for max, 0 for sum) up to the last
+    window's reach. Max is exactly the max over the window; the average's sum is grouped by window rows
+    ((a + b + c) + (d + e + f) + ...), a few ulp from a left-to-right sum.
+
+    The separable form does kh + kw instead of kh * kw operations per output, and the inner loops
+    vectorize (the per-tap strided loops before were 3-5x slower). Returns True (and stops) at the first
+    NaN when ``take_max``, so the caller can use the exact NaN-propagating kernel.
     """
     n_planes, h, w = x.shape
     oh, ow = out.shape[1], out.shape[2]
-    copy_h = min(h, plane.shape[0] - pad_top)
-    copy_w = min(w, plane.shape[1] - pad_left)
-    acc = np.empty((oh, ow), dtype=x.dtype)
-    unit = sy == 1 and sx == 1 and dy == 1 and dx == 1
+    hp = (oh - 1) * sy + (kh - 1) * dy + 1  # the last window's reach
+    wp = (ow - 1) * sx + (kw - 1) * dx + 1
+    plane = np.full((hp, wp), pad_value, dtype=x.dtype)  # the border keeps the pad value for every plane
+    rows = np.empty((hp, ow), dtype=x.dtype)
+    copy_h = min(h, hp - pad_top)
+    copy_w = min(w, wp - pad_left)
     for p in range(n_planes):
         saw_nan = False
         for r in range(copy_h):
+            src = x[p, r]
+            dst = plane[pad_top + r]
             for q in range(copy_w):
-                v = x[p, r, q]
+                v = src[q]
                 saw_nan |= v != v
-                plane[pad_top + r, pad_left + q] = v
-        if take_max and saw_nan:
-            return True
-        for r in range(oh):
-            for q in range(ow):
-                acc[r, q] = plane[r * sy, q * sx]
-        for i in range(kh):
-            for j in range(kw):
-                if i == 0 and j == 0:
-                    continue
-                if unit and take_max:
-                    for r in range(oh):
-                        for q in range(ow):
-                            v = plane[r + i, q + j]
-                            acc[r, q] = v if v > acc[r, q] else acc[r, q]
-                elif unit:
-                    for r in range(oh):
-                        for q in range(ow):
-                            acc[r, q] += plane[r + i, q + j]
-                elif take_max:
-                    for r in range(oh):
-                        for q in range(ow):
-                            v = plane[r * sy + i * dy, q * sx + j * dx]
-                            acc[r, q] = v if v > acc[r, q] else acc[r, q]
-                else:
-                    for r in range(oh):
-                        for q in range(ow):
-                            acc[r, q] += plane[r * sy + i * dy, q * sx + j * dx]
+                dst[pad_left + q] = v
         if take_max:
-            for r in range(oh):
-                for q in range(ow):
-                    out[p, r, q] = acc[r, q]
+            if saw_nan:
+                return True
+            _max_rows(plane, rows, kw, sx, dx)
         else:
-            for r in range(oh):
+            _sum_rows(plane, rows, kw, sx, dx)
+        for r in range(oh):
+            dst = out[p, r]
+            if kh == 3 and take_max:  # the common 3-row window in one pass (same order as the loop below)
+                a, b, c = rows[r * sy], rows[r * sy + dy], rows[r * sy + 2 * dy]
                 for q in range(ow):
-                    out[p, r, q] = acc[r, q] / counts[r, q]
+                    m = b[q] if b[q] > a[q] else a[q]
+                    dst[q] = c[q] if c[q] > m else m
+                continue
+            if kh == 3:
+                a, b, c = rows[r * sy], rows[r * sy + dy], rows[r * sy + 2 * dy]
+                count = counts[r]
+                for q in range(ow):
+                    dst[q] = (a[q] + b[q] + c[q]) / count[q]
+                continue
+            first = rows[r * sy]
+            for q in range(ow):
+                dst[q] = first[q]
+            for i in range(1, kh):
+                row = rows[r * sy + i * dy]
+                if take_max:
+                    for q in range(ow):
+                        v = row[q]
+                        dst[q] = v if v > dst[q] else dst[q]
+                else:
+                    for q in range(ow):
+                        dst[q] += row[q]
+            if not take_max:
+                for q in range(ow):
+                    dst[q] /= counts[r, q]
     return False

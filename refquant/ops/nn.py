@@ -12,12 +12,16 @@ import math
 import numpy as np
 
 from .. import parallel
+from ..kernels import channel as channel_kernels
 from ..kernels import conv as conv_kernels
 from ..kernels import pool as pool_kernels
 from .registry import register
 from .shapes import TensorInfo
 
-COLS_BUDGET = 1 << 23  # floats in one im2col buffer (32 MB): large images are done in row bands
+COLS_BUDGET = 1 << 23  # floats in one whole-batch im2col buffer (32 MB)
+BAND_FLOATS = 1 << 20  # floats in one row band's im2col buffer (4 MB; 1 and 2 MB bands measured no faster)
+BLOCK_FLOATS = 1 << 16  # floats in an output block that a direct kernel's epilogue finishes while in L2
+SMALL_IMAGE = 64  # output pixels below which a whole-batch GEMM beats one GEMM per image (7x7: yes, 14x14: no)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -88,13 +92,17 @@ def conv(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_sha
                          kernel_shape=kernel_shape, pads=pads, strides=strides)
 
 
-def conv_epilogue(x, w, b=None, *, epilogue, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
-                  pads=None, strides=None):
+def conv_epilogue(x, w, b=None, *, epilogue, out=None, auto_pad="NOTSET", dilations=None, group=1,
+                  kernel_shape=None, pads=None, strides=None):
     """Conv followed by the ``epilogue`` steps (see :func:`_epilogue`), applied with the bias to each output
     block right after its GEMM, while the block is still in cache. The runtime fuses Conv with the
     BatchNormalization / per-channel Mul, Add / Relu / Clip ops that follow it this way when no hook needs
     the intermediate tensors; each step is the same float32 operation as the op it replaces, in the same
-    order, so the values are identical to running the ops one after the other."""
+    order, so the values are identical to running the ops one after the other.
+
+    ``out``: None, or ``out(shape, dtype)`` giving the array to write the result into (a channel slice of a
+    Concat's output, see refquant.runtime) or None to allocate one; the result is that array.
+    """
     dtype = _compute_dtype(x)
     kernel = list(kernel_shape or w.shape[2:])
     begin, end, out_size = conv_geometry(list(x.shape[2:]), kernel, strides, dilations, pads, auto_pad)
@@ -103,30 +111,49 @@ def conv_epilogue(x, w, b=None, *, epilogue, auto_pad="NOTSET", dilations=None, 
     w3 = _as3d(w.astype(dtype, copy=False))
     n, c_in = x3.shape[:2]
     m = w.shape[0]
+    target = None
+    if out is not None and x.dtype == dtype:
+        target = out((n, m, *out_size), np.dtype(dtype))
+    y_given = None if target is None else _flat_view(target, (n, m, -1))
     stride3 = _i64(_to3(strides or [1] * n_spatial, 1))
     dilation3 = _i64(_to3(dilations or [1] * n_spatial, 1))
     begin3 = _i64(_to3(begin, 0))
     out3 = _i64(_to3(out_size, 1))
-    finish = _epilogue(None if b is None else b.astype(dtype, copy=False), epilogue, dtype)
+    finish = _epilogue(None if b is None else b.astype(dtype, copy=False), epilogue, dtype, m)
     if group == c_in and w.shape[1] == 1 and x3.shape[2] == 1 and group > 1:
         y = _depthwise(x3, w3, stride3, dilation3, begin, end, out3, finish)
+        if y_given is not None:  # the Numba loops take contiguous arrays: one copy into the target
+            np.copyto(y_given, y.reshape(y_given.shape))
+            y = y_given
     elif all(k == 1 for k in kernel) and not any(begin) and not any(end):
         # a 1x1 conv is a GEMM per group over the (subsampled) pixels: no im2col needed
         if any(s != 1 for s in stride3):
             x3 = np.ascontiguousarray(x3[:, :, ::stride3[0], ::stride3[1], ::stride3[2]])
             x3 = x3[:, :, :out3[0], :out3[1], :out3[2]]
         cg, mg = c_in // group, m // group
-        y = np.empty((n, group, mg, x3[0, 0].size), dtype=x3.dtype)
+        shape = (n, group, mg, x3[0, 0].size)
+        y = np.empty(shape, dtype=x3.dtype) if y_given is None else _flat_view(y_given, shape)
         xg = x3.reshape(n, group, cg, -1)
         wg = w3.reshape(group, mg, cg)
 
-        def pointwise(i):
-            image, g = divmod(i, group)
-            np.matmul(wg[g], xg[image, g], out=y[image, g])
-            finish(y[image, g], slice(g * mg, (g + 1) * mg))
+        positions = shape[3]
+        threads = parallel.budget()
+        # items are (group, block of images): one stacked GEMM call and one epilogue call per item, since the
+        # Python cost of the calls is a good part of a small image's GEMM (ShuffleNet's 14x14 grouped convs);
+        # blocks stay in L2 for the epilogue
+        per_item = max(1, min(n, BLOCK_FLOATS // max(1, mg * positions)))
+        if threads > 1:
+            per_item = min(per_item, max(1, n * group // (2 * threads)))
+        chunks = parallel.split(n, -(-n // per_item))
+        items = [(g, a, b) for g in range(group) for a, b in chunks]
 
-        if n * group >= 2 * parallel.budget():
-            parallel.parallel_for(n * group, pointwise)
+        def pointwise(k):
+            g, a, b = items[k]
+            np.matmul(wg[g], xg[a:b, g], out=y[a:b, g])
+            finish(y[a:b, g], slice(g * mg, (g + 1) * mg))
+
+        if len(items) >= 2 * threads or threads == 1:
+            parallel.parallel_for(len(items), pointwise)
         else:  # few GEMMs: split each one's columns instead
             for i in range(n * group):
                 image, g = divmod(i, group)
@@ -134,9 +161,18 @@ def conv_epilogue(x, w, b=None, *, epilogue, auto_pad="NOTSET", dilations=None, 
                                 epilogue=lambda block, rows, g=g: finish(block, _shift(rows, g * mg, mg)))
         y = y.reshape(n, m, -1)
     else:
-        y = _im2col_conv(x3, w3, group, stride3, dilation3, begin3, _i64(_to3(end, 0)), out3, finish)
+        y = _im2col_conv(x3, w3, group, stride3, dilation3, begin3, _i64(_to3(end, 0)), out3, finish, y_given)
+    if target is not None:
+        return target
     y = y.reshape((n, m) + tuple(out_size))
     return y.astype(x.dtype, copy=False)
+
+
+def _flat_view(array, shape):
+    """``array`` reshaped to ``shape`` as a view (never a copy: the caller writes through it)."""
+    view = array.view()
+    view.shape = shape  # raises AttributeError where only a copy could have that shape
+    return view
 
 
 def channel_chain(x, *, epilogue):
@@ -154,18 +190,72 @@ def channel_chain_inplace(x, *, epilogue):
     return _channel_chain_into(x3, x3, epilogue).reshape(x.shape)
 
 
-def _channel_chain_into(out, x3, epilogue):
-    n, c, positions = x3.shape
-    finish = _epilogue(None, epilogue, x3.dtype)
-    per_block = max(1, (1 << 16) // max(1, positions))  # channels per piece: ~64K elements stay in L2
-    pieces = [(i, c0, min(c, c0 + per_block)) for i in range(n) for c0 in range(0, c, per_block)]
+def add_chain(a, b, *, epilogue, add):
+    """``add(a, b)`` (the graph's Add, or Sum of two tensors) followed by the conv epilogue's per-channel steps
+    (see :func:`_epilogue`), y = steps(a + b), in one pass when a and b are float tensors of one shape and
+    dtype (a residual Add and its Relu); otherwise the two ops one after the other. The same float ops in
+    the same order either way, so the values are those of the ops one by one."""
+    if not _same_float_shape(a, b):
+        return channel_chain(add(a, b), epilogue=epilogue)
+    return _add_chain_into(np.empty_like(a), a, b, epilogue)
+
+
+def add_chain_inplace(a, b, *, epilogue, add):
+    """add_chain written into a (the runtime calls it when a dies here and nothing else sees it)."""
+    if not _same_float_shape(a, b) or not a.flags.writeable:
+        return None
+    return _add_chain_into(a, a, b, epilogue)
+
+
+def _same_float_shape(a, b) -> bool:
+    return (type(a) is np.ndarray and type(b) is np.ndarray and a.dtype == b.dtype
+            and a.dtype in (np.float32, np.float64) and a.shape == b.shape and a.ndim >= 2
+            and a.flags.c_contiguous and b.flags.c_contiguous)
+
+
+def _add_chain_into(out, a, b, epilogue):
+    n, c = a.shape[:2]
+    a3, b3, out3 = (t.reshape(n, c, -1) for t in (a, b, out))
+    encoded = channel_kernels.encode_steps(epilogue, c, a.dtype)
+    threads = parallel.budget()
+    c_blocks = parallel.split(c, -(-2 * threads // n) if threads > 1 else 1)
+    i_blocks = parallel.split(n, 2 * threads if threads > 1 else 1)
+    pieces = [(i0, i1, c0, c1) for i0, i1 in i_blocks for c0, c1 in c_blocks]
 
     def piece(k):
-        i, c0, c1 = pieces[k]
-        block = out[i, c0:c1]
-        if out is not x3:
-            np.copyto(block, x3[i, c0:c1])
-        finish(block, slice(c0, c1))
+        i0, i1, c0, c1 = pieces[k]
+        part = (slice(i0, i1), slice(c0, c1))
+        channel_kernels.add_channel_steps(a3[part], b3[part], out3[part], c0, *encoded)
+
+    parallel.parallel_for(len(pieces), piece)
+    return out
+
+
+def _channel_chain_into(out, x3, epilogue):
+    """out = the epilogue steps on x3 [N, C, P] (out may be x3), by the Numba loop of
+    refquant.kernels.channel over blocks of images (and of channels, when there are few images to share
+    between threads); a dtype it does not take (float16) runs the NumPy steps per block instead."""
+    n, c, positions = x3.shape
+    threads = parallel.budget()
+    c_blocks = parallel.split(c, -(-2 * threads // n) if threads > 1 else 1)
+    i_blocks = parallel.split(n, 2 * threads if threads > 1 else 1)
+    pieces = [(i0, i1, c0, c1) for i0, i1 in i_blocks for c0, c1 in c_blocks]
+    if x3.dtype in (np.float32, np.float64) and out.flags.c_contiguous and x3.flags.c_contiguous:
+        encoded = channel_kernels.encode_steps(epilogue, c, x3.dtype)
+
+        def piece(k):
+            i0, i1, c0, c1 = pieces[k]
+            block = out[i0:i1, c0:c1]
+            channel_kernels.apply_steps(block if out is x3 else x3[i0:i1, c0:c1], block, c0, encoded)
+    else:
+        finish = _epilogue(None, epilogue, x3.dtype)
+
+        def piece(k):
+            i0, i1, c0, c1 = pieces[k]
+            block = out[i0:i1, c0:c1]
+            if out is not x3:
+                np.copyto(block, x3[i0:i1, c0:c1])
+            finish(block, slice(c0, c1))
 
     parallel.parallel_for(len(pieces), piece)
     return out
@@ -177,17 +267,29 @@ def _shift(rows: slice, offset: int, size: int) -> slice:
     return slice(offset + start, offset + stop)
 
 
-def _epilogue(bias, steps, dtype):
+def _epilogue(bias, steps, dtype, n_channels=None):
     """finish(block, channels): on a block [..., C_block, P] of the conv output, in place: += bias[channels],
     then each step: ("mul", v) / ("add", v) with a per-channel vector v (or a 1-vector), ("bn", a, b) as
-    x * a + b, ("relu",), ("clip", lo, hi) with None for an absent bound."""
+    x * a + b, ("relu",), ("clip", lo, hi) with None for an absent bound. ``n_channels``: the tensor's channel
+    count, which lets 2-D and 3-D float32/float64 blocks run through refquant.kernels.channel."""
     steps = [(kind, *[None if v is None else np.asarray(v, dtype=dtype) for v in values])
              for kind, *values in steps]
 
     def per_channel(v, channels):
         return v.reshape(-1, 1) if v.size == 1 else v[channels].reshape(-1, 1)
 
+    chain = ([("add", bias)] if bias is not None else []) + [tuple(step) for step in steps]
+    # the Numba loop: one call and one pass per channel row in L1, instead of a NumPy call and a pass over
+    # the block per step (the same float ops in the same order: bit-identical)
+    encoded = (channel_kernels.encode_steps(chain, n_channels, dtype)
+               if chain and n_channels is not None and dtype in (np.float32, np.float64) else None)
+
     def finish(block, channels):
+        if (encoded is not None and block.ndim in (2, 3) and block.strides[-1] == block.itemsize
+                and min(block.strides) >= 0):
+            block3 = block if block.ndim == 3 else block[None]
+            channel_kernels.apply_steps(block3, block3, channels.start or 0, encoded)
+            return
         if bias is not None:
             block += bias[channels].reshape(-1, 1)
         for kind, *values in steps:
@@ -224,8 +326,9 @@ def _windows(xp, kernel3, stride3, dilation3, out3):
     return np.lib.stride_tricks.as_strided(xp, shape, strides, writeable=False)
 
 
-def _im2col_conv(x3, w3, group, stride3, dilation3, begin3, end3, out3, finish):
-    """Grouped conv as GEMMs: y_g = W_g [M/g, C/g*K] @ cols_g [C/g*K, pixels]."""
+def _im2col_conv(x3, w3, group, stride3, dilation3, begin3, end3, out3, finish, y=None):
+    """Grouped conv as GEMMs: y_g = W_g [M/g, C/g*K] @ cols_g [C/g*K, pixels], written into y [N, M, pixels]
+    (allocated when None)."""
     n, c_in = x3.shape[:2]
     m = w3.shape[0]
     cg, mg = c_in // group, m // group
@@ -233,10 +336,11 @@ def _im2col_conv(x3, w3, group, stride3, dilation3, begin3, end3, out3, finish):
     k_rows = cg * int(np.prod(kernel3))
     out3 = tuple(int(o) for o in out3)
     positions = int(np.prod(out3))
-    xp = np.pad(x3, [(0, 0), (0, 0)] + [(int(b), int(e)) for b, e in zip(begin3, end3)])
-    y = np.empty((n, m, positions), dtype=x3.dtype)
+    xp = _pad_images(x3, begin3, end3)
+    if y is None:
+        y = np.empty((n, m, positions), dtype=x3.dtype)
     weights = [w3[g * mg:(g + 1) * mg].reshape(mg, k_rows) for g in range(group)]
-    if n > 1 and n * positions * k_rows <= COLS_BUDGET and positions < 4096:
+    if n > 1 and n * positions * k_rows <= COLS_BUDGET and positions < SMALL_IMAGE:
         # small images: one GEMM over the whole batch keeps BLAS busy
         cols = np.empty((k_rows, n, positions), dtype=x3.dtype)
         for g in range(group):
@@ -245,17 +349,40 @@ def _im2col_conv(x3, w3, group, stride3, dilation3, begin3, end3, out3, finish):
                     k_rows, positions)
 
             parallel.parallel_for(n, fill)
-            y[:, g * mg:(g + 1) * mg] = parallel.matmul(weights[g], cols.reshape(k_rows, -1)).reshape(
-                mg, n, positions).transpose(1, 0, 2)
-            finish(y[:, g * mg:(g + 1) * mg], slice(g * mg, (g + 1) * mg))
+            # the result's rows are channels: the epilogue runs on each GEMM block in cache, before the copy
+            # that puts the images first
+            result = parallel.matmul(weights[g], cols.reshape(k_rows, -1),
+                                     epilogue=lambda block, rows, g=g: finish(block, _shift(rows, g * mg, mg)))
+            result = result.reshape(mg, n, positions)
+
+            def put(i, g=g, result=result):
+                y[i, g * mg:(g + 1) * mg] = result[:, i]
+
+            parallel.parallel_for(n, put)
         return y
     ow = out3[2]
     threads = parallel.budget()
-    band = max(1, min(out3[1], COLS_BUDGET // max(1, k_rows * ow * threads)))  # output rows per GEMM
-    if threads > 1 and n * group * out3[0] * -(-out3[1] // band) < 2 * threads:
-        band = max(1, -(-out3[1] // (2 * threads)))  # one large image: enough bands for every thread
+    band = max(1, min(out3[1], BAND_FLOATS // max(1, k_rows * ow)))  # output rows per GEMM
     items = [(i, g, a, r0) for i in range(n) for g in range(group) for a in range(out3[0])
              for r0 in range(0, out3[1], band)]
+    if threads > 1 and len(items) < 2 * threads:
+        # too few GEMMs to give each thread its own (batch 1): each GEMM is split by parallel.matmul along
+        # its larger side, so a small image's channel-heavy GEMM (7x7: M=512, N=49) is cut into blocks of
+        # weight rows rather than into bands of a few output pixels that each pack all the weights again;
+        # its im2col copy is split by input channels
+        for i, g, a, r0 in items:
+            view = _windows(xp[i, g * cg:(g + 1) * cg], kernel3, stride3, dilation3, out3)
+            r1 = min(out3[1], r0 + band)
+            part = view[:, :, :, :, a, r0:r1]
+            cols = np.empty(part.shape, dtype=x3.dtype)
+            blocks = parallel.split(cg, 4 * threads)
+            parallel.parallel_for(len(blocks), lambda j: np.copyto(cols[slice(*blocks[j])],
+                                                                   part[slice(*blocks[j])]))
+            cols = cols.reshape(k_rows, -1)
+            start = (a * out3[1] + r0) * ow
+            parallel.matmul(weights[g], cols, out=y[i, g * mg:(g + 1) * mg, start:start + cols.shape[1]],
+                            epilogue=lambda block, rows, g=g: finish(block, _shift(rows, g * mg, mg)))
+        return y
 
     def band_gemm(item_index):
         i, g, a, r0 = items[item_index]
@@ -272,6 +399,27 @@ def _im2col_conv(x3, w3, group, stride3, dilation3, begin3, end3, out3, finish):
     return y
 
 
+def _pad_images(x3, begin3, end3):
+    """x3 [N, C, D, H, W] zero-padded by begin3/end3 on the spatial dims (x3 itself when there is no
+    padding); the images are copied in parallel (np.pad is one serial pass)."""
+    if not any(begin3) and not any(end3):
+        return x3
+    pads = [(int(b), int(e)) for b, e in zip(begin3, end3)]
+    xp = np.empty(x3.shape[:2] + tuple(s + b + e for s, (b, e) in zip(x3.shape[2:], pads)), dtype=x3.dtype)
+    interior = tuple(slice(b, b + s) for s, (b, _) in zip(x3.shape[2:], pads))
+
+    def image(i):
+        xi = xp[i]
+        for axis, (b, e) in enumerate(pads, start=1):  # the border slabs of each spatial axis
+            lead = (slice(None),) * axis
+            xi[lead + (slice(0, b),)] = 0
+            xi[lead + (slice(xi.shape[axis] - e, None),)] = 0
+        xi[(slice(None),) + interior] = x3[i]
+
+    parallel.parallel_for(x3.shape[0], image)
+    return xp
+
+
 def _depthwise(x3, w3, stride3, dilation3, begin, end, out3, finish):
     """Depthwise (group == C_in) conv on 1-D/2-D inputs: a direct loop per channel, padded plane by plane
     inside the kernel; (image, channel block) items spread over the thread budget."""
@@ -279,27 +427,34 @@ def _depthwise(x3, w3, stride3, dilation3, begin, end, out3, finish):
     x4 = np.ascontiguousarray(x3[:, :, 0])
     w4 = np.ascontiguousarray(w3[:, :, 0])
     n, c_out = x3.shape[0], w3.shape[0]
-    y = np.zeros((n, c_out, int(out3[1]), int(out3[2])), dtype=x3.dtype)
-    threads = parallel.budget()
-    if w4.shape[0] == x4.shape[1]:  # multiplier 1: items are (image, channel block)
-        c_blocks = parallel.split(c_out, max(1, -(-4 * threads // n)) if threads > 1 else 1)
-    else:  # output channel c reads input channel c // multiplier: split images only
-        c_blocks = [(0, c_out)]
     three = w4.shape[2:] == (3, 3) and w4.shape[0] == x4.shape[1] and not np.any(dilation3 != 1)
+    shape = (n, c_out, int(out3[1]), int(out3[2]))
+    y = np.empty(shape, dtype=x3.dtype) if three else np.zeros(shape, dtype=x3.dtype)  # depthwise2d adds up
+    threads = parallel.budget()
+    image_floats = c_out * shape[2] * shape[3]
+    images = 1
+    c_blocks = [(0, c_out)]
+    if w4.shape[0] == x4.shape[1] and image_floats > BLOCK_FLOATS:
+        # multiplier 1, large images: items are (image, channel block), blocks small enough that the
+        # epilogue finds them in cache, and enough of them for every thread
+        c_blocks = parallel.split(c_out, max(-(-image_floats // BLOCK_FLOATS), -(-4 * threads // n)))
+    elif w4.shape[0] == x4.shape[1]:  # small images: several whole images per kernel and epilogue call
+        images = max(1, min(BLOCK_FLOATS // image_floats, n // (2 * threads) if threads > 1 else n))
+    # every block is contiguous (one image's channel range, or whole images): the loops vectorize
+    items = [(i, min(n, i + images), c0, c1) for i in range(0, n, images) for c0, c1 in c_blocks]
     top, left = int(begin2[0]), int(begin2[1])
 
     def channels(item):
-        i, (c0, c1) = item // len(c_blocks), c_blocks[item % len(c_blocks)]
-        x_part = x4[i:i + 1, c0:c1] if len(c_blocks) > 1 else x4[i:i + 1]
+        a, b, c0, c1 = items[item]
         if three:
-            conv_kernels.depthwise3x3(x_part, w4[c0:c1], top, left, int(stride3[1]), int(stride3[2]),
-                                      y[i:i + 1, c0:c1])
+            conv_kernels.depthwise3x3(x4[a:b, c0:c1], w4[c0:c1], top, left, int(stride3[1]), int(stride3[2]),
+                                      y[a:b, c0:c1])
         else:
-            conv_kernels.depthwise2d(x_part, w4[c0:c1], top, left, stride3[1:], dilation3[1:],
-                                     y[i:i + 1, c0:c1])
-        finish(y[i, c0:c1].reshape(c1 - c0, -1), slice(c0, c1))
+            conv_kernels.depthwise2d(x4[a:b, c0:c1] if len(c_blocks) > 1 else x4[a:b], w4[c0:c1], top, left,
+                                     stride3[1:], dilation3[1:], y[a:b, c0:c1])
+        finish(y[a:b, c0:c1].reshape(b - a, c1 - c0, -1), slice(c0, c1))
 
-    parallel.parallel_for(n * len(c_blocks), channels)
+    parallel.parallel_for(len(items), channels)
     return y
 
 
@@ -468,15 +623,14 @@ def _pool2d(x3, params, out3, y, pad_value, counts) -> bool:
     """Max (counts None) or average pooling of [planes, 1, H, W] into y [planes, 1, OH, OW], blocks of planes
     over the thread budget; True if a NaN stopped a max pool (y is then incomplete)."""
     kernel, stride, dilation, begin = params["kernel"], params["stride"], params["dilation"], params["pad_begin"]
-    reach = [(o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(out3[1:], stride[1:], kernel[1:], dilation[1:])]
     stopped = []  # list.append is atomic; `flag |= kernel(...)` across threads would lose updates
     empty = np.ones((1, 1), dtype=x3.dtype)
 
     def block(a, b):
-        plane = np.full(reach, pad_value, dtype=x3.dtype)
         if pool_kernels.pool2d_planes(x3[a:b, 0], int(kernel[1]), int(kernel[2]), int(stride[1]), int(stride[2]),
-                                      int(dilation[1]), int(dilation[2]), int(begin[1]), int(begin[2]), plane,
-                                      empty if counts is None else counts, counts is None, y[a:b, 0]):
+                                      int(dilation[1]), int(dilation[2]), int(begin[1]), int(begin[2]),
+                                      x3.dtype.type(pad_value), empty if counts is None else counts,
+                                      counts is None, y[a:b, 0]):
             stopped.append((a, b))
 
     _over_planes(block, y.shape[0])
