@@ -45,3 +45,33 @@ def test_max_pool_with_nan_matches_onnxruntime():
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = refquant.Session(refquant.load(model)).run({"x": x})["y"]
     assert np.array_equal(got, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+@pytest.mark.parametrize("size,kernel,stride,pads,ceil", [(4, 5, 2, 0, 0), (3, 4, 2, 0, 0), (2, 3, 2, 0, 0),
+                                                         (4, 5, 3, 0, 0), (1, 2, 2, 0, 0), (3, 6, 2, 1, 0),
+                                                         (3, 6, 2, 1, 1)])
+def test_window_larger_than_the_input_gives_onnxruntimes_clipped_window(op, size, kernel, stride, pads, ceil):
+    """onnxruntime computes the output size with C++ integer division (toward zero): a window larger than the
+    padded input still gives one output over the clipped window, where ONNX's floor formula gives none
+    (PP-OCRv5 rec on crops <= 4 px wide, madmom's key CNN on one frame)."""
+    attrs = dict(kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[pads] * 4, ceil_mode=ceil)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node(op, ["x"], ["y"], **attrs)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]), opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(size * kernel).normal(size=(2, 3, size, size)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = refquant.Session(refquant.load(model)).run({"x": x})["y"]
+    assert got.shape == want.shape and want.size > 0
+    # max: exact; average: the same window sum in another order (float32), a few ulps at most
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_window_that_cannot_fit_is_an_error_naming_the_node():
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MaxPool", ["x"], ["y"], name="tiny_pool", kernel_shape=[3, 3])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]), opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(refquant.RefquantError, match="tiny_pool.*output size is negative"):
+        refquant.Session(refquant.load(model)).run({"x": np.ones((1, 1, 1, 1), np.float32)})

@@ -37,7 +37,9 @@ def _as3d(x):
 
 
 def conv_geometry(in_size, kernel, strides, dilations, pads, auto_pad, ceil_mode=False, pool=False):
-    """(pad_begin, pad_end, out_size) per spatial dim, following ONNX's Conv and pooling formulas."""
+    """(pad_begin, pad_end, out_size) per spatial dim, following ONNX's Conv and pooling formulas:
+    out = floor((in + pads - ((k - 1) d + 1)) / s) + 1 (ceil with ceil_mode); a pooling window larger than
+    the padded input truncates toward zero instead, as onnxruntime does (one clipped window)."""
     n = len(in_size)
     strides = list(strides or [1] * n)
     dilations = list(dilations or [1] * n)
@@ -56,9 +58,18 @@ def conv_geometry(in_size, kernel, strides, dilations, pads, auto_pad, ceil_mode
     out = []
     for i, s, e, b, p_end in zip(in_size, strides, extent, begin, end):
         span = i + b + p_end - e
-        o = (-(-span // s) if ceil_mode else span // s) + 1
+        if ceil_mode:
+            o = -(-span // s) + 1
+        elif pool and span < 0:  # input smaller than the window: onnxruntime divides in C++, truncating
+            o = -(-span // s) + 1  # toward zero (ONNX's floor would give no output); the window is clipped
+        else:
+            o = span // s + 1
         if ceil_mode and pool and (o - 1) * s >= i + b:  # a window may not start in the end padding
             o -= 1
+        if o < 0:
+            raise ValueError(f"the output size is negative: input {i} + pads {b} + {p_end} is smaller than the "
+                             f"{'window' if pool else 'kernel'} extent {e} (check kernel_shape, pads, strides "
+                             "and dilations)")
         out.append(o)
     return begin, end, out
 
