@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import RefquantError
-from ..ir import Graph, Node, Value
+from ..ir import Graph, Node, Value, node_reads
 from ..onnx_forms import FORMS
 from ..ops import lookup, register
 from ..quant.encoding import Encoding
@@ -223,8 +223,11 @@ class _Lowerer:
         self.inits: dict[str, np.ndarray] = {}
         self.rep: dict[str, object] = {}
         self.used_names: set[str] = set(self.src.values) | set(self.src.initializers) | set(self.src.input_names)
-        for n in self.src.nodes:
+        for n in self.src.walk():  # subgraph tensors too: a float If/Loop keeps its subgraphs' names
             self.used_names.update(o for o in n.outputs if o)
+            for sub in n.subgraphs():
+                self.used_names.update(sub.input_names)
+                self.used_names.update(sub.initializers)
         self.lowered: list[Lowered] = []
         self.fallbacks: list[Lowered] = []
         self.bias_clipped: dict[str, str] = {}  # layer -> what bias_codes clipped
@@ -397,7 +400,7 @@ class _Lowerer:
                 outputs.append(Value(name, value.dtype, value.shape))
         graph.outputs = outputs
         graph.nodes = self.nodes
-        used = {i for n in self.nodes for i in n.inputs if i}
+        used = {i for n in self.nodes for i in node_reads(n) if i}  # subgraphs read outer constants by name
         graph.initializers = {k: v for k, v in self.inits.items() if k in used}
         for name, array in graph.initializers.items():
             graph.values[name] = Value(name, array.dtype, tuple(array.shape))
@@ -429,6 +432,8 @@ class _Lowerer:
         where = self.where(node)
         if node.domain not in ("", "ai.onnx"):
             raise self.error(where, f"op domain {node.domain!r} has no integer lowering")
+        if any(True for _ in node.subgraphs()):
+            return self.lower_control_flow(node)
         float_ins = [n for n in node.present_inputs() if self.is_float(n)]
         float_outs = [n for n in node.outputs if n and self.is_float(n)]
         if not float_ins and not float_outs:
@@ -461,6 +466,51 @@ class _Lowerer:
         if op in TABLE_OPS:
             return self.lower_table_op(node)
         raise self.error(where, "the integer program has no form for this op")
+
+    def lower_control_flow(self, node: Node) -> Lowered:
+        """If/Loop: the integer program does not lower subgraphs. Without any float tensor (inputs, outer-scope
+        reads, outputs) the node is copied (shape logic); otherwise it is an op without integer form, which
+        ``float_fallback`` runs in float (:meth:`lower_float` maps its outer-scope reads to float values)."""
+        involved = list(dict.fromkeys(node_reads(node))) + [o for o in node.outputs if o]
+        if not any(self.is_float(name) for name in involved):
+            return self.lower_float(node, "", record=False, mode="copy")
+        raise self.error(self.where(node), f"{node.op_type} runs subgraphs, which the integer program has no form "
+                                           "for (their float tensors cannot be lowered to integer ops)")
+
+    def float_subgraphs(self, node: Node) -> dict:
+        """``node``'s attributes with copies of its subgraphs whose outer-scope reads are renamed to the
+        program's float values of those tensors: DequantizeLinear of codes, the simulation's (quantized)
+        constants, or the float tensor that replaced them. Names are unique across scopes (ONNX), so renaming
+        a name a subgraph reads but does not define touches nothing else."""
+        inner = {name for sub in node.subgraphs() for name in sub.outer_references()}
+        mapping = {}
+        for name in inner:
+            if name in self.src.initializers:
+                mapping[name] = self.const(name, self.sim_constant(name))
+            else:
+                rep = self.rep.get(name)
+                if isinstance(rep, QTensor):
+                    mapping[name] = self.dequantized(name, rep)
+                elif rep is not None:
+                    mapping[name] = rep.name
+        mapping = {k: v for k, v in mapping.items() if k != v}
+
+        def renamed(graph: Graph) -> Graph:
+            copy = graph.copy()
+            for n in copy.walk():
+                n.inputs = [mapping.get(i, i) for i in n.inputs]
+            for g in [copy] + [sub for n in copy.walk() for sub in n.subgraphs()]:
+                g.outputs = [Value(mapping[v.name], v.dtype, v.shape) if v.name in mapping else v for v in g.outputs]
+            return copy
+
+        attrs = {}
+        for key, value in node.attrs.items():
+            if isinstance(value, Graph):
+                value = renamed(value)
+            elif isinstance(value, list) and any(isinstance(v, Graph) for v in value):
+                value = [renamed(v) if isinstance(v, Graph) else v for v in value]
+            attrs[key] = value
+        return attrs
 
     def not_initializer(self, role: str, name: str) -> str:
         if name in self.constants:
@@ -1369,7 +1419,8 @@ class _Lowerer:
                 quantize.append((out, fl, data))
             else:
                 self.rep[out] = FloatTensor(fl)
-        self.emit(node.op_type, inputs, outs, node.attrs, name=node.name, domain=node.domain, version=node.version)
+        attrs = self.float_subgraphs(node) if any(True for _ in node.subgraphs()) else node.attrs
+        self.emit(node.op_type, inputs, outs, attrs, name=node.name, domain=node.domain, version=node.version)
         ops = [node.op_type]
         for out, fl, enc in quantize:
             try:

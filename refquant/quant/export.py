@@ -10,6 +10,8 @@ AIMET's ``to_onnx_qdq``. 4- and 16-bit grids and per-block encodings need opset 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -19,6 +21,7 @@ from ..fileio import atomic_path
 from ..ir import Node
 from ..onnx_io import save, to_onnx
 from .encoding import Encoding, EncodingError
+from .subgraphs import all_producers
 
 QDQ_SUFFIX = "_qdq"
 FLOAT_SUFFIX = "_float"
@@ -95,15 +98,57 @@ def to_qdq_onnx(sim) -> onnx.ModelProto:
     for name, encoding in encodings.items():
         if name in graph.initializers or name in graph.input_names:
             new_nodes.extend(qdq_nodes(name, encoding))
-    for node in graph.nodes:
-        node.inputs = [qdq_names(sim, i)[1] if i in encodings else i for i in node.inputs]
-        node.version = opset if node.domain == "" else node.version
-        new_nodes.append(node)
-        for out in node.outputs:
-            if out in encodings:
-                if out in outputs:
-                    node.outputs = [qdq_names(sim, out)[0] if o == out else o for o in node.outputs]
-                new_nodes.extend(qdq_nodes(out, encodings[out]))
+
+    read_by_subgraphs = {name for node in graph.walk() for sub in node.subgraphs() for name in sub.outer_references()}
+
+    def regrid(node: Node, source: str, new_nodes: list[Node]) -> None:
+        """A data-movement op on a dequantized tensor whose output a subgraph reads (outer scope) gets the same
+        Q/DQ pair on its output: exact (its values are on that grid already), and it keeps onnxruntime's
+        QDQPropagationTransformer (1.32) from moving the pair across the op, which aborts on a tensor that is a
+        subgraph's implicit input (``DQ -> Squeeze -> If reading it``: C++ assertion in onnxruntime)."""
+        from .placement import GRID_PRESERVING
+
+        out = node.outputs[0] if node.outputs else ""
+        if (node.op_type not in GRID_PRESERVING or node.op_type in ("If", "Loop") or out not in read_by_subgraphs
+                or out in encodings or out in outputs or source not in encodings):
+            return
+        encoding = encodings[source]
+        tag = source.replace("/", "_").strip("_")
+        if encoding.kind != "int" or encoding.axis is not None or f"{tag}_zero_point" not in zero_points:
+            return
+        moved = f"{out}{FLOAT_SUFFIX}"
+        node.outputs = [moved] + node.outputs[1:]
+        out_tag = out.replace("/", "_").strip("_")
+        params = [f"{tag}_scale", f"{tag}_zero_point"]
+        new_nodes.extend([Node("QuantizeLinear", [moved, *params], [f"{out_tag}_regrid_quantized"], {},
+                               f"{out_tag}_regrid_quantize", "", opset),
+                          Node("DequantizeLinear", [f"{out_tag}_regrid_quantized", *params], [out], {},
+                               f"{out_tag}_regrid_dequantize", "", opset)])
+
+    def rewrite(nodes: list[Node], new_nodes: list[Node]) -> None:
+        """Readers of quantized tensors read the dequantized ones; each quantized node output is followed
+        by its pair. Subgraphs (If/Loop) get the same treatment inside: their nodes read outer-scope
+        tensors by name, and their Q/DQ constants are main-graph initializers (outer scope too)."""
+        for node in nodes:
+            source = node.inputs[0] if node.inputs else ""
+            node.inputs = [qdq_names(sim, i)[1] if i in encodings else i for i in node.inputs]
+            node.version = opset if node.domain == "" else node.version
+            for sub in node.subgraphs():
+                sub_nodes: list[Node] = []
+                rewrite(sub.nodes, sub_nodes)
+                sub.nodes = sub_nodes
+                sub.outputs = [dataclasses.replace(v, name=qdq_names(sim, v.name)[1]) if v.name in encodings else v
+                               for v in sub.outputs]
+                sub.opset = graph.opset
+            new_nodes.append(node)
+            regrid(node, source, new_nodes)
+            for out in node.outputs:
+                if out in encodings:
+                    if out in outputs:
+                        node.outputs = [qdq_names(sim, out)[0] if o == out else o for o in node.outputs]
+                    new_nodes.extend(qdq_nodes(out, encodings[out]))
+
+    rewrite(graph.nodes, new_nodes)
     graph.nodes = new_nodes
     model = to_onnx(graph, graph.opset)
     for name, (zero_point, type_name) in zero_points.items():
@@ -188,7 +233,7 @@ def encodings_for_file(sim, version: str):
 def aimet_order(sim, extra) -> list[str]:
     """AIMET's 2.0.0 order: each parameter in graph order, a derived int32 bias right after its weight."""
     order = []
-    for node in sim.graph.nodes:
+    for node in sim.graph.walk():
         for name in node.inputs:
             if name in sim.quantizers and sim.quantizers[name].kind == "param" and name not in order:
                 order.append(name)
@@ -201,7 +246,7 @@ def _derived_bias_encodings(sim, activations, params, existing) -> dict[str, Enc
     from .encoding import bias_encoding
 
     result = {}
-    for node in sim.graph.nodes:
+    for node in sim.graph.walk():
         if node.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(node.inputs) < 3 or not node.inputs[2]:
             continue
         bias, x, w = node.inputs[2], node.inputs[0], node.inputs[1]
@@ -219,7 +264,7 @@ def _grid_of(sim, name, activations):
     """The encoding that defines tensor ``name``'s grid, looking back through data-movement ops."""
     from .placement import GRID_PRESERVING
 
-    producers = sim.graph.producers()
+    producers = all_producers(sim.graph)
     while name:
         if name in activations:
             return activations[name]
@@ -234,7 +279,7 @@ def _data_movement_encodings(sim, known) -> dict[str, Encoding]:
     from .placement import GRID_PRESERVING
 
     result = {}
-    for node in sim.graph.nodes:
+    for node in sim.graph.walk():
         if node.op_type in GRID_PRESERVING and node.outputs and node.outputs[0] not in known:
             encoding = _grid_of(sim, node.inputs[0], known)
             if encoding is not None and encoding.axis is None:

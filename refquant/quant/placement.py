@@ -11,18 +11,22 @@
 * Supergroups (Conv+Relu, Gemm+Relu, ...): when the pattern matches a chain where each op feeds only
   the next, every output quantizer but the last is disabled. Depthwise and 3-D convs are excluded,
   as in AIMET.
+* If/Loop subgraphs: their nodes get quantizers by these same rules (weights may be outer-scope
+  initializers, supergroups match within one subgraph); If/Loop outputs and Loop body inputs get none.
 * Tied quantizers: the output of Relu (and Concat, AveragePool, MaxPool, Resize...) shares the
   encoding of the quantizer that feeds it, so the op is exact on the integer grid.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..ir import Graph, Node
 from .config import QuantsimConfig
+from .subgraphs import all_producers, ambiguous_names, scoped
 
 # outputs on their input's grid: no quantizer of their own
 GRID_PRESERVING = {
@@ -100,7 +104,12 @@ def is_depthwise(node: Node, graph: Graph) -> bool:
 
 
 def place_quantizers(graph: Graph, config: QuantsimConfig) -> dict[str, QuantizerSpec]:
-    """The quantizers AIMET would place on ``graph`` under ``config``, keyed by tensor name."""
+    """The quantizers AIMET would place on ``graph`` under ``config``, keyed by tensor name.
+
+    Nodes inside If/Loop subgraphs get quantizers by the same rules, keyed by their (model-unique) tensor
+    names, right after the node that holds the subgraph; their weights may be subgraph or outer-scope
+    initializers (:mod:`refquant.quant.subgraphs`). Subgraph inputs (a Loop's iteration count and carried
+    values) get none: their values are quantized where they are produced."""
     specs: dict[str, QuantizerSpec] = {}
     is_float = _float_checker(graph)
     for value in graph.inputs:
@@ -108,37 +117,58 @@ def place_quantizers(graph: Graph, config: QuantsimConfig) -> dict[str, Quantize
             specs[value.name] = QuantizerSpec(value.name, "activation",
                                               bool(config.model_input.get("is_input_quantized", False)),
                                               bool(config.defaults_ops.get("is_symmetric", False)))
-    for node in graph.nodes:
-        if node.domain and not (node.domain == "com.microsoft" and node.op_type in FLOAT_CONTRIB_OPS):
-            continue
-        roles = PARAM_ROLES.get(node.op_type, {})
-        for index, name in enumerate(node.inputs):
-            if not name or name not in graph.initializers or name in specs or not is_float(name):
-                continue
-            if index in roles:
-                setting = config.param(node.op_type, roles[index])
-                weight = graph.initializers[name]
-                axis = None
-                if (setting["per_channel_quantization"] and roles[index] == "weight"
-                        and node.op_type in PER_CHANNEL_OPS and weight.ndim >= 2):
-                    axis = weight_axis(node, weight.ndim)
-                specs[name] = QuantizerSpec(name, "param", setting["is_quantized"], setting["is_symmetric"],
-                                            roles[index], node.op_type, axis)
-            elif node.op_type not in GRID_PRESERVING and node.op_type not in CONSTANT_INPUTS_IGNORED:
-                op = config.op(node.op_type)
-                specs[name] = QuantizerSpec(name, "activation", True, op["is_symmetric"], None, node.op_type)
-        if node.op_type in GRID_PRESERVING or node.op_type in NON_FLOAT_OUTPUT:
-            continue
-        op = config.op(node.op_type)
-        for out in node.outputs:
-            if out and is_float(out):
-                specs[out] = QuantizerSpec(out, "activation", op["is_output_quantized"], op["is_symmetric"],
-                                           None, node.op_type, constraints=op.get("encoding_constraints"))
+    ambiguous = ambiguous_names(graph)
+    if ambiguous:
+        warnings.warn(f"QuantSim: tensor name(s) defined more than once across the model's subgraphs get no "
+                      f"quantizer (a quantizer is keyed by the tensor name): {sorted(ambiguous)[:10]}", stacklevel=3)
+    _place_nodes(graph, config, specs, ambiguous)
     _apply_model_output(graph, config, specs)
     _apply_supergroups(graph, config, specs)
     _apply_split_clips(graph, specs)
     _tie(graph, specs)
     return specs
+
+
+def _place_nodes(graph: Graph, config: QuantsimConfig, specs: dict[str, QuantizerSpec], ambiguous: set[str]) -> None:
+    """Parameter and output quantizers of ``graph``'s nodes, recursing into subgraphs (whose supergroups and
+    split clips are matched within the subgraph)."""
+    is_float = _float_checker(graph)
+    for node in graph.nodes:
+        _place_node(node, graph, config, specs, is_float, ambiguous)
+        for sub in node.subgraphs():
+            view = scoped(sub, graph)
+            _place_nodes(view, config, specs, ambiguous)
+            _apply_supergroups(view, config, specs)
+            _apply_split_clips(view, specs)
+
+
+def _place_node(node: Node, graph: Graph, config: QuantsimConfig, specs, is_float, ambiguous) -> None:
+    if node.domain and not (node.domain == "com.microsoft" and node.op_type in FLOAT_CONTRIB_OPS):
+        return
+    roles = PARAM_ROLES.get(node.op_type, {})
+    for index, name in enumerate(node.inputs):
+        if (not name or name not in graph.initializers or name in specs or name in ambiguous
+                or not is_float(name)):
+            continue
+        if index in roles:
+            setting = config.param(node.op_type, roles[index])
+            weight = graph.initializers[name]
+            axis = None
+            if (setting["per_channel_quantization"] and roles[index] == "weight"
+                    and node.op_type in PER_CHANNEL_OPS and weight.ndim >= 2):
+                axis = weight_axis(node, weight.ndim)
+            specs[name] = QuantizerSpec(name, "param", setting["is_quantized"], setting["is_symmetric"],
+                                        roles[index], node.op_type, axis)
+        elif node.op_type not in GRID_PRESERVING and node.op_type not in CONSTANT_INPUTS_IGNORED:
+            op = config.op(node.op_type)
+            specs[name] = QuantizerSpec(name, "activation", True, op["is_symmetric"], None, node.op_type)
+    if node.op_type in GRID_PRESERVING or node.op_type in NON_FLOAT_OUTPUT:
+        return
+    op = config.op(node.op_type)
+    for out in node.outputs:
+        if out and out not in ambiguous and is_float(out):
+            specs[out] = QuantizerSpec(out, "activation", op["is_output_quantized"], op["is_symmetric"],
+                                       None, node.op_type, constraints=op.get("encoding_constraints"))
 
 
 def _float_checker(graph: Graph):
@@ -214,7 +244,7 @@ def _tie(graph: Graph, specs) -> None:
     """Group quantizers that must share one encoding; every member's ``tied_to`` names the group's
     first quantizer in graph order. Relu, AveragePool and Resize outputs join their input's group;
     Concat joins its output with all its inputs (AIMET's ``op_types_to_tie_qtzrs``)."""
-    producers = graph.producers()
+    producers = all_producers(graph)  # subgraph nodes read outer-scope tensors by name
     parent: dict[str, str] = {}
     order = {name: i for i, name in enumerate(specs)}
 
@@ -229,7 +259,7 @@ def _tie(graph: Graph, specs) -> None:
             first, second = sorted((ra, rb), key=order.__getitem__)
             parent[second] = first
 
-    for node in graph.nodes:
+    for node in graph.walk():
         if node.op_type not in TIED_TO_INPUT or not node.outputs:
             continue
         out = node.outputs[0]

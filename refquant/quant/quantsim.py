@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -24,6 +25,7 @@ from .config import QuantsimConfig, load_config
 from .encoding import Encoding, EncodingError, bias_encoding, check_bitwidth, fp16_encoding, from_min_max
 from .observers import check_finite, make_observer
 from .placement import place_quantizers
+from .subgraphs import prepare_subgraphs
 from .qdq import ROUNDING, quantize_dequantize
 
 
@@ -109,6 +111,12 @@ class QuantSim:
     with the rule's reason; ``outlier_bw=None`` turns both off. The export writes their 16-bit encodings like
     any other. Neither rewrites the graph: FP32 outputs are those of the prepared graph.
 
+    **If/Loop subgraphs** get quantizers by the same rules as the main graph, keyed by their tensor names
+    (unique across a model): a tensor of the main graph read inside a branch is one quantized tensor. Float
+    initializers of subgraphs (Constant nodes included) move to the main graph's table, where branches read
+    them as outer-scope names (:mod:`refquant.quant.subgraphs`), so they are quantized and exported like any
+    weight. An untaken branch: see :meth:`compute_encodings`.
+
     **The residual-stream rule** (default, ``residual_rule=True``; no data needed): every tensor from a
     residual branch's last linear layer (MatMul/Gemm/Conv output, bias Add, layer scale) to the residual
     sum a normalization reads (LayerNormalization, or Sub(x, ReduceMean(x))), found from the graph's
@@ -150,6 +158,9 @@ class QuantSim:
         self.param_scheme = param_scheme
         if graph is given:  # nothing rewritten: own the parameter table, so that set_parameter (bias
             graph = _own_parameters(graph)  # correction, BN re-estimation, QAT) never writes into the caller's model
+        # If/Loop subgraphs: their initializers join the main table (read as outer-scope names), so that their
+        # weights are quantized, replaced and exported like any other (refquant.quant.subgraphs)
+        graph = prepare_subgraphs(graph)
         self.graph = graph
         self.config: QuantsimConfig = load_config(config)
         self.quant_scheme = quant_scheme
@@ -173,6 +184,9 @@ class QuantSim:
         self._float_session = Session(graph, threads=threads)
         self._hooked: dict[str, Quantizer] = {}
         self._calibrated: set[str] = set()
+        # activation quantizers the last calibration never saw a value for (an If branch not taken, a Loop
+        # that ran zero times, a tensor no output needs): disabled, with a warning (see compute_encodings)
+        self.unused_quantizers: list[str] = []
         self.widened: dict[str, str] = {}  # the two rules (class docstring): tensor -> the reason
         if prepare and outlier_bw:
             from ..prepare import outlier_activations, residual_activations
@@ -225,9 +239,16 @@ class QuantSim:
         :func:`refquant.data.iter_feeds` accepts (feed dicts, arrays, .npz/.npy, folders of .npy or
         images, with ``preprocess`` for images).
 
+        If/Loop subgraphs are calibrated like the main graph (the runtime's hooks see the tensors their nodes
+        produce). A quantizer that sees no value (an If branch the data never takes, a Loop that runs no
+        iteration) is disabled with a warning naming it, as AIMET disables unused quantizers: its tensor is
+        simulated in float and left out of the exports. ``sim.unused_quantizers`` lists them; the next
+        compute_encodings re-enables them first, so calibrating with data that takes the branch quantizes it.
+
         ``executor`` (any ``concurrent.futures.Executor``): the data is cut into ``shards`` (default: one
         per worker) calibrated in parallel, and their observers are merged here
         (:mod:`refquant.scale.calibration`); workers read their shard themselves. Default: serially here."""
+        self._reenable_unused()
         if executor is not None:
             from ..scale.calibration import calibrate
 
@@ -278,18 +299,44 @@ class QuantSim:
     def _set_activation_encodings(self, observers: dict, members: dict) -> None:
         """Activation encodings from the calibration observers (one per group root), then the fixed
         ranges and bias encodings, and the quantized constants."""
+        unused = []
         for root, observer in observers.items():
             quantizer = self.quantizers[root]
             if quantizer.frozen:
                 continue
             if observer.empty:
                 quantizer.encoding = None  # never produced (an untaken If branch): left unquantized
+                unused.append(root)
                 continue
             quantizer.encoding = self._encoding_from_observer(quantizer, observer)
+        self._disable_unused(unused, members)
         self._calibrated = set(members)
         self._apply_fixed_ranges()
         self._compute_bias_encodings()
         self._apply_constants()
+
+    def _disable_unused(self, roots: list[str], members: dict) -> None:
+        """Quantizer groups whose observer saw no value are disabled, as AIMET disables unused quantizers: the
+        simulation passes those tensors through in float, the exports leave them out. A branch the calibration
+        data never takes is therefore simulated in float; ``sim.unused_quantizers`` names them, and the next
+        compute_encodings re-enables and calibrates them again (give data that takes every branch)."""
+        roots = set(roots)
+        names = [name for name, root in members.items() if root in roots]
+        for name in names:
+            self.quantizers[name].enabled = False
+        self.unused_quantizers = names
+        if names:
+            more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+            shown = ", ".join(repr(n) for n in names[:10]) + more
+            warnings.warn(f"QuantSim: {len(names)} activation quantizer(s) saw no value during calibration (an If "
+                          f"branch not taken, a Loop that ran no iteration, or a tensor no output needs) and are "
+                          f"disabled, so those tensors are simulated in float: {shown}", stacklevel=3)
+
+    def _reenable_unused(self) -> None:
+        for name in self.unused_quantizers:
+            if name in self.quantizers:
+                self.quantizers[name].enabled = True
+        self.unused_quantizers = []
 
     def _activation_groups(self) -> dict[str, list[str]]:
         """Enabled, non-frozen activation quantizer groups: root -> member tensor names."""
@@ -343,7 +390,7 @@ class QuantSim:
         for name, q in self.quantizers.items():
             if q.role != "bias" or not q.enabled or q.frozen:
                 continue
-            node = next(n for n in self.graph.nodes if len(n.inputs) > 2 and n.inputs[2] == name)
+            node = next(n for n in self.graph.walk() if len(n.inputs) > 2 and n.inputs[2] == name)
             x_enc = self.encoding_of(node.inputs[0]) if node.inputs[0] in self.quantizers else None
             w_enc = self.encoding_of(node.inputs[1]) if node.inputs[1] in self.quantizers else None
             if x_enc is None or w_enc is None or x_enc.kind != "int" or w_enc.kind != "int":
