@@ -40,6 +40,11 @@ represented and in the rounding ``R``:
 
                        y  = R(acc * M) with M an exact Fraction and R in {half_even, half_up, half_away}
                        q  = clamp(y + zp, qmin, qmax)
+                     LiteRT's reference int8 FULLY_CONNECTED (BUILTIN_REF) is ``exact(half_away)`` up to float64
+                     rounding: ``q = clamp(i32(round(f64(acc) * (f64(s_in) * f64(s_w[c]) / f64(s_out)))) + zp)``
+                     with C ``round`` (half away from zero); the two differ only where ``acc * M`` is within
+                     float64 rounding of a tie without being one (tests/test_litert_fully_connected.py). Its
+                     reference CONV_2D is ``tflite_double``; its default (XNNPACK) kernels are ``ort``.
 
 ``quantize_multiplier(real)`` is tflite::QuantizeMultiplier: ``q, shift = frexp(real)`` (q in [0.5, 1)),
 ``M0 = round_half_away(q * 2^31)``; ``M0 == 2^31`` -> ``M0 /= 2, shift += 1``; ``shift < -31`` -> (0, 0);
