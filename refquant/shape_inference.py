@@ -27,9 +27,10 @@ CONST_FOLD_LIMIT = 1 << 16  # elements: larger constant results are not kept in 
 PROBE_LIMIT = 1 << 22  # elements of stand-in data per probe
 
 
-def infer_shapes(graph: Graph) -> Graph:
-    """Fill ``graph.values`` with the dtype and shape of every tensor; returns the graph."""
-    known: dict[str, TensorInfo] = {}
+def infer_shapes(graph: Graph, outer: dict[str, TensorInfo] | None = None) -> Graph:
+    """Fill ``graph.values`` with the dtype and shape of every tensor; returns the graph. ``outer``: what
+    is known of the enclosing scopes' tensors, which a subgraph (If branch, Loop body) may read."""
+    known: dict[str, TensorInfo] = dict(outer or {})
     for name, array in graph.initializers.items():
         known[name] = TensorInfo(array.dtype, tuple(array.shape), array)
     for v in graph.inputs:
@@ -46,7 +47,7 @@ def infer_shapes(graph: Graph) -> Graph:
             known[name] = TensorInfo(dtype, shape, info.const, info.sym)
             graph.values[name] = Value(name, dtype, shape)
         for sub in node.subgraphs():
-            infer_shapes(sub)
+            infer_shapes(sub, known)
     for v in graph.outputs:
         if v.name in known:
             info = known[v.name]

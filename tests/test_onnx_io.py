@@ -126,3 +126,30 @@ def test_shapes_and_dtypes_are_inferred_without_value_info():
     assert graph.values["s"].shape == ("batch", 3, 4) and graph.values["s"].dtype == np.float32
     assert graph.values["i"].dtype == np.int32
     assert graph.values["g"].dtype == np.bool_ and graph.values["g"].shape == ("batch", 3, 4)
+
+
+def test_shape_inference_inside_a_branch_sees_the_enclosing_scope():
+    """An If branch computing from an outer tensor (no value_info anywhere): its tensors get dtype and shape
+    from the outer tensor's, as the branch reads it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    then_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["t1"]), helper.make_node("Relu", ["t1"], ["t2"])], "then", [],
+        [helper.make_tensor_value_info("t2", TensorProto.FLOAT, None)])
+    else_branch = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["e1"]), helper.make_node("MatMul", ["e1", "w"], ["e2"])], "else", [],
+        [helper.make_tensor_value_info("e2", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch)], "g",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")])
+    g = refquant.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    node = g.nodes[0]
+    subs = {s.name: s for s in node.subgraphs()}
+    for branch, names in (("then", ("t1", "t2")), ("else", ("e1", "e2"))):
+        for name in names:
+            value = subs[branch].values[name]
+            assert value.dtype == np.float32, (branch, name)
+            assert value.shape == (("n", 3) if name != "e1" else ("n", 4)), (branch, name, value.shape)
