@@ -576,3 +576,31 @@ def test_order_applies_within_1_0_0_sections(tmp_path):
     doc = _json(path)
     assert [e["name"] for e in doc["activation_encodings"]] == ["c", "a", "b"]
     assert [e["name"] for e in doc["param_encodings"]] == ["w1", "w2"]
+
+
+def test_qdq_export_names_never_collide_with_the_models_own(tmp_path):
+    """A tensor called ``x_scale`` beside a quantized ``x``, and tensors ``a/b`` and ``a_b``: the export's
+    scale/zero-point/codes names are numbered apart; the model passes onnx.checker and onnxruntime runs
+    it with the simulation's outputs."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from refquant.quant import QuantSim
+    from refquant.quant.export import active_encodings, to_qdq_onnx
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["x_scale"]), helper.make_node("Neg", ["x_scale"], ["a/b"]),
+         helper.make_node("Abs", ["a/b"], ["a_b"]), helper.make_node("Add", ["a_b", "a/b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sim = QuantSim(refquant.load(model), prepare=False)
+    x = np.random.default_rng(0).normal(size=(2, 5)).astype(np.float32)
+    sim.compute_encodings([{"x": x}], progress=False)
+    assert {"x", "x_scale", "a/b", "a_b", "y"} <= set(active_encodings(sim))
+    qdq = to_qdq_onnx(sim)
+    onnx.checker.check_model(qdq)
+    names = [i.name for i in qdq.graph.initializer] + [o for n in qdq.graph.node for o in n.output]
+    assert len(names) == len(set(names))
+    got = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.array_equal(got, sim.run({"x": x})["y"])

@@ -72,10 +72,11 @@ def to_qdq_onnx(sim) -> onnx.ModelProto:
     zero_points: dict[str, tuple[np.ndarray, str]] = {}
     new_nodes: list[Node] = []
     outputs = set(graph.output_names)
+    tag_of = _TagAllocator(graph)
 
     def qdq_nodes(name: str, encoding: Encoding) -> list[Node]:
         source, result = qdq_names(sim, name)
-        tag = name.replace("/", "_").strip("_")
+        tag = tag_of(name)
         if encoding.kind == "float":
             return [Node("Cast", [source], [f"{tag}_fp16"], {"to": TensorProto.FLOAT16}, f"{tag}_cast16", "", opset),
                     Node("Cast", [f"{tag}_fp16"], [result], {"to": TensorProto.FLOAT}, f"{tag}_cast32", "", opset)]
@@ -113,12 +114,12 @@ def to_qdq_onnx(sim) -> onnx.ModelProto:
                 or out in encodings or out in outputs or source not in encodings):
             return
         encoding = encodings[source]
-        tag = source.replace("/", "_").strip("_")
+        tag = tag_of(source)
         if encoding.kind != "int" or encoding.axis is not None or f"{tag}_zero_point" not in zero_points:
             return
         moved = f"{out}{FLOAT_SUFFIX}"
         node.outputs = [moved] + node.outputs[1:]
-        out_tag = out.replace("/", "_").strip("_")
+        out_tag = tag_of(out)
         params = [f"{tag}_scale", f"{tag}_zero_point"]
         new_nodes.extend([Node("QuantizeLinear", [moved, *params], [f"{out_tag}_regrid_quantized"], {},
                                f"{out_tag}_regrid_quantize", "", opset),
@@ -154,6 +155,38 @@ def to_qdq_onnx(sim) -> onnx.ModelProto:
     for name, (zero_point, type_name) in zero_points.items():
         model.graph.initializer.append(_typed_tensor(name, zero_point, type_name))
     return model
+
+
+class _TagAllocator:
+    """The prefix of the names the export creates for one quantized tensor (``{tag}_scale``,
+    ``{tag}_zero_point``, ``{tag}_quantized``, ...): the tensor's name with '/' made '_', numbered where a
+    created name would collide with a name of the model (a tensor called ``x_scale`` next to a quantized
+    ``x``) or with another tensor's tag (``a/b`` and ``a_b``)."""
+
+    SUFFIXES = ("_scale", "_zero_point", "_quantized", "_quantize", "_dequantize", "_fp16", "_cast16", "_cast32",
+                "_codes", "_regrid_quantized", "_regrid_quantize", "_regrid_dequantize")
+
+    def __init__(self, graph):
+        self.taken = set(graph.initializers) | set(graph.input_names) | set(graph.output_names)
+        for node in graph.walk():
+            self.taken.update(node.outputs)
+            self.taken.add(node.name)
+        for node in graph.walk():
+            for sub in node.subgraphs():
+                self.taken.update(sub.initializers)
+                self.taken.update(v.name for v in sub.inputs)
+        self.tags: dict[str, str] = {}
+
+    def __call__(self, name: str) -> str:
+        if name not in self.tags:
+            base = name.replace("/", "_").strip("_") or "tensor"
+            tag, k = base, 1
+            while any(tag + suffix in self.taken for suffix in self.SUFFIXES):
+                k += 1
+                tag = f"{base}_{k}"
+            self.taken.update(tag + suffix for suffix in self.SUFFIXES)
+            self.tags[name] = tag
+        return self.tags[name]
 
 
 def _bias_nodes(graph, name, result, encoding, zero_points, tag, opset) -> list[Node]:
