@@ -56,3 +56,56 @@ def sample_inputs(entry, split, n=None):
     """The sample's ``split`` inputs ("calib" or "eval"), the first ``n`` when given."""
     x = np.load(SAMPLES / entry / f"{split}.npz")["input"]
     return x if n is None else x[:n]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read): onnxruntime picks its
+    kernels (MLAS FMA3/AVX-512, VNNI dot products) by them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def litert_int8_layer(op: str, version: int, options, x, w, bias, xs, xz, ws, ys, yz, out_shape) -> bytes:
+    """A one-op int8 LiteRT model (flatbuffer schema shipped with ai-edge-litert): input x (scale xs, zero
+    point xz), symmetric int8 weights w with one scale or one per output channel (axis 0), int32 bias at scale
+    xs * ws, int8 output of ``out_shape`` (ys, yz). ``op``: a BuiltinOperator name (CONV_2D, FULLY_CONNECTED);
+    ``options``: (BuiltinOptions name, options object) built from the same schema."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as S
+
+    def tensor(shape, ttype, buf, name, scale, zp):
+        t = S.TensorT()
+        t.shape, t.type, t.buffer, t.name = list(shape), ttype, buf, name
+        q = S.QuantizationParametersT()
+        q.scale, q.zeroPoint = [float(v) for v in np.atleast_1d(scale)], [int(v) for v in np.atleast_1d(zp)]
+        q.quantizedDimension = 0
+        t.quantization = q
+        return t
+
+    ws = np.atleast_1d(ws)
+    tensors = [tensor(x.shape, S.TensorType.INT8, 1, "x", xs, xz),
+               tensor(w.shape, S.TensorType.INT8, 2, "w", ws, np.zeros(ws.size, int)),
+               tensor((len(bias),), S.TensorType.INT32, 3, "b", (xs * ws).astype(np.float32), np.zeros(ws.size, int)),
+               tensor(out_shape, S.TensorType.INT8, 4, "y", ys, yz)]
+    operator = S.OperatorT()
+    operator.opcodeIndex, operator.inputs, operator.outputs = 0, [0, 1, 2], [3]
+    operator.builtinOptionsType, operator.builtinOptions = getattr(S.BuiltinOptions, options[0]), options[1]
+    code = S.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = getattr(S.BuiltinOperator, op)
+    code.version = version
+    graph = S.SubGraphT()
+    graph.tensors, graph.inputs, graph.outputs, graph.operators = tensors, [0], [3], [operator]
+    model = S.ModelT()
+    model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, [code], [graph], []
+    for data in (None, None, w, bias, None):
+        buffer = S.BufferT()
+        buffer.data = None if data is None else np.frombuffer(data.tobytes(), np.uint8).tolist()
+        model.buffers.append(buffer)
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())

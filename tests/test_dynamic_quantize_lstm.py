@@ -28,22 +28,16 @@ from refquant.errors import OpError
 from refquant.ops import quantized_rnn as QR
 from refquant.ops.registry import registered_ops
 
+from .helpers import cpu_flags
+
 F32 = np.float32
 MS = "com.microsoft"
 LEVELS = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
-FLAGS = _cpu_flags()
+FLAGS = cpu_flags()
 VNNI = bool({"avx512_vnni", "avx_vnni"} & FLAGS)
 pytestmark = pytest.mark.skipif(not {"avx2", "fma"} <= FLAGS,
                                 reason="onnxruntime runs its SSE2 sigmoid/tanh kernels on this CPU (no AVX2+FMA)")

@@ -25,6 +25,8 @@ import pytest
 
 from refquant.intsim import requant as R
 
+from .helpers import litert_int8_layer
+
 F32 = np.float32
 SCHEMES = ["ort", "onnx_reference", "tflite_double", "tflite_single", "exact(half_even)", "exact(half_up)",
            "exact(half_away)"]
@@ -38,41 +40,12 @@ def _litert():
 def _litert_fc(x, w, bias, xs, xz, ws, ys, yz) -> bytes:
     """A one-op int8 FULLY_CONNECTED LiteRT model: x (B, K) with zero point xz, symmetric weights (N, K)
     with one scale or one per output channel, int32 bias at scale xs * ws, output (B, N) with zero point yz."""
-    import flatbuffers
     from ai_edge_litert import schema_py_generated as S
 
-    def tensor(shape, ttype, buf, name, scale, zp):
-        t = S.TensorT()
-        t.shape, t.type, t.buffer, t.name = list(shape), ttype, buf, name
-        q = S.QuantizationParametersT()
-        q.scale, q.zeroPoint = [float(v) for v in np.atleast_1d(scale)], [int(v) for v in np.atleast_1d(zp)]
-        q.quantizedDimension = 0
-        t.quantization = q
-        return t
-
-    n, ws = w.shape[0], np.atleast_1d(ws)
-    per_channel = ws.size > 1
-    tensors = [tensor(x.shape, S.TensorType.INT8, 1, "x", xs, xz),
-               tensor(w.shape, S.TensorType.INT8, 2, "w", ws, np.zeros(ws.size, int)),
-               tensor((n,), S.TensorType.INT32, 3, "b", (xs * ws).astype(F32), np.zeros(ws.size, int)),
-               tensor((x.shape[0], n), S.TensorType.INT8, 4, "y", ys, yz)]
-    op = S.OperatorT()
-    op.opcodeIndex, op.inputs, op.outputs = 0, [0, 1, 2], [3]
-    op.builtinOptionsType, op.builtinOptions = S.BuiltinOptions.FullyConnectedOptions, S.FullyConnectedOptionsT()
-    code = S.OperatorCodeT()
-    code.builtinCode = code.deprecatedBuiltinCode = S.BuiltinOperator.FULLY_CONNECTED
-    code.version = 12 if per_channel else 5  # per-channel int8 FULLY_CONNECTED is version 12
-    graph = S.SubGraphT()
-    graph.tensors, graph.inputs, graph.outputs, graph.operators = tensors, [0], [3], [op]
-    model = S.ModelT()
-    model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, [code], [graph], []
-    for data in (None, None, w, bias, None):
-        buf = S.BufferT()
-        buf.data = None if data is None else np.frombuffer(data.tobytes(), np.uint8).tolist()
-        model.buffers.append(buf)
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    per_channel = np.atleast_1d(ws).size > 1  # per-channel int8 FULLY_CONNECTED is version 12
+    return litert_int8_layer("FULLY_CONNECTED", 12 if per_channel else 5,
+                             ("FullyConnectedOptions", S.FullyConnectedOptionsT()), x, w, bias, xs, xz, ws, ys, yz,
+                             (x.shape[0], w.shape[0]))
 
 
 def _run(litert, model: bytes, x, resolver):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import zlib
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -32,6 +31,8 @@ from refquant.errors import OpError
 from refquant.intsim import requant as R
 from refquant.ops import qoperators as Q
 
+from .helpers import cpu_flags
+
 F32 = np.float32
 MS = "com.microsoft"
 LEVELS = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
@@ -41,20 +42,12 @@ TYPES = {np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int8): TensorProto.I
 IR = {13: 7, 17: 8, 19: 9, 21: 10}
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
-VNNI = bool({"avx512_vnni", "avx_vnni"} & _cpu_flags())
+VNNI = bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
 W_LOW, W_HIGH = (-128, 127) if VNNI else (-64, 63)
 # QLinearAdd and the logistic behind QLinearSigmoid are the AVX2/FMA3 kernels' arithmetic
-needs_fma = pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="onnxruntime runs its SSE2 kernels here")
+needs_fma = pytest.mark.skipif(not {"avx2", "fma"} <= cpu_flags(), reason="onnxruntime runs its SSE2 kernels here")
 
 
 # ----------------------------------------------------------------------------------------- harness
@@ -454,7 +447,7 @@ BROADCASTS = [((2, 3, 4, 5), (2, 3, 4, 5)), ((2, 3, 4, 5), (1, 3, 1, 1)), ((1, 3
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
 @pytest.mark.parametrize("op", ["QLinearAdd", "QLinearMul"])
 def test_qlinear_binary_random(op, dtype, shapes):
-    if op == "QLinearAdd" and not {"avx2", "fma"} <= _cpu_flags():
+    if op == "QLinearAdd" and not {"avx2", "fma"} <= cpu_flags():
         pytest.skip("missing CPU features avx2+fma: onnxruntime runs its SSE2 QLinearAdd formula here")
     rng = np.random.default_rng(zlib.crc32(repr((op, np.dtype(dtype).name, shapes)).encode()))
     for _ in range(3):

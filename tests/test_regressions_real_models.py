@@ -12,13 +12,14 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import refquant
 from refquant.quant import QuantSim
 from refquant.quant.agreement import teacher_forced_agreement
 from refquant.quant.qdq import quantize, quantize_dequantize
 from tests.helpers import FLOAT, INT64, make_model, ort_run
+from tests.test_onnx_node_cases import run_node_case as _run_case
 
 
 def _onnx_cases(op_type: str):
@@ -27,27 +28,6 @@ def _onnx_cases(op_type: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return [c for c in collect_testcases() if {n.op_type for n in c.model.graph.node} == {op_type}]
-
-
-def _run_case(case):
-    if "bfloat16" in case.name:  # as in test_onnx_node_cases: the type is refused by name
-        with pytest.raises(refquant.UnsupportedTypeError, match="BFLOAT16"):
-            refquant.load(case.model)
-        return
-    graph = refquant.load(case.model)
-    session = refquant.Session(graph)
-    input_names = [i.name for i in case.model.graph.input]
-    output_names = [o.name for o in case.model.graph.output]
-    for inputs, expected in case.data_sets:
-        got = session.run({n: np.asarray(v) for n, v in zip(input_names, inputs)})
-        for name, want in zip(output_names, expected):
-            want = numpy_helper.to_array(want) if isinstance(want, onnx.TensorProto) else np.asarray(want)
-            assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
-            if want.dtype.kind == "f":  # onnx's own runner's tolerance (as test_onnx_node_cases)
-                np.testing.assert_allclose(got[name], want, rtol=max(case.rtol, 1e-3), atol=max(case.atol, 1e-6),
-                                           err_msg=case.name)
-            else:
-                np.testing.assert_array_equal(got[name], want, err_msg=case.name)
 
 
 # ---------------------------------------------------------------- OneHot (magika 0.5.1, standard_v1)

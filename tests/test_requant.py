@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -23,16 +22,14 @@ from onnx.reference import ReferenceEvaluator
 
 from refquant.intsim import requant as R
 
+from .helpers import cpu_flags, litert_int8_layer
+
 F32 = np.float32
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
 def _has_vnni() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in text or "avx_vnni" in text
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
 
 
 # without VNNI, onnxruntime's u8 x s8 kernels saturate pairs of products to int16 (vpmaddubsw): keep the
@@ -324,44 +321,14 @@ def test_tflite_schemes_in_the_integer_program_equal_the_conv_formula():
 
 def _litert_conv(x, w, bias, xs, xz, ws, ys, yz):
     """A one-op int8 CONV_2D LiteRT model (NHWC, SAME padding, stride 1, per-channel weights), built with the
-    flatbuffer schema that ai-edge-litert ships; returns (model bytes, interpreter factory)."""
-    import flatbuffers
+    flatbuffer schema that ai-edge-litert ships; returns the model bytes."""
     from ai_edge_litert import schema_py_generated as S
 
-    def tensor(shape, ttype, buf, name, scale, zp):
-        t = S.TensorT()
-        t.shape, t.type, t.buffer, t.name = list(shape), ttype, buf, name
-        q = S.QuantizationParametersT()
-        q.scale, q.zeroPoint = [float(v) for v in np.atleast_1d(scale)], [int(v) for v in np.atleast_1d(zp)]
-        q.quantizedDimension = 0
-        t.quantization = q
-        return t
-
-    m = len(bias)
-    tensors = [tensor(x.shape, S.TensorType.INT8, 1, "x", xs, xz),
-               tensor(w.shape, S.TensorType.INT8, 2, "w", ws, np.zeros(m, int)),
-               tensor((m,), S.TensorType.INT32, 3, "b", (xs * ws).astype(F32), np.zeros(m, int)),
-               tensor(x.shape[:3] + (m,), S.TensorType.INT8, 4, "y", ys, yz)]
     opts = S.Conv2DOptionsT()
     opts.padding, opts.strideW, opts.strideH = S.Padding.SAME, 1, 1
     opts.dilationWFactor = opts.dilationHFactor = 1
-    op = S.OperatorT()
-    op.opcodeIndex, op.inputs, op.outputs = 0, [0, 1, 2], [3]
-    op.builtinOptionsType, op.builtinOptions = S.BuiltinOptions.Conv2DOptions, opts
-    code = S.OperatorCodeT()
-    code.builtinCode = code.deprecatedBuiltinCode = S.BuiltinOperator.CONV_2D
-    code.version = 3
-    graph = S.SubGraphT()
-    graph.tensors, graph.inputs, graph.outputs, graph.operators = tensors, [0], [3], [op]
-    model = S.ModelT()
-    model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, [code], [graph], []
-    for data in (None, None, w, bias, None):
-        buf = S.BufferT()
-        buf.data = None if data is None else np.frombuffer(data.tobytes(), np.uint8).tolist()
-        model.buffers.append(buf)
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return litert_int8_layer("CONV_2D", 3, ("Conv2DOptions", opts), x, w, bias, xs, xz, ws, ys, yz,
+                             x.shape[:3] + (len(bias),))
 
 
 def test_tflite_double_equals_litert_reference_conv_kernel():
