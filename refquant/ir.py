@@ -56,6 +56,18 @@ class Node:
             elif isinstance(value, list):
                 yield from (v for v in value if isinstance(v, Graph))
 
+    def attrs_with_subgraphs(self, fn) -> dict:
+        """A copy of the attributes with every subgraph ``g`` (If branches, Loop/Scan bodies) replaced by
+        ``fn(g)``; other values are shared."""
+        attrs = {}
+        for key, value in self.attrs.items():
+            if isinstance(value, Graph):
+                value = fn(value)
+            elif isinstance(value, list) and any(isinstance(v, Graph) for v in value):
+                value = [fn(v) if isinstance(v, Graph) else v for v in value]
+            attrs[key] = value
+        return attrs
+
     def present_inputs(self) -> list[str]:
         return [name for name in self.inputs if name]
 

@@ -503,14 +503,7 @@ class _Lowerer:
                 g.outputs = [Value(mapping[v.name], v.dtype, v.shape) if v.name in mapping else v for v in g.outputs]
             return copy
 
-        attrs = {}
-        for key, value in node.attrs.items():
-            if isinstance(value, Graph):
-                value = renamed(value)
-            elif isinstance(value, list) and any(isinstance(v, Graph) for v in value):
-                value = [renamed(v) if isinstance(v, Graph) else v for v in value]
-            attrs[key] = value
-        return attrs
+        return node.attrs_with_subgraphs(renamed)
 
     def not_initializer(self, role: str, name: str) -> str:
         if name in self.constants:

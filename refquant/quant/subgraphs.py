@@ -115,14 +115,8 @@ def prepare_subgraphs(graph: Graph) -> Graph:
     def copy_node(node: Node) -> Node:
         if not any(True for _ in node.subgraphs()):
             return node
-        attrs = {}
-        for key, value in node.attrs.items():
-            if isinstance(value, Graph):
-                value = copy_graph(value)
-            elif isinstance(value, list) and any(isinstance(v, Graph) for v in value):
-                value = [copy_graph(v) if isinstance(v, Graph) else v for v in value]
-            attrs[key] = value
-        return dataclasses.replace(node, attrs=attrs, inputs=list(node.inputs), outputs=list(node.outputs))
+        return dataclasses.replace(node, attrs=node.attrs_with_subgraphs(copy_graph), inputs=list(node.inputs),
+                                   outputs=list(node.outputs))
 
     nodes = [copy_node(n) for n in graph.nodes]
     initializers = dict(graph.initializers)
