@@ -14,23 +14,13 @@ import time
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper
 from tqdm import tqdm
 
 from refquant.kernels import mlas
 
+from mlas_speed import ort_session  # bench/ is the script's directory, first on sys.path
+
 KERNELS = {"Sigmoid": mlas.logistic, "Tanh": mlas.tanh, "Erf": mlas.erf, "Exp": mlas.exp}
-
-
-def session(op: str) -> ort.InferenceSession:
-    graph = helper.make_graph([helper.make_node(op, ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def main() -> None:
@@ -41,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     chunk = 1 << args.chunk_bits
     for op in args.ops.split(","):
-        kernel, sess = KERNELS[op], session(op)
+        kernel, sess = KERNELS[op], ort_session(op)
         differing, first, t_ours, t_ort = 0, None, 0.0, 0.0
         out = np.empty(chunk, dtype=np.float32)
         offsets = np.arange(chunk, dtype=np.uint32)

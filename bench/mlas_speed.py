@@ -31,7 +31,8 @@ def best_ms(fn, repeat):
     return 1e3 * min(times)
 
 
-def ort_session(op, threads):
+def ort_session(op: str, threads: int = 1) -> ort.InferenceSession:
+    """onnxruntime running the one float op ``op`` on a 1-D float32 tensor, with ``threads`` intra-op threads."""
     graph = helper.make_graph([helper.make_node(op, ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])])

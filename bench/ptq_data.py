@@ -43,13 +43,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.ptq import BATCH, batched, scores  # noqa: E402  (the same evaluation as the PTQ bench)
+
 PHOTOS = Path("/work/shared/data")
 MOBILENET = Path("/work/shared/models/mobilenet_v2_imagenet.onnx")
 TEXT_PAGES = {"page.png", "text.png"}  # scanned text, not photos
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float64)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float64)
 CROP = 224
-BATCH = 16
 RECIPES = ("resize248", "resize256", "native", "rrc")
 
 
@@ -140,17 +141,6 @@ def crops(recipe: str, photo_set: str, count: int, seed: int) -> np.ndarray:
     return out
 
 
-def batched(run, data, output="logits"):
-    return np.concatenate([run({"input": data[i:i + BATCH]}, outputs=[output])[output]
-                           for i in range(0, len(data), BATCH)])
-
-
-def scores(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
-    ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
-    sqnr = 10 * np.log10(np.sum(ref64 ** 2) / np.sum((ref64 - out64) ** 2))
-    return float(sqnr), float(np.mean(ref.argmax(axis=1) == out.argmax(axis=1)) * 100)
-
-
 def plain_w8a8(graph, calib, ev, ref, config, only: str | None = None):
     """(SQNR, top-1) of a fresh W8A8 sim; ``only="param"`` / ``"activation"`` keeps just those quantizers."""
     from refquant.quant import QuantSim
@@ -163,7 +153,7 @@ def plain_w8a8(graph, calib, ev, ref, config, only: str | None = None):
                 if (quantizer.kind == "param") != (only == "param"):
                     quantizer.enabled = False
         sim.compute_encodings(calib, batch_size=BATCH, progress=False)
-        return scores(ref, batched(sim.run, ev))
+        return scores(ref, batched(sim.run, ev, "logits"))
 
 
 def main(argv=None) -> int:
@@ -193,7 +183,7 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 calib = crops(recipe, photo_set, args.calib, 2 * k)
                 ev = crops(recipe, photo_set, args.eval, 2 * k + 1)
-                ref = batched(refquant.Session(graph).run, ev)
+                ref = batched(refquant.Session(graph).run, ev, "logits")
                 row = (*plain_w8a8(graph, calib, ev, ref, "per_channel"),
                        *plain_w8a8(graph, calib, ev, ref, "per_tensor"))
                 rows.append(row)
@@ -220,7 +210,7 @@ def decompose(args) -> int:
             for k in args.seeds:
                 calib = crops(recipe, photo_set, args.calib, 2 * k)
                 ev = crops(recipe, photo_set, args.eval, 2 * k + 1)
-                ref = batched(refquant.Session(graph).run, ev)
+                ref = batched(refquant.Session(graph).run, ev, "logits")
                 cells = []
                 # the activation quantizers are the same under both configs: per-tensor activation-only is
                 # per-channel activation-only
