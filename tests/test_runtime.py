@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import weakref
 
 import numpy as np
@@ -400,3 +402,33 @@ def test_parallel_split_covers_the_range_in_near_equal_parts():
             assert [i for a, b in ranges for i in range(a, b)] == list(range(length))
             sizes = [b - a for a, b in ranges]
             assert len(ranges) == min(parts, length) and max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings (Linux only)")
+@pytest.mark.parametrize("keep", [False, True])
+def test_sessions_keep_freed_memory_mapped_unless_told_not_to(keep):
+    """After the first Session, a freed 64 MB array stays mapped for the next allocation (RSS does not fall back),
+    as onnxruntime's arena keeps it; REFQUANT_KEEP_MALLOC=1 leaves glibc's default (the array is unmapped)."""
+    import subprocess
+
+    code = """
+import numpy as np, refquant
+from onnx import TensorProto, helper
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]),
+    opset_imports=[helper.make_opsetid("", 17)])
+refquant.Session(refquant.load(model))
+a = np.ones(16 << 20, np.float32)
+high = rss()
+del a
+print(high - rss())
+"""
+    env = dict(os.environ, REFQUANT_KEEP_MALLOC="1" if keep else "0")
+    released = int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                  check=True).stdout.split()[-1])
+    if keep:
+        assert released > 48 << 20  # glibc's default: a block above the mmap threshold is unmapped on free
+    else:
+        assert released < 8 << 20  # kept for reuse
