@@ -432,3 +432,23 @@ print(high - rss())
         assert released > 48 << 20  # glibc's default: a block above the mmap threshold is unmapped on free
     else:
         assert released < 8 << 20  # kept for reuse
+
+
+def test_small_convs_run_on_one_thread_by_their_multiply_adds():
+    """N * |W| * input pixels / prod(strides) multiply-adds (8x for depthwise) against SMALL_CONV_MACS (16 Mi)."""
+    from refquant.ir import Node
+    from refquant.runtime import SMALL_CONV_MACS, _small_conv
+
+    def small(x_shape, w_shape, strides=None, op="Conv"):
+        node = Node(op, ["x", "w"], ["y"], {"strides": strides} if strides else {})
+        return _small_conv(node, [np.empty(x_shape, np.float32), np.empty(w_shape, np.float32)])
+
+    assert SMALL_CONV_MACS == 16 << 20
+    assert small((1, 16, 32, 32), (32, 16, 3, 3))  # 4608 * 1024 = 4.7 M
+    assert not small((8, 64, 56, 56), (64, 64, 3, 3))  # 925 M
+    assert not small((1, 256, 64, 64), (256, 256, 1, 1))  # 65536 * 4096 = 268 M
+    assert not small((1, 256, 64, 64), (256, 256, 1, 1), strides=[4, 4])  # / 16 = exactly 16 Mi: not below
+    assert small((1, 256, 64, 64), (256, 256, 1, 1), strides=[8, 8])  # / 64 = 4.2 M
+    assert not small((1, 32, 112, 112), (32, 1, 3, 3))  # depthwise: 288 * 12544 = 3.6 M, counted 8x = 28.9 M
+    assert small((1, 32, 56, 56), (32, 1, 3, 3))  # 7.2 M counted
+    assert not small((1, 16, 32, 32), (32, 16, 3, 3), op="ConvTranspose")  # only Conv is judged
