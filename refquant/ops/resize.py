@@ -190,6 +190,17 @@ def _resize_rule(x, roi=None, scales=None, sizes=None, **attrs):
     return TensorInfo(x.dtype, tuple(shape))
 
 
+def axis_roi(roi, axes: list[int], a: int, rank: int) -> tuple[float, float]:
+    """(start, end) of axis ``a`` in Resize's roi: given for the ``axes`` only ([starts..., ends...]) or for every
+    axis of a rank-``rank`` tensor; (0, 1) without one."""
+    if roi is None:
+        return (0.0, 1.0)
+    if len(roi) == 2 * len(axes):
+        k = axes.index(a)
+        return (roi[k], roi[k + len(axes)])
+    return (roi[a], roi[a + rank])
+
+
 def resize_nd(x, scales=None, sizes=None, roi=None, *, axes=None, mode="nearest",
               coordinate_transformation_mode="half_pixel", nearest_mode="round_prefer_floor", cubic_coeff_a=-0.75,
               exclude_outside=0, extrapolation_value=0.0, antialias=0, keep_aspect_ratio_policy="stretch"):
@@ -200,16 +211,9 @@ def resize_nd(x, scales=None, sizes=None, roi=None, *, axes=None, mode="nearest"
     for a in axes:
         if out[a] == x.shape[a] and full_scales[a] == 1.0 and coordinate_transformation_mode != "tf_crop_and_resize":
             continue
-        if roi is not None and len(roi) == 2 * len(axes):
-            k = axes.index(a)
-            axis_roi = (roi[k], roi[k + len(axes)])
-        elif roi is not None:
-            axis_roi = (roi[a], roi[a + rank])
-        else:
-            axis_roi = (0.0, 1.0)
         y = resize_axis(y, a, out[a], full_scales[a], mode=mode, coord_mode=coordinate_transformation_mode,
                         nearest_mode=nearest_mode, cubic_coeff_a=cubic_coeff_a,
-                        exclude_outside=exclude_outside, antialias=bool(antialias), roi=axis_roi,
+                        exclude_outside=exclude_outside, antialias=bool(antialias), roi=axis_roi(roi, axes, a, rank),
                         extrapolation_value=extrapolation_value)
     if y.dtype != x.dtype:
         y = np.clip(np.rint(y), np.iinfo(x.dtype).min, np.iinfo(x.dtype).max) if x.dtype.kind in "iu" else y

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...ops.resize import _output_geometry, resize_axis
+from ...ops.resize import axis_roi as resize_axis_roi
 from ...ops.tensor import _slice_bounds, depth_to_space, space_to_depth
 from ..backward_registry import register_backward
 from .common import input_grad, like, output_grads
@@ -204,13 +205,7 @@ def _resize_steps(x_shape, scales, sizes, roi, axes, keep_aspect_ratio_policy, c
     for a in axes:
         if out[a] == x_shape[a] and full_scales[a] == 1.0 and coord_mode != "tf_crop_and_resize":
             continue
-        if roi is not None and len(roi) == 2 * len(axes):
-            k = axes.index(a)
-            axis_roi = (roi[k], roi[k + len(axes)])
-        elif roi is not None:
-            axis_roi = (roi[a], roi[a + rank])
-        else:
-            axis_roi = (0.0, 1.0)
+        axis_roi = resize_axis_roi(roi, axes, a, rank)
         steps.append((a, out[a], dict(scale=full_scales[a], mode=mode, coord_mode=coord_mode,
                                       nearest_mode=nearest_mode, cubic_coeff_a=cubic_coeff_a,
                                       exclude_outside=exclude_outside, antialias=bool(antialias), roi=axis_roi)))
