@@ -48,9 +48,10 @@ def ort_sessions(path):
     return sessions
 
 
-def assert_bit_exact(isim, batches, tmp_path, name="model_int.onnx"):
-    """Export, run onnxruntime at both levels on every batch, require np.array_equal on every output; return
-    how many values were compared."""
+def assert_bit_exact(isim, batches, tmp_path, name="model_int.onnx") -> int:
+    """Export the program, run onnxruntime at both levels on every batch and require np.array_equal with
+    refquant on every output (float values, and the codes they are dequantized from); returns the number of
+    values compared."""
     path = isim.export(tmp_path / name)
     sessions = ort_sessions(path)
     compared = 0
@@ -66,13 +67,12 @@ def assert_bit_exact(isim, batches, tmp_path, name="model_int.onnx"):
                 assert np.array_equal(value, ours[out]), (
                     f"{level} {out}: {np.mean(value != ours[out]):.4%} of the values differ")
                 compared += value.size
-        for out, value in codes.items():  # the float outputs are the codes dequantized
+        for out, code in codes.items():  # the float outputs are the codes dequantized
             if out in isim.program.codes:
-                grid = isim.grid(next(t for t, q in isim.program.tensors.items()
-                                      if q.name == isim.program.codes[out]))
-                assert value.dtype == np.uint8
-                expected = ((value.astype(np.int64) - grid.zero_point).astype(F32) * grid.scale).astype(F32)
-                assert np.array_equal(expected, ours[out])
+                grid = next(q for q in isim.program.tensors.values() if q.name == isim.program.codes[out])
+                assert code.dtype == grid.dtype
+                dequantized = ((code.astype(np.int64) - grid.zero_point).astype(F32) * grid.scale).astype(F32)
+                assert np.array_equal(dequantized, ours[out])
     return compared
 
 

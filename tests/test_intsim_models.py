@@ -29,47 +29,13 @@ from refquant.intsim.lowering import LoweringError
 from refquant.intsim.program import IntSim
 from refquant.quant import QuantSim
 
-from .test_intsim import calibrated, make_model
+from .test_intsim import LEVELS, assert_bit_exact, calibrated, make_model
 
 SHARED = Path(os.environ.get("REFQUANT_SHARED", "/work/shared"))
 F32 = np.float32
-LEVELS = {"disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-          "default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
 # ----------------------------------------------------------------------------------------- harness
-def assert_bit_exact(isim, batches, tmp_path, name="model_int.onnx") -> int:
-    """Export the program, run onnxruntime at both levels on every batch and require np.array_equal with
-    refquant on every output (float values, and the codes they are dequantized from); returns the number of
-    values compared."""
-    path = isim.export(tmp_path / name)
-    sessions = {}
-    for level_name, level in LEVELS.items():
-        options = ort.SessionOptions()
-        options.graph_optimization_level = level
-        options.log_severity_level = 3
-        sessions[level_name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    compared = 0
-    for feeds in batches:
-        ours = isim.run(feeds)
-        codes = isim.run(feeds, codes=True)
-        for level_name, session in sessions.items():
-            names = [o.name for o in session.get_outputs()]
-            theirs = dict(zip(names, session.run(names, feeds)))
-            assert set(theirs) == set(ours)
-            for out, value in theirs.items():
-                assert value.dtype == ours[out].dtype and value.shape == ours[out].shape, (level_name, out)
-                assert np.array_equal(value, ours[out]), (
-                    f"{level_name} {out}: {np.mean(value != ours[out]):.4%} of the values differ")
-                compared += value.size
-        for out, code in codes.items():
-            grid = next(q for q in isim.program.tensors.values() if q.name == isim.program.codes[out])
-            assert code.dtype == grid.dtype
-            dequantized = ((code.astype(np.int64) - grid.zero_point).astype(F32) * grid.scale).astype(F32)
-            assert np.array_equal(dequantized, ours[out])
-    return compared
-
-
 def op_counts(isim) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in isim.graph.nodes:
