@@ -306,6 +306,14 @@ def test_bias_overflowing_int32(sim, scheme, tmp_path):
     assert np.array_equal(codes[np.abs(codes) > 2 ** 30], np.where(b > 0, INT32_MAX, -INT32_MAX - 1))
     if scheme == "ort":  # onnxruntime runs the exported program with the clipped bias: bit for bit the same
         _same_as_onnxruntime(isim, tmp_path)
+    # x = 1 everywhere: input codes at the top of the grid, so a channel whose weight codes sum to the sign of
+    # its (clipped) bias pushes the accumulator past int32; the error says why
+    weight_sums = np.clip(np.rint(sim.graph.initializers["w"] / F32(1e-4)), -127, 127).reshape(4, -1).sum(axis=1)
+    assert np.any(np.sign(weight_sums) == np.sign(b))
+    feeds = _feed(np.random.default_rng(6))
+    feeds["x"][:] = 1.0
+    with pytest.raises(AccumulatorOverflowError, match="layer 'conv'.*bias was clipped to int32"):
+        isim.run(feeds)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

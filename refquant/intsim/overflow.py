@@ -223,5 +223,9 @@ def raise_for_layer(isim, exc: OpError):
     text = str(exc)
     entry = next((e for e in isim.program.lowered if any(f"node {n!r} " in text for n in e.program_nodes)), None)
     layer = f"layer {entry.node!r} ({entry.op_type})" if entry is not None else "a layer"
-    raise AccumulatorOverflowError(f"IntSim: {layer}: {exc.__cause__}; isim.overflow_report(feeds) lists every "
-                                   "layer's accumulator range") from exc
+    # a clipped bias sits at the int32 limit already: the usual cause is a weight channel whose scale is tiny
+    hint = ("; its bias was clipped to int32 at lowering (see the warning): a weight channel's scale is too small "
+            "for its bias, so widen that channel's weight encoding") if entry is not None and \
+        "bias clipped" in entry.note else ""
+    raise AccumulatorOverflowError(f"IntSim: {layer}: {exc.__cause__}{hint}; isim.overflow_report(feeds) lists "
+                                   "every layer's accumulator range") from exc
