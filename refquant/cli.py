@@ -134,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--requant", default="ort", help="ort (default), onnx_reference, tflite_double, tflite_single, "
                                                     "exact(half_even|half_up|half_away)")
     p.add_argument("--float-fallback", action="store_true", help="run ops without an integer form in float")
+    p.add_argument("--overflow", choices=["error", "wrap"], default="error",
+                   help="an int32 accumulator that overflows: stop with the per-layer report (default), or wrap "
+                        "around modulo 2^32 as onnxruntime's int32 adds do (with a warning)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--preprocess", help="image preprocessing spec (as for quantize)")
     p.add_argument("--export", help="write the integer program as a QOperator ONNX model here")
@@ -312,16 +315,17 @@ def cmd_intsim(args) -> int:
     preprocess = Preprocess.parse(args.preprocess) if args.preprocess else None
     sim = QuantSim(graph, precision=args.precision, quant_scheme=args.scheme, config=args.config)
     sim.compute_encodings(args.data, batch_size=args.batch_size, preprocess=preprocess)
-    isim = IntSim(sim, requant=args.requant, float_fallback=args.float_fallback)
+    isim = IntSim(sim, requant=args.requant, float_fallback=args.float_fallback, overflow=args.overflow)
     print(isim.summary())
     feeds = next(iter(iter_feeds(args.eval_data or args.data, graph, batch_size=args.batch_size,
                                  preprocess=preprocess)))
     overflow = isim.overflow_report(feeds)
     if any(layer.can_overflow for layer in overflow.layers):  # the exact int32 accumulator range of those layers
         print(overflow)
-    if overflow.overflowing:
+    if overflow.overflowing and args.overflow == "error":
         print(f"refquant intsim: the int32 accumulator of {len(overflow.overflowing)} layer(s) overflows on this "
-              "data (see above); no bit-exact integer result exists", file=sys.stderr)
+              "data (see above); no bit-exact integer result exists (--overflow wrap: wrap around as "
+              "onnxruntime does)", file=sys.stderr)
         return 1
     print(qdq_gap(sim, isim, feeds))
     if args.export:

@@ -152,3 +152,7 @@ def test_intsim_command_reports_an_overflowing_accumulator(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 1
     assert "wide_matmul" in out and "overflow" in err
+    with pytest.warns(RuntimeWarning, match="wrapped around"):  # the target wraps: the gap report runs on
+        code = main(["intsim", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npy"), "--precision", "w8a16",
+                     "--requant", "tflite_double", "--overflow", "wrap"])
+    assert code == 0

@@ -532,3 +532,52 @@ def test_verify_names_the_layer_whose_accumulator_overflows(tmp_path):
     codes["x"] = IntSim(sim).tensor_codes(hot, ["x"])["x"]  # the target fed x = 1: big_gemm overflows
     with pytest.raises(AccumulatorOverflowError, match=r"layer 'big_gemm' \(Gemm\)"):
         verify(sim, write_dump(tmp_path / "dump", codes), progress=False)
+
+
+def test_overflow_wrap_reproduces_onnxruntimes_wraparound(tmp_path):
+    """IntSim(..., overflow="wrap") is the profile of a target whose int32 adds wrap: onnxruntime's. On the hot
+    input the exact accumulator 2147514120 wraps to -2147453176, which requantizes to code 0 where the exact
+    (or a saturating) accumulator gives 255: the exported QGemm run by onnxruntime says 0 too, and so does the
+    wrapping integer program, with a warning (never silent)."""
+    import onnxruntime as ort
+
+    sim = _overflow_net()
+    hot = _hot(K)
+    with pytest.raises(AccumulatorOverflowError):
+        IntSim(sim).run(hot)  # the default stays an error
+    isim = IntSim(sim, overflow="wrap")
+    with pytest.warns(RuntimeWarning, match=r"wrapped around \(overflow='wrap'\).*QGemm"):
+        ours = isim.run(hot)
+    with pytest.warns(RuntimeWarning):
+        codes = isim.run(hot, codes=True)
+    assert codes["y"].item() == 0  # 255 with an exact or saturating accumulator
+    path = isim.export(tmp_path / "wrap.onnx")
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        for name, value in zip(names, session.run(names, hot)):
+            assert np.array_equal(value, ours[name]), (level, name)
+    with pytest.raises(RefquantError, match="overflow='sometimes'"):
+        IntSim(sim, overflow="sometimes")
+
+
+def test_overflow_wrap_through_a_clipped_bias_matches_onnxruntimes_qlinearconv(sim, tmp_path):
+    """The clipped-bias conv of test_bias_overflowing_int32 fed x = 1 (it overflows there): with overflow="wrap"
+    the integer program equals onnxruntime's QLinearConv on the exported model, bit for bit."""
+    import onnxruntime as ort
+
+    _edit_scale(sim, "x", 1e-7)
+    _edit_scale(sim, "w", np.full(4, 1e-4))
+    with pytest.warns(RuntimeWarning, match="clipped"):
+        isim = IntSim(sim, overflow="wrap")
+    feeds = _feed(np.random.default_rng(6))
+    feeds["x"][:] = 1.0
+    with pytest.warns(RuntimeWarning, match="wrapped around"):
+        ours = isim.run(feeds)
+    path = isim.export(tmp_path / "conv_wrap.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    for name, value in zip(names, session.run(names, feeds)):
+        assert np.array_equal(value, ours[name]), name

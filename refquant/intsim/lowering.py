@@ -86,6 +86,7 @@ from .requant import (
     INT32_MIN,
     as_scheme,
     exact_multiplier,
+    int32_or_wrap,
     ort_multiplier,
     quantize_multiplier,
     requantize,
@@ -188,11 +189,9 @@ def requantize_op(acc, x_scale, w_scale, y_scale, y_zero_point, *, scheme="ort",
     ``x_scale * w_scale / y_scale`` as ``scheme`` forms it (``axis``: the channel axis of a per-channel
     ``w_scale``, -1 to broadcast it against the accumulator's last axis)."""
     sch = as_scheme(scheme)
-    acc = np.asarray(acc)
-    if acc.size and (int(acc.min()) < INT32_MIN or int(acc.max()) > INT32_MAX):  # every scheme: int32 on target
-        raise OverflowError(f"the int32 accumulator (+ bias) overflows: exact range [{int(acc.min())}, "
-                            f"{int(acc.max())}], {int(np.count_nonzero((acc < INT32_MIN) | (acc > INT32_MAX)))} "
-                            "elements outside int32; the target accumulates in int32, so no bit-exact result exists")
+    acc = int32_or_wrap(acc, f"Requantize ({scheme})",  # every scheme: int32 on target
+                        "the int32 accumulator (+ bias) overflows: exact range [{low}, {high}]; the target "
+                        "accumulates in int32, so no bit-exact result exists (unless it wraps: overflow='wrap')")
     ws = np.asarray(w_scale, dtype=F32).reshape(-1)
     ws = ws.reshape(()) if ws.size == 1 else ws
     if sch.name in ("ort", "onnx_reference"):

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -25,6 +26,7 @@ from ..onnx_io import save, to_onnx
 from ..runtime import Session
 from .lowering import Program, QTensor, lower
 from .overflow import OverflowReport, overflow_report, raise_for_layer
+from .requant import int32_wraparound
 
 
 class IntSim:
@@ -34,14 +36,20 @@ class IntSim:
     :mod:`refquant.intsim.requant` for Conv / Gemm / MatMul ("ort": onnxruntime's QLinearConv, QGemm,
     QLinearMatMul; other schemes run in refquant only); ``float_fallback`` runs the nodes the integer program
     cannot express in float between DequantizeLinear and QuantizeLinear instead of raising
-    :class:`refquant.intsim.lowering.LoweringError`. Encodings are read once: lower again (a new IntSim) after
-    changing the simulation.
+    :class:`refquant.intsim.lowering.LoweringError`; ``overflow``: an int32 accumulator that leaves int32 is an
+    :class:`~refquant.intsim.overflow.AccumulatorOverflowError` naming the layer ("error"), or wraps around modulo
+    2^32 with a RuntimeWarning ("wrap": the profile of a target whose int32 adds wrap, as onnxruntime's do).
+    Encodings are read once: lower again (a new IntSim) after changing the simulation.
     """
 
     def __init__(self, sim, requant="ort", float_fallback: bool = False, threads: int | None = None,
-                 kernels: str = "fast"):
+                 kernels: str = "fast", overflow: str = "error"):
         if kernels not in ("fast", "reference"):
             raise RefquantError(f"IntSim: kernels={kernels!r}: choose 'fast' or 'reference'")
+        if overflow not in ("error", "wrap"):
+            raise RefquantError(f"IntSim: overflow={overflow!r}: choose 'error' (an int32 accumulator that "
+                                "overflows is an AccumulatorOverflowError) or 'wrap' (the target wraps around)")
+        self.overflow = overflow
         sim._require_encodings("IntSim")
         self.sim = sim
         self.requant = requant
@@ -78,11 +86,21 @@ class IntSim:
         return {n: result[w] for n, w in zip(names, wanted)}
 
     def _session_run(self, feeds, outputs):
-        """Session.run; an int32 accumulator overflow becomes an AccumulatorOverflowError naming the layer."""
+        """Session.run; an int32 accumulator overflow becomes an AccumulatorOverflowError naming the layer, or
+        with overflow="wrap" wraps around modulo 2^32 (as onnxruntime's int32 adds do) and is warned about."""
         try:
-            return self.session.run(feeds, outputs=outputs)
+            if self.overflow == "error":
+                return self.session.run(feeds, outputs=outputs)
+            with int32_wraparound() as wrapped:
+                result = self.session.run(feeds, outputs=outputs)
         except OpError as exc:
             raise_for_layer(self, exc)  # re-raises any other error as it is
+        if wrapped.events:
+            where = sorted({w for w, _, _ in wrapped.events})
+            warnings.warn(f"IntSim: int32 accumulators wrapped around (overflow='wrap') in {len(wrapped.events)} "
+                          f"op run(s) ({', '.join(where)}); isim.overflow_report(feeds) names the layers",
+                          RuntimeWarning, stacklevel=3)
+        return result
 
     def overflow_report(self, feeds=None) -> OverflowReport:
         """Per accumulating layer: the worst-case int32 accumulator bound and (given ``feeds``) the exact range

@@ -57,6 +57,7 @@ Python integers only for the elements whose float64 estimate lies within roundin
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -231,7 +232,7 @@ def requantize(acc, multiplier_real, zero_point=0, qmin: int = -128, qmax: int =
         y = _onnx_reference(acc, mult, zp, qmin, qmax)
     elif sch.name in ("tflite_double", "tflite_single"):
         single = sch.name == "tflite_single"
-        _check_int32(acc, sch.name)
+        acc = _check_int32(acc, sch.name)
         m0, shift = quantize_multiplier(np.asarray(mult, dtype=np.float64), single_rounding=single)
         y = multiply_by_quantized_multiplier(acc.astype(np.int64), m0, shift, single_rounding=single)
         y = np.clip(y + zp, qmin, qmax)
@@ -256,16 +257,52 @@ def _along(value, ndim: int, axis: int | None):
     return arr.reshape((1,) * axis + (-1,) + (1,) * (ndim - axis - 1))
 
 
+_wrap = threading.local()
+
+
+class int32_wraparound:
+    """Context manager for a target whose int32 accumulators wrap around (two's complement, modulo 2^32: the
+    int32 adds of onnxruntime's MLAS kernels and of C targets): inside it an accumulator that leaves int32
+    wraps instead of raising OverflowError, and every wrap is recorded in ``events`` as (where, exact low,
+    exact high) for the caller to report. Per thread (the integer kernels check in the calling thread)."""
+
+    def __enter__(self):
+        self._saved = getattr(_wrap, "events", None)
+        self.events: list[tuple[str, int, int]] = []
+        _wrap.events = self.events
+        return self
+
+    def __exit__(self, *exc):
+        _wrap.events = self._saved
+        return False
+
+
+def int32_or_wrap(acc, where: str, message: str) -> np.ndarray:
+    """``acc`` (exact integers) as int32: unchanged when it fits; wrapped modulo 2^32 inside
+    :class:`int32_wraparound` (recorded); otherwise OverflowError(``message``)."""
+    acc = np.asarray(acc)
+    if not acc.size:
+        return acc.astype(np.int32)
+    low, high = int(acc.min()), int(acc.max())
+    if INT32_MIN <= low and high <= INT32_MAX:
+        return acc.astype(np.int32)
+    events = getattr(_wrap, "events", None)
+    if events is None:
+        raise OverflowError(message.format(low=low, high=high))
+    events.append((where, low, high))
+    return ((acc.astype(np.int64) - INT32_MIN) % (1 << 32) + INT32_MIN).astype(np.int32)
+
+
 def _check_int32(acc, name):
+    """The accumulator as the target holds it: int32 (wrapped inside int32_wraparound), or OverflowError."""
     if acc.size and (acc.dtype.itemsize > 4 or acc.dtype == np.uint32):
-        low, high = int(acc.min()), int(acc.max())
-        if low < INT32_MIN or high > INT32_MAX:
-            raise OverflowError(f"requantize ({name}): accumulator range [{low}, {high}] exceeds int32; "
-                                "the target accumulates in int32")
+        return int32_or_wrap(acc, f"requantize ({name})", f"requantize ({name}): accumulator range [{{low}}, "
+                             "{high}] exceeds int32; the target accumulates in int32")
+    return acc
 
 
 def _ort(acc, mult, zp, qmin, qmax):
-    _check_int32(acc, "ort")
+    acc = _check_int32(acc, "ort")
     m = np.asarray(mult, dtype=F32)
     f = acc.astype(np.int32, copy=False).astype(F32) * m  # float32 product (both operands float32)
     low = (qmin - zp).astype(F32)
@@ -275,7 +312,7 @@ def _ort(acc, mult, zp, qmin, qmax):
 
 
 def _onnx_reference(acc, mult, zp, qmin, qmax):
-    _check_int32(acc, "onnx_reference")  # the reference casts to int32: a wider accumulator would wrap
+    acc = _check_int32(acc, "onnx_reference")  # the reference casts to int32: a wider accumulator would wrap
     m = np.asarray(mult)
     if m.dtype.kind != "f":
         m = m.astype(np.float64)

@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from ..intsim.requant import INT32_MAX, INT32_MIN, ort_multiplier, requantize
+from ..intsim.requant import INT32_MAX, int32_or_wrap, ort_multiplier, requantize
 from ..kernels import mlas
 from . import nn as _nn
 from .linalg import _matmul_rule
@@ -92,12 +92,11 @@ def _absmax(dtype, zp) -> int:
 
 
 def _to_int32(acc, bound: int, op: str) -> np.ndarray:
-    """Exact accumulators -> int32; OverflowError if they leave int32 (checked only when ``bound`` allows it)."""
-    if bound > INT32_MAX and acc.size:
-        low, high = acc.min(), acc.max()
-        if low < INT32_MIN or high > INT32_MAX:
-            raise OverflowError(f"{op}: the int32 accumulator overflows (exact range [{int(low)}, {int(high)}]); "
-                                "onnxruntime would wrap around, so no bit-exact result exists")
+    """Exact accumulators -> int32; OverflowError if they leave int32 (checked only when ``bound`` allows it),
+    or wrapped modulo 2^32 as onnxruntime's int32 adds wrap, inside ``requant.int32_wraparound``."""
+    if bound > INT32_MAX:
+        return int32_or_wrap(acc, op, f"{op}: the int32 accumulator overflows (exact range [{{low}}, {{high}}]); "
+                                      "onnxruntime would wrap around (IntSim(..., overflow='wrap') does too)")
     return acc.astype(np.int32)
 
 
