@@ -263,18 +263,7 @@ class QuantSim:
         batch_index = [0]
         first_sample = [0]  # index of the current batch's first sample in the whole calibration set
 
-        def observe(name, array, node):
-            root = members.get(name)
-            if root is None:
-                return None
-            if array.dtype.kind == "f":
-                bad = check_finite(array)
-                if bad is not None:
-                    sample = first_sample[0] + bad // max(1, array[0].size if array.ndim else 1)
-                    raise CalibrationError(f"tensor {name!r} has a non-finite value ({array.flat[bad]}) "
-                                           f"in calibration sample {sample} (batch {batch_index[0]})")
-                observers[root].update(array)
-            return None
+        observe = calibration_hook(members, observers, lambda: (first_sample[0], f"batch {batch_index[0]}"))
 
         for name, quantizer in self.quantizers.items():  # constants: observed once
             if quantizer.kind == "constant" and name in members:
@@ -575,6 +564,28 @@ def _constraints(value) -> tuple[float, float] | None:
         return float(value["min"]), float(value["max"])
     except (KeyError, TypeError, ValueError):
         raise EncodingError(f"encoding_constraints {value!r}: expected {{'min': float, 'max': float}}") from None
+
+
+def calibration_hook(members: dict, observers: dict, locate):
+    """The calibration hook: every float tensor of an observed group (``members``: tensor -> group root) is
+    checked to be finite and fed to its group's observer. ``locate()`` -> (index of the current batch's first
+    sample, words naming the batch) for the error that names a non-finite value's sample."""
+
+    def observe(name, array, node):
+        root = members.get(name)
+        if root is None:
+            return None
+        if array.dtype.kind == "f":
+            bad = check_finite(array)
+            if bad is not None:
+                first, batch = locate()
+                sample = first + bad // max(1, array[0].size if array.ndim else 1)
+                raise CalibrationError(f"tensor {name!r} has a non-finite value ({array.flat[bad]}) "
+                                       f"in calibration sample {sample} ({batch})")
+            observers[root].update(array)
+        return None
+
+    return observe
 
 
 def _own_parameters(graph: Graph) -> Graph:

@@ -44,8 +44,8 @@ class ShardJob:
     observe_constants: list  # (tensor) constants observed before the data, by the first shard only
 
     def __call__(self, index: int, shard: Shard, start: dict | None = None, limit: int | None = None):
-        from ..quant.observers import check_finite, make_observer
-        from ..quant.quantsim import CalibrationError
+        from ..quant.observers import make_observer
+        from ..quant.quantsim import calibration_hook
         from ..runtime import Session
 
         if start:  # spawned again: a thread pool hands every task the same objects
@@ -55,19 +55,8 @@ class ShardJob:
         members = self.members
         where = {"batch": 0, "first": shard.first_sample}
 
-        def observe(name, array, node):
-            root = members.get(name)
-            if root is None:
-                return None
-            if array.dtype.kind == "f":
-                bad = check_finite(array)
-                if bad is not None:
-                    sample = where["first"] + bad // max(1, array[0].size if array.ndim else 1)
-                    raise CalibrationError(f"tensor {name!r} has a non-finite value ({array.flat[bad]}) "
-                                           f"in calibration sample {sample} (shard {index}, batch "
-                                           f"{where['batch']} of the shard)")
-                observers[root].update(array)
-            return None
+        observe = calibration_hook(members, observers, lambda: (
+            where["first"], f"shard {index}, batch {where['batch']} of the shard"))
 
         if index == 0:
             for name in self.observe_constants:
