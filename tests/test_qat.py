@@ -250,16 +250,20 @@ def test_normalized_mse_gradient_matches_central_differences():
     t = {"p": rng.random((5, 2)), "box": rng.normal(size=(5, 4)) * 0.05}
     s = {k: v + rng.normal(size=v.shape) * 0.01 for k, v in t.items()}
     _, grads = mse_distill(s, t)
-    h = 1e-6
+    # a quadratic: central differences are exact up to float64 cancellation (~1e-16 L / h)
+    for name, index, numeric in _central_differences(mse_distill, s, t):
+        assert numeric == pytest.approx(grads[name][index], rel=1e-6, abs=1e-8)
+
+
+def _central_differences(loss, s, t, h=1e-6):
+    """(tensor, index, (loss(s + h e) - loss(s - h e)) / 2h) for every element of every student tensor."""
     for name in s:
         for index in np.ndindex(s[name].shape):
             up = {k: v.copy() for k, v in s.items()}
             down = {k: v.copy() for k, v in s.items()}
             up[name][index] += h
             down[name][index] -= h
-            numeric = (mse_distill(up, t)[0] - mse_distill(down, t)[0]) / (2 * h)
-            # a quadratic: central differences are exact up to float64 cancellation (~1e-16 L / h)
-            assert numeric == pytest.approx(grads[name][index], rel=1e-6, abs=1e-8)
+            yield name, index, (loss(up, t)[0] - loss(down, t)[0]) / (2 * h)
 
 
 def test_qat_distill_options():
@@ -286,15 +290,8 @@ def test_sqnr_loss_is_minus_the_summed_sqnr_in_db():
     np.testing.assert_allclose(grads["a"], [[2 * c, 0.0]], rtol=1e-12)
     np.testing.assert_allclose(grads["b"], [[0.0, -20 * c]], rtol=1e-12, atol=1e-12)
     # central differences (not a quadratic: step 1e-6 leaves O(h^2) ~ 1e-12 relative curvature error)
-    h = 1e-6
-    for name in s:
-        for index in np.ndindex(s[name].shape):
-            up = {k: v.copy() for k, v in s.items()}
-            down = {k: v.copy() for k, v in s.items()}
-            up[name][index] += h
-            down[name][index] -= h
-            numeric = (sqnr_distill(up, t)[0] - sqnr_distill(down, t)[0]) / (2 * h)
-            assert numeric == pytest.approx(grads[name][index], rel=1e-6, abs=1e-6)
+    for name, index, numeric in _central_differences(sqnr_distill, s, t):
+        assert numeric == pytest.approx(grads[name][index], rel=1e-6, abs=1e-6)
     # a student equal to the teacher: the floor (120 dB) and a zero gradient
     value, grads = sqnr_distill(t, t)
     assert value == pytest.approx(-240.0) and not np.any(grads["a"]) and not np.any(grads["b"])
