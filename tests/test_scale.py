@@ -450,3 +450,22 @@ def test_a_cluster_left_without_workers_stops_the_run_and_leaves_the_sim_unchang
                    np.array_equal(before[n][1], after[n][1])) for n in before)
     finally:
         executor.shutdown()
+
+
+def test_a_non_finite_sample_is_named_by_serial_and_sharded_calibration(tmp_path):
+    """48 samples in batches of 8; sample 21 is finite but so large (3e38) that the convs overflow to inf: serial
+    calibration names sample 21 and batch 2 (its third batch); 3 shards of 16 put it in shard 1, batch 0 of the
+    shard (samples 16-23). (A NaN in the data itself is refused earlier, by the data reader.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from refquant.quant.quantsim import CalibrationError
+
+    x = samples(48)
+    x[21] = 3e38
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(CalibrationError, match=r"non-finite value .* in calibration sample 21 \(batch 2\)"):
+        QuantSim(tiny_graph()).compute_encodings(str(tmp_path / "x.npy"), batch_size=8, progress=False)
+    with ThreadPoolExecutor(3) as pool, pytest.raises(
+            CalibrationError, match=r"calibration sample 21 \(shard 1, batch 0 of the shard\)"):
+        QuantSim(tiny_graph()).compute_encodings(str(tmp_path / "x.npy"), batch_size=8, progress=False,
+                                                 executor=pool, shards=3)
