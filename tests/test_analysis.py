@@ -21,6 +21,7 @@ from refquant.analysis import analyze, flip_to_higher_precision, layer_groups
 from refquant.analysis.engine import Score, sqnr_from
 from refquant.errors import RefquantError
 from refquant.quant import QuantSim
+from refquant.quant.encoding import from_min_max
 
 from .helpers import FLOAT, SAMPLE_MODELS, SAMPLES, load_sample, make_model, needs_samples, sample_inputs
 
@@ -188,17 +189,29 @@ def _gemm_model(bias):
 
 
 def test_int32_bias_overflow_risk_is_flagged():
+    """A bias of 1e4 on a 16-bit grid: b / (s_x s_w) ~ 1e9 * 2^15 leaves int32. Calibration's weight-scale guard
+    (AIMET's) widens the weight scale so it just fits (a warning); with the weight encoding frozen it cannot (an error)."""
     x = np.random.default_rng(1).standard_normal((32, 8)).astype(np.float32)
-    for bias, precision, expected in [([0.1, -0.2, 0.3, 0.0], "w8a8", []),
-                                      ([1e4, 0.0, 0.0, 0.0], "w16a16", ["error"])]:
+    for bias, precision, freeze, expected in [([0.1, -0.2, 0.3, 0.0], "w8a8", False, []),
+                                              ([1e4, 0.0, 0.0, 0.0], "w16a16", False, ["warning"]),
+                                              ([1e4, 0.0, 0.0, 0.0], "w16a16", True, ["error"])]:
         sim = QuantSim(_gemm_model(bias), precision=precision)
-        sim.compute_encodings(x, progress=False)
+        if freeze:  # the plain min-max grid of the weights, frozen as a loaded encoding would be
+            w = sim.graph.initializers["w"]
+            sim.set_encoding("w", from_min_max(w.min(axis=0), w.max(axis=0), 16, True, axis=1))
+            with pytest.warns(RuntimeWarning, match="frozen"):
+                sim.compute_encodings(x, progress=False)
+        else:
+            sim.compute_encodings(x, progress=False)
+        assert len(sim.adjusted_weight_scales) == (1 if bias[0] == 1e4 and not freeze else 0)
         report = analyze(sim, x, progress=False)
         flags = [f for f in report.findings if f.code == "bias_overflow"]
         assert [f.severity for f in flags] == expected
         sx = float(sim.encoding_of("x").scale)
         sw = np.asarray(sim.encoding_of("w").scale)
         assert report.tensors["w"].bias_ratio == pytest.approx(float(np.max(np.abs(bias) / (sx * sw))))
+        if not freeze:  # the guard leaves the bias just inside int32 (2^31 - 2^15): flagged as close only
+            assert np.max(np.abs(bias) / (sx * sw)) < 2.0 ** 31
 
 
 def test_dead_weight_channels_are_flagged():

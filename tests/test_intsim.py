@@ -24,6 +24,7 @@ from refquant.intsim.lowering import LoweringError
 from refquant.intsim.program import IntSim, qdq_gap, sqnr
 from refquant.ops import qoperators as Q
 from refquant.quant import QuantSim
+from refquant.quant.config import load_config
 from refquant.quant.encoding import from_min_max
 
 SHARED = Path(os.environ.get("REFQUANT_SHARED", "/work/shared"))
@@ -177,7 +178,12 @@ def mobilenet_batches(tmp_path_factory):
 
 def test_mobilenet_v2_bit_exact_with_onnxruntime(mobilenet_batches, tmp_path):
     graph, batches = mobilenet_batches
-    sim = QuantSim(graph, precision="w8a8")
+    # unsigned_symmetric on (an AIMET config option; its default configs leave it off): MobileNetV2's all-positive
+    # depthwise channels get the grid [0, 255], so those layers' weights are uint8 with per-channel zero points
+    # 0 / 128 and the others int8 with zero point 0: both lowerings are checked
+    config = load_config("default")
+    config.unsigned_symmetric = True
+    sim = QuantSim(graph, precision="w8a8", config=config)
     sim.compute_encodings(batches, progress=False)
     isim = IntSim(sim)
     assert isim.fallbacks == []
@@ -185,8 +191,6 @@ def test_mobilenet_v2_bit_exact_with_onnxruntime(mobilenet_batches, tmp_path):
     for _, op in ops_of(isim):
         counts[op] = counts.get(op, 0) + 1
     assert counts["QLinearConv"] == 52 and counts["QLinearAdd"] == 10 and counts["QGemm"] == 1
-    # AIMET's unsigned-symmetric weight channels (all-positive depthwise filters) make uint8 weights with
-    # per-channel zero points 0 / 128; signed-symmetric weights stay int8 with zero point 0
     weights = [isim.graph.initializers[n.inputs[3]] for n in isim.graph.nodes if n.op_type == "QLinearConv"]
     assert any(w.dtype == np.uint8 for w in weights) and any(w.dtype == np.int8 for w in weights)
     compared = assert_bit_exact(isim, batches, tmp_path)

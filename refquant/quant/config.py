@@ -37,7 +37,6 @@ _DEFAULT = {
         "ops": {"is_output_quantized": "True"},
         "params": {"is_quantized": "True", "is_symmetric": "True"},
         "strict_symmetric": "False",
-        "unsigned_symmetric": "True",
         "per_channel_quantization": "True",
     },
     "params": {"bias": {"is_quantized": "False"}},
@@ -71,7 +70,9 @@ class QuantsimConfig:
     defaults_ops: dict = field(default_factory=dict)
     defaults_params: dict = field(default_factory=dict)
     strict_symmetric: bool = False
-    unsigned_symmetric: bool = True
+    # aimet-onnx's packaged configs have no unsigned_symmetric key and its C++ quantizer defaults to False:
+    # a weight channel that is all >= 0 keeps the signed grid (offset -128), measured on MobileNetV2
+    unsigned_symmetric: bool = False
     per_channel: bool = False
     hw_version: str | None = None
     params: dict = field(default_factory=dict)  # role -> {is_quantized, is_symmetric}
@@ -131,7 +132,7 @@ def _parse(data: dict, source: str) -> QuantsimConfig:
     cfg.defaults_ops = _section(defaults.get("ops", {}), _OP_KEYS - {"params"}, source, "defaults.ops")
     cfg.defaults_params = _section(defaults.get("params", {}), _PARAM_KEYS, source, "defaults.params")
     cfg.strict_symmetric = _bool(defaults.get("strict_symmetric", False), source, "defaults.strict_symmetric")
-    cfg.unsigned_symmetric = _bool(defaults.get("unsigned_symmetric", True), source, "defaults.unsigned_symmetric")
+    cfg.unsigned_symmetric = _bool(defaults.get("unsigned_symmetric", False), source, "defaults.unsigned_symmetric")
     cfg.per_channel = _bool(defaults.get("per_channel_quantization", False), source,
                             "defaults.per_channel_quantization")
     cfg.hw_version = defaults.get("hw_version")

@@ -27,6 +27,7 @@ from .observers import check_finite, make_observer
 from .placement import place_quantizers
 from .subgraphs import prepare_subgraphs
 from .qdq import ROUNDING, quantize_dequantize
+from .scale_guard import adjust_weight_scales
 
 
 class CalibrationError(RefquantError):
@@ -188,6 +189,9 @@ class QuantSim:
         # that ran zero times, a tensor no output needs): disabled, with a warning (see compute_encodings)
         self.unused_quantizers: list[str] = []
         self.widened: dict[str, str] = {}  # the two rules (class docstring): tensor -> the reason
+        # layers whose weight scale the last calibration raised so their int32 bias and requantization scale
+        # stay representable (refquant.quant.scale_guard, as AIMET)
+        self.adjusted_weight_scales: list[str] = []
         if prepare and outlier_bw:
             from ..prepare import outlier_activations, residual_activations
 
@@ -301,6 +305,7 @@ class QuantSim:
         self._disable_unused(unused, members)
         self._calibrated = set(members)
         self._apply_fixed_ranges()
+        self.adjusted_weight_scales = adjust_weight_scales(self)
         self._compute_bias_encodings()
         self._apply_constants()
 
