@@ -168,9 +168,19 @@ def main(argv=None) -> int:
     parser.add_argument("--decompose", action="store_true",
                         help="instead: per seed pair, the SQNR with only the weight quantizers and with only the "
                              "activation quantizers (which part of the error depends on the calibration crops)")
+    parser.add_argument("--dump", type=Path, metavar="DIR",
+                        help="instead: write the crops of the first --recipes/--photo-sets to DIR/calib_K.npy and "
+                             "DIR/eval_K.npy for each seed pair K (for bench/aimet_run.py)")
     args = parser.parse_args(argv)
     if args.decompose:
         return decompose(args)
+    if args.dump is not None:
+        args.dump.mkdir(parents=True, exist_ok=True)
+        for k in args.seeds:
+            np.save(args.dump / f"calib_{k}.npy", crops(args.recipes[0], args.photo_sets[0], args.calib, 2 * k))
+            np.save(args.dump / f"eval_{k}.npy", crops(args.recipes[0], args.photo_sets[0], args.eval, 2 * k + 1))
+        print(f"crops {args.recipes[0]}/{args.photo_sets[0]}, seed pairs {args.seeds} -> {args.dump}")
+        return 0
     graph = refquant.load(MOBILENET)
     print(f"MobileNetV2 plain W8A8, {args.calib} calibration / {args.eval} evaluation crops; AIMET: "
           "per-channel 11.5 dB / 73 %, per-tensor 8.0 dB / 67 %")
