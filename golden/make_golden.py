@@ -78,7 +78,7 @@ def make_inputs(name: str, graph_inputs) -> dict[str, np.ndarray]:
         return {"input": _lfw(48, 4)}
     if name == "mtcnn_pnet":
         return {"input": _chw([(_image("astronaut.png", (64, 48)) - 127.5) / 128])}
-    if name == "ppocr_det":
+    if name in ("ppocr_det", "ppocrv5_det"):
         return {"x": _chw([(_image("page.png", (320, 160)) / 255 - 0.5) / 0.5])}
     if name == "ppocr_rec":
         return {"x": _chw([(_text_crop(48, 320, 100) / 255 - 0.5) / 0.5])}

