@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--crops", type=Path, required=True, help="folder with calib_K.npy / eval_K.npy")
     parser.add_argument("--seed-pair", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--rows", nargs="+", default=["w8a8_pc", "w8a8_pt", "w8a8_pt_cle", "w4a8", "w4a8_seq_mse"])
+    parser.add_argument("--rows", nargs="*", default=["w8a8_pc", "w8a8_pt", "w8a8_pt_cle", "w4a8", "w4a8_seq_mse"])
     parser.add_argument("--adaround", nargs="*", type=int, default=[], help="AdaRound iteration counts to run")
     args = parser.parse_args(argv)
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

@@ -40,7 +40,9 @@ def fp32_reference(ev: np.ndarray) -> np.ndarray:
 
 def ours(row: str, graph, calib, ev, ref):
     """(SQNR, top-1 %, technique seconds) of refquant's counterpart of AIMET's ``row``."""
-    from refquant.ptq import adaround, equalize, seq_mse
+    from refquant.ptq.adaround import adaround
+    from refquant.ptq.cle import equalize
+    from refquant.ptq.seq_mse import seq_mse
 
     if row == "w8a8_pc":
         return w8a8_row(graph, calib, ev, "logits", ref, "per_channel")

@@ -73,6 +73,7 @@ def test_the_guard_changed_the_near_dead_channels(cfg):
             changed.add(name)
     assert changed == ({"w1", "w2", "w5"} if cfg == "pc" else {"w5"})
     assert sorted(sim.adjusted_weight_scales) == (["conv1", "conv2", "matmul"] if cfg == "pc" else ["matmul"])
+    assert "raised" in sim.summary().splitlines()[-1] and "matmul" in sim.summary().splitlines()[-1]
 
 
 def test_guard_bounds_by_hand():

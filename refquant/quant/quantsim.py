@@ -24,7 +24,7 @@ from ..runtime import Session
 from .config import QuantsimConfig, load_config
 from .encoding import Encoding, EncodingError, bias_encoding, check_bitwidth, fp16_encoding, from_min_max
 from .observers import check_finite, make_observer
-from .placement import place_quantizers
+from .placement import apply_exception_rules, place_quantizers
 from .subgraphs import prepare_subgraphs
 from .qdq import ROUNDING, quantize_dequantize
 from .scale_guard import adjust_weight_scales
@@ -181,6 +181,7 @@ class QuantSim:
                 unsigned_symmetric=self.config.unsigned_symmetric, data_type="float" if bw == "fp16" else "int",
                 axis=spec.axis, role=spec.role, op_type=spec.op_type, tied_to=spec.tied_to,
                 constraints=_constraints(spec.constraints))
+        apply_exception_rules(self.quantizers, graph, self.config)  # AIMET's rules after the config
         self.session = Session(graph, threads=threads, hooks=[self._qdq_hook])
         self._float_session = Session(graph, threads=threads)
         self._hooked: dict[str, Quantizer] = {}
@@ -341,7 +342,7 @@ class QuantSim:
             root = q.tied_to or name
             groups.setdefault(root, []).append(name)
         return {root: names for root, names in groups.items()
-                if not self.quantizers[root].frozen and self.quantizers[root].constraints is None}
+                if not self.quantizers[root].frozen and not _fixed_range(self.quantizers[root])}
 
     def _calibration_outputs(self, observed) -> list[str]:
         return list(self.graph.output_names)
@@ -350,6 +351,12 @@ class QuantSim:
         if q.data_type == "float":
             return fp16_encoding()
         lo, hi = observer.range(q.bitwidth, q.symmetric, q.strict_symmetric, q.unsigned_symmetric)
+        if q.constraints is not None:
+            # one end fixed by encoding_constraints (htp configs' Relu: min 0); as AIMET, the free end is the calibrated
+            # encoding's (on its grid, after the offset rounding), not the raw observed value
+            calibrated = from_min_max(lo, hi, q.bitwidth, q.symmetric, q.strict_symmetric, q.unsigned_symmetric)
+            lo = np.min(calibrated.min) if q.constraints[0] is None else q.constraints[0]
+            hi = np.max(calibrated.max) if q.constraints[1] is None else q.constraints[1]
         return from_min_max(lo, hi, q.bitwidth, q.symmetric, q.strict_symmetric, q.unsigned_symmetric,
                             axis=q.axis, block_size=q.block_size)
 
@@ -372,7 +379,7 @@ class QuantSim:
     def _apply_fixed_ranges(self) -> None:
         """encoding_constraints from the config fix a quantizer's range (e.g. Sigmoid [0, 1])."""
         for q in self.quantizers.values():
-            if q.kind != "param" and q.enabled and q.constraints is not None and not q.frozen:
+            if q.kind != "param" and q.enabled and _fixed_range(q) and not q.frozen:
                 if q.data_type == "float":
                     q.encoding = fp16_encoding()
                 else:
@@ -553,6 +560,9 @@ class QuantSim:
             lines.append(f"{name[:48]:<48} {q.kind:<10} {'y' if q.enabled else 'n':<3} {q.bitwidth:>3} "
                          f"{'y' if q.symmetric else 'n':<4} {'' if q.axis is None else q.axis:>4}  {span}"
                          + (f"  tied to {q.tied_to}" if q.tied_to else ""))
+        if self.adjusted_weight_scales:
+            lines.append(f"weight scales raised so that int32 biases and requantization scales stay representable "
+                         f"(AIMET's guard): {', '.join(self.adjusted_weight_scales)}")
         return "\n".join(lines)
 
 
@@ -562,13 +572,21 @@ def _with_axis(encoding: Encoding, axis: int) -> Encoding:
                     encoding.block_size, encoding.kind)
 
 
-def _constraints(value) -> tuple[float, float] | None:
+def _constraints(value) -> tuple[float | None, float | None] | None:
+    """(min, max) from a config's encoding_constraints (a dict, or config.py's parsed tuple); either end may be
+    None: that end comes from calibration."""
     if not value:
         return None
     try:
-        return float(value["min"]), float(value["max"])
-    except (KeyError, TypeError, ValueError):
+        lo, hi = (value.get("min"), value.get("max")) if isinstance(value, dict) else value
+        return None if lo is None else float(lo), None if hi is None else float(hi)
+    except (TypeError, ValueError):
         raise EncodingError(f"encoding_constraints {value!r}: expected {{'min': float, 'max': float}}") from None
+
+
+def _fixed_range(q: Quantizer) -> bool:
+    """Both ends fixed by encoding_constraints: no calibration needed."""
+    return q.constraints is not None and None not in q.constraints
 
 
 def calibration_hook(members: dict, observers: dict, locate):
