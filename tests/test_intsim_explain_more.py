@@ -50,13 +50,19 @@ def sim():
     rng = np.random.default_rng(11)
     s = QuantSim(refquant.load(_model()), prepare=False)
     s.compute_encodings([_feed(rng) for _ in range(3)], progress=False)
-    # AIMET ties the pools' and the Concats' outputs (and x2) to x's quantizer; give x2 and the pools grids of their
-    # own, so that the pools requantize and "cat" is a QLinearConcat ("same" stays a plain Concat on x's grid)
+    # AIMET ties the pools' outputs to x's quantizer, and a Concat's output to its inputs only where no other op reads
+    # them (x is read by the pools too: "cat" is tied to x2, "same" to nothing); give the pools and x2 grids of their
+    # own, so that the pools requantize and "cat" is a QLinearConcat, and tie "same" to x so that it stays a plain
+    # Concat on x's grid
+    assert s.quantizers["cat_out"].tied_to == "x2" and s.quantizers["same_out"].tied_to is None
     for name, (lo, hi) in {"x2": (-4.0, 9.0), "ap_out": (-1.3, 1.1), "ap_pad_out": (-0.9, 1.7),
                            "ap_all_out": (-0.3, 0.35)}.items():
-        assert s.quantizers[name].tied_to == "x"
+        assert s.quantizers[name].tied_to == (None if name == "x2" else "x")
         s.quantizers[name].tied_to = None
         s.set_encoding(name, from_min_max(lo, hi, 8, False))
+    s.quantizers["cat_out"].tied_to = None
+    s.set_encoding("cat_out", from_min_max(-4.0, 9.0, 8, False))
+    s.quantizers["same_out"].tied_to = "x"
     return s
 
 

@@ -30,7 +30,10 @@ def test_default_is_per_channel_with_unquantized_bias():
     assert cfg.param("Conv", "weight") == {"is_quantized": True, "is_symmetric": True, "per_channel_quantization": True}
     assert cfg.param("Conv", "bias")["is_quantized"] is False
     assert cfg.op("Relu")["is_output_quantized"] is True and cfg.op("Relu")["is_symmetric"] is False
-    assert cfg.op("Squeeze")["is_output_quantized"] is False
+    # aimet-onnx 2.42.0's default_config_per_channel.json: only Cast outputs are switched off (Squeeze outputs get
+    # no quantizer as a data-movement op, placement.py); its supergroup_pass_list is left out of the built-in
+    assert cfg.op("Cast")["is_output_quantized"] is False and cfg.op("Pad")["is_output_quantized"] is True
+    assert cfg.supergroup_passes == []
     assert ["Conv", "Relu"] in cfg.supergroups and cfg.model_input["is_input_quantized"] is True
 
 

@@ -3,15 +3,17 @@
 A config file has six sections, applied from general to specific (later wins), as AIMET does:
 ``defaults`` -> ``params`` -> ``op_type`` -> ``supergroups`` -> ``model_input`` -> ``model_output``.
 Booleans are the strings "True"/"False" in AIMET's files; real JSON booleans are accepted too.
-AIMET's own files load unchanged. Built-in configs: ``"default"`` (AIMET's
-``default_config_per_channel.json`` semantics: per-channel weights) and ``"per_tensor"``
-(``default_config.json``: the same without per-channel).
+AIMET's own files load unchanged. Built-in configs, copies of aimet-onnx 2.42.0's packaged files without their
+``supergroup_pass_list`` (see ``_DEFAULT``): ``"default"`` (``default_config_per_channel.json``: per-channel
+weights), ``"per_tensor"`` (``default_config.json``: the same without per-channel) and ``"htp_v73"``
+(``htp_quantsim_config_v73.json``).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,22 +33,29 @@ _TOP_KEYS = {"defaults", "params", "op_type", "supergroups", "model_input", "mod
              "supergroup_pass_list"}
 _REQUIRED_TOP = {"defaults", "params", "op_type", "supergroups", "model_input", "model_output"}
 
-# AIMET's default_config_per_channel.json as aimet-onnx 2.42.0 applies it (refs/aimet.md §6, §7).
+# aimet-onnx 2.42.0's packaged default_config_per_channel.json (its alias "default"), key for key but one: per-channel
+# weights come from the op_type entries (Conv, ConvTranspose, Gemm, MatMul, PRelu), not from the defaults; only Cast
+# outputs are left unquantized (Pad and Mean outputs are quantized). The file's "supergroup_pass_list": ["MatmulAdd"]
+# (MatMul + bias Add as one layer, MatMul output unquantized: placement.py applies it when a config names it) is left
+# out of the built-ins: IntSim cannot yet lower a MatMul whose output has no quantizer. Give AIMET's file itself
+# (config="path/to/default_config_per_channel.json") for AIMET's exact placement.
 _DEFAULT = {
     "defaults": {
         "ops": {"is_output_quantized": "True"},
         "params": {"is_quantized": "True", "is_symmetric": "True"},
         "strict_symmetric": "False",
-        "per_channel_quantization": "True",
+        "per_channel_quantization": "False",
     },
     "params": {"bias": {"is_quantized": "False"}},
     "op_type": {
-        "Squeeze": {"is_output_quantized": "False"},
-        "Pad": {"is_output_quantized": "False"},
-        "Mean": {"is_output_quantized": "False"},
-        "Cast": {"is_output_quantized": "False"},
+        "Conv": {"per_channel_quantization": "True"},
+        "ConvTranspose": {"per_channel_quantization": "True"},
+        "Gemm": {"per_channel_quantization": "True"},
+        "MatMul": {"per_channel_quantization": "True"},
+        "PRelu": {"per_channel_quantization": "True"},
         "BatchNormalization": {"params": {"running_mean": {"is_quantized": "False"},
                                           "running_var": {"is_quantized": "False"}}},
+        "Cast": {"is_output_quantized": "False"},
     },
     "supergroups": [
         {"op_list": ["Conv", "Relu"]},
@@ -58,9 +67,59 @@ _DEFAULT = {
     "model_input": {"is_input_quantized": "True"},
     "model_output": {},
 }
+# default_config.json: the same without the per-channel op_type entries
 _PER_TENSOR = copy.deepcopy(_DEFAULT)
-_PER_TENSOR["defaults"]["per_channel_quantization"] = "False"
-BUILTIN = {"default": _DEFAULT, "per_channel": _DEFAULT, "per_tensor": _PER_TENSOR}
+for _op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "PRelu"):
+    del _PER_TENSOR["op_type"][_op]
+_PER_TENSOR["supergroups"][1:3] = _PER_TENSOR["supergroups"][2:0:-1]  # the file's order (no effect on matching)
+# htp_quantsim_config_v73.json (alias "htp_v73"), key for key but its "supergroup_pass_list" ("LayerNormalization",
+# "RMSNormalization", "MatmulAdd"): see _DEFAULT
+_HTP_V73 = {
+    "defaults": {
+        "hw_version": "V73",
+        "ops": {"is_output_quantized": "True"},
+        "params": {"is_quantized": "True", "is_symmetric": "True"},
+        "per_channel_quantization": "False",
+        "strict_symmetric": "False",
+        "unsigned_symmetric": "False",
+    },
+    "params": {"bias": {"is_quantized": "False"}},
+    "op_type": {
+        "Conv": {"per_channel_quantization": "True"},
+        "ConvTranspose": {"per_channel_quantization": "True"},
+        "Gemm": {"per_channel_quantization": "True"},
+        "MatMul": {"per_channel_quantization": "True"},
+        "PRelu": {"per_channel_quantization": "True"},
+        "Cast": {"is_output_quantized": "False"},
+        "ChannelShuffle": {"is_output_quantized": "False"},
+        "Gather": {"is_output_quantized": "False"},
+        "NonMaxSuppression": {"is_output_quantized": "False"},
+        "GroupNormalization": {"params": {"bias": {"is_quantized": "True"}}},
+        "LayerNormalization": {"params": {"weight": {"is_symmetric": "False"}}},
+        "BatchNormalization": {"params": {"running_mean": {"is_quantized": "False"},
+                                          "running_var": {"is_quantized": "False"}}},
+        "InstanceNormalization": {"params": {"weight": {"is_symmetric": "False"}}},
+        "Relu": {"encoding_constraints": {"min": 0.0}},
+        "RMSNormalization": {"params": {"weight": {"is_symmetric": "False"}}},
+        "Sigmoid": {"encoding_constraints": {"min": 0.0, "max": 1.0}},
+        "Softmax": {"encoding_constraints": {"min": 0.0, "max": 1.0}},
+        "Sin": {"encoding_constraints": {"min": -1.0, "max": 1.0}},
+        "Cos": {"encoding_constraints": {"min": -1.0, "max": 1.0}},
+        "Tanh": {"encoding_constraints": {"min": -1.0, "max": 1.0}},
+    },
+    "supergroups": [{"op_list": ops} for ops in (
+        ["Add", "Relu"], ["Conv", "BatchNormalization", "HardSwish"], ["Conv", "BatchNormalization", "PRelu"],
+        ["Conv", "BatchNormalization", "LeakyRelu"], ["Conv", "BatchNormalization", "Relu"],
+        ["Conv", "Transpose", "Relu"], ["Conv", "Transpose", "PRelu"], ["Conv", "Transpose", "LeakyRelu"],
+        ["Conv", "Clip"], ["Conv", "PRelu"], ["Conv", "LeakyRelu"], ["Conv", "Relu"], ["ConvTranspose", "Relu"],
+        ["Gemm", "Relu"])],
+    "model_input": {"is_input_quantized": "True"},
+    "model_output": {},
+}
+# graph passes of "supergroup_pass_list" that refquant applies (placement.py); AIMET's "LayerNormalization" and
+# "RMSNormalization" passes (decomposed norms as one op) are not implemented: a config naming them gets a warning
+SUPERGROUP_PASSES = {"MatmulAdd"}
+BUILTIN = {"default": _DEFAULT, "per_channel": _DEFAULT, "per_tensor": _PER_TENSOR, "htp_v73": _HTP_V73}
 
 
 @dataclass
@@ -78,6 +137,7 @@ class QuantsimConfig:
     params: dict = field(default_factory=dict)  # role -> {is_quantized, is_symmetric}
     op_type: dict = field(default_factory=dict)  # op type -> section
     supergroups: list = field(default_factory=list)  # lists of op types
+    supergroup_passes: list = field(default_factory=list)  # "supergroup_pass_list": graph pass names
     model_input: dict = field(default_factory=dict)
     model_output: dict = field(default_factory=dict)
     source: str = "<config>"
@@ -148,6 +208,14 @@ def _parse(data: dict, source: str) -> QuantsimConfig:
         if not isinstance(group, dict) or not isinstance(group.get("op_list"), list) or len(group["op_list"]) < 2:
             raise ConfigError(f"{source}: supergroups[{index}] must be {{\"op_list\": [two or more op types]}}")
         cfg.supergroups.append(list(group["op_list"]))
+    passes = data.get("supergroup_pass_list", [])
+    if not isinstance(passes, list) or not all(isinstance(p, str) for p in passes):
+        raise ConfigError(f"{source}: supergroup_pass_list must be a list of pass names")
+    cfg.supergroup_passes = list(passes)
+    unknown = [p for p in passes if p not in SUPERGROUP_PASSES]
+    if unknown:
+        warnings.warn(f"{source}: supergroup_pass_list pass(es) {unknown} are not implemented by refquant (it applies "
+                      f"{sorted(SUPERGROUP_PASSES)}): the ops they would group keep their own quantizers", stacklevel=3)
     cfg.model_input = _section(data["model_input"], {"is_input_quantized"}, source, "model_input")
     cfg.model_output = _section(data["model_output"], {"is_output_quantized"}, source, "model_output")
     return cfg
@@ -160,9 +228,10 @@ def _section(section, allowed: set, source: str, where: str) -> dict:
     out = {}
     for key, value in section.items():
         if key == "encoding_constraints":
-            if not isinstance(value, dict) or not {"min", "max"} <= set(value):
-                raise ConfigError(f"{source}: {where}.encoding_constraints needs 'min' and 'max'")
-            out[key] = (float(value["min"]), float(value["max"]))
+            # AIMET requires "min"; without "max" the calibrated maximum is kept (htp configs: Relu {"min": 0.0})
+            if not isinstance(value, dict) or "min" not in value or not set(value) <= {"min", "max"}:
+                raise ConfigError(f"{source}: {where}.encoding_constraints needs 'min' (and optionally 'max')")
+            out[key] = (float(value["min"]), None if value.get("max") is None else float(value["max"]))
         elif key == "supported_kernels":
             out[key] = value
         else:

@@ -63,12 +63,19 @@ def required_opset(sim) -> int:
     return opset
 
 
-def to_qdq_onnx(sim) -> onnx.ModelProto:
-    """The simulated model as QuantizeLinear/DequantizeLinear pairs around float ops."""
-    opset = required_opset(sim)
+def to_qdq_onnx(sim, derived: bool = False) -> onnx.ModelProto:
+    """The simulated model as QuantizeLinear/DequantizeLinear pairs around float ops: one pair per active quantizer,
+    so that the QDQ model is the simulation tensor for tensor. ``derived=True``: AIMET's ``to_onnx_qdq`` placement,
+    a pair also on every tensor its export derives an encoding for (:func:`derived_encodings`: data-movement
+    outputs, a clip's input inside a Conv -> Clip supergroup; int32 biases excepted). The final quantized values are
+    the same, but a clip then reads a quantized input, so intermediate float tensors differ from the simulation's."""
+    opset = required_opset(sim)  # derived pairs reuse active encodings: no other bitwidths
     graph = sim.graph_for_export()
     graph.opset = dict(graph.opset, **{"": opset})
     encodings = active_encodings(sim)
+    if derived:
+        encodings.update({name: encoding for name, encoding in derived_encodings(sim, encodings).items()
+                          if encoding.kind != "int" or encoding.bitwidth != 32})
     zero_points: dict[str, tuple[np.ndarray, str]] = {}
     new_nodes: list[Node] = []
     outputs = set(graph.output_names)
@@ -80,10 +87,11 @@ def to_qdq_onnx(sim) -> onnx.ModelProto:
         if encoding.kind == "float":
             return [Node("Cast", [source], [f"{tag}_fp16"], {"to": TensorProto.FLOAT16}, f"{tag}_cast16", "", opset),
                     Node("Cast", [f"{tag}_fp16"], [result], {"to": TensorProto.FLOAT}, f"{tag}_cast32", "", opset)]
-        quantizer = sim.quantizers[name]
-        if quantizer.role == "bias":
+        quantizer = sim.quantizers.get(name)
+        if quantizer is not None and quantizer.enabled and quantizer.role == "bias":
             return _bias_nodes(graph, name, result, encoding, zero_points, tag, opset)
-        scale, zero_point, type_name = encoding.to_onnx(signed=None if quantizer.kind == "param" else False)
+        is_param = quantizer is not None and quantizer.enabled and quantizer.kind == "param"
+        scale, zero_point, type_name = encoding.to_onnx(signed=None if is_param else False)
         graph.initializers[f"{tag}_scale"] = np.asarray(scale, dtype=np.float32)
         zero_points[f"{tag}_zero_point"] = (np.asarray(zero_point), type_name)
         attrs = {}
@@ -243,7 +251,10 @@ def quantizer_args(sim) -> dict:
             "dtype": "float" if sim.output_bw == "fp16" else "int",
             "is_symmetric": bool(sim.config.defaults_params.get("is_symmetric", False)),
             "param_bitwidth": sim.param_bw if isinstance(sim.param_bw, int) else 16,
-            "per_channel_quantization": bool(sim.config.per_channel), "quant_scheme": sim.quant_scheme}
+            # as AIMET: the defaults' setting, or any op type's (its per-channel configs set it per op type)
+            "per_channel_quantization": bool(sim.config.per_channel) or any(
+                section.get("per_channel_quantization", False) for section in sim.config.op_type.values()),
+            "quant_scheme": sim.quant_scheme}
 
 
 def encodings_for_file(sim, version: str):
@@ -259,7 +270,7 @@ def encodings_for_file(sim, version: str):
             activations[name] = encoding
     if version == "2.0.0":
         extra.update(_derived_bias_encodings(sim, activations, params, extra))
-        extra.update(_data_movement_encodings(sim, {**activations, **extra}))
+        extra.update(derived_encodings(sim, {**activations, **params, **extra}))
     return activations, params, extra
 
 
@@ -275,21 +286,52 @@ def aimet_order(sim, extra) -> list[str]:
     return order
 
 
+# the smallest int32 bias scale aimet-onnx writes (its _INT32_MINIMUM_SCALE: min(float32 eps, 0.01 / (2^32 - 1)))
+INT32_MINIMUM_SCALE = min(float(np.finfo(np.float32).eps), 0.01 / (2 ** 32 - 1))
+_ANALYTIC_BIAS_OPS = ("Conv", "Gemm", "ConvTranspose", "MatMul")
+_STATISTICAL_BIAS_OPS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization")
+
+
+def _layer_bias(sim, node) -> str | None:
+    """The bias of a layer: input 2, or for a MatMul the Add constant that AIMET's MatmulAdd pass made its bias."""
+    if node.op_type == "MatMul":
+        from .placement import matmul_bias
+
+        found = matmul_bias(node, sim.graph, sim.graph.consumers())
+        bias = found[1] if found else None
+        quantizer = sim.quantizers.get(bias) if bias else None
+        return bias if quantizer is not None and quantizer.role == "bias" else None
+    return node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+
+
 def _derived_bias_encodings(sim, activations, params, existing) -> dict[str, Encoding]:
+    """The int32 bias encodings aimet-onnx's 2.0.0 export adds for a layer whose bias is not quantized but whose
+    weight and input are (``_concretize_int32_bias_quantizers``): Conv/Gemm/ConvTranspose/MatMul(+Add) take
+    ``input_scale * weight_scale`` (per channel with the weight); normalizations take ``max(|b| / 2^31, 2.3e-12)``,
+    per tensor (the largest) when the weight is."""
     from .encoding import bias_encoding
 
     result = {}
     for node in sim.graph.walk():
-        if node.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(node.inputs) < 3 or not node.inputs[2]:
+        if node.op_type not in _ANALYTIC_BIAS_OPS + _STATISTICAL_BIAS_OPS or len(node.inputs) < 2:
             continue
-        bias, x, w = node.inputs[2], node.inputs[0], node.inputs[1]
-        if bias in existing or bias in params or bias not in sim.graph.initializers:
+        bias, x, w = _layer_bias(sim, node), node.inputs[0], node.inputs[1]
+        if not bias or bias in existing or bias in params or bias not in sim.graph.initializers \
+                or bias not in sim.quantizers:
             continue
         x_enc = _grid_of(sim, x, activations)
         w_enc = params.get(w)
         if x_enc is None or w_enc is None or x_enc.kind != "int" or w_enc.kind != "int":
             continue
-        result[bias] = bias_encoding(x_enc.scale, w_enc.scale, axis=0)
+        if node.op_type in _ANALYTIC_BIAS_OPS:
+            result[bias] = bias_encoding(x_enc.scale, w_enc.scale, axis=0)
+            continue
+        scale = np.maximum(np.abs(np.asarray(sim.graph.initializers[bias], dtype=np.float64)) / 2.0 ** 31,
+                           INT32_MINIMUM_SCALE)
+        if w_enc.axis is None:
+            scale = np.float64(scale.max())
+        result[bias] = Encoding(scale, np.full(np.shape(scale), -float(1 << 31)), 32, True, (1 << 32) - 1,
+                                0 if np.ndim(scale) else None)
     return result
 
 
@@ -308,14 +350,93 @@ def _grid_of(sim, name, activations):
     return None
 
 
-def _data_movement_encodings(sim, known) -> dict[str, Encoding]:
-    from .placement import GRID_PRESERVING
+# aimet-onnx 2.42.0's export-time propagation (``_derive_data_movement_op_encodings``): its grid-preserving ops,
+# the other grid-equivariant ops (Concat, Scatter*), and the clipping, padding and selector ops
+DERIVING_OPS = {
+    "Col2Im", "Compress", "DepthToSpace", "Dropout", "Expand", "Flatten", "Gather", "GatherElements", "GatherND",
+    "Identity", "MaxPool", "MaxRoiPool", "NonZero", "Pad", "ReduceMax", "ReduceMin", "Reshape", "Slice",
+    "SpaceToDepth", "Split", "SplitToSequence", "Squeeze", "Tile", "TopK", "Transpose", "Unsqueeze",
+    "Concat", "Scatter", "ScatterElements", "ScatterND", "Clip", "Max", "Min", "Where",
+}
 
-    result = {}
+
+def _float_slots(op_type: str, count: int, outputs: bool) -> list[bool]:
+    """Which of an op's inputs (outputs) can be float by its ONNX schema (a Clip's min/max can, Reshape's shape
+    cannot): the tensors the propagation considers."""
+    try:
+        schema = onnx.defs.get_schema(op_type)
+    except onnx.defs.SchemaError:
+        return [False] * count
+    params = schema.outputs if outputs else schema.inputs
+    allowed = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
+    result = []
+    for i in range(count):
+        if not params:
+            result.append(False)
+            continue
+        if i < len(params):
+            param = params[i]
+        elif params[-1].option == onnx.defs.OpSchema.FormalParameterOption.Variadic:
+            param = params[-1]  # Concat's, Max's inputs
+        else:
+            param = None
+        types = allowed.get(param.type_str, [param.type_str]) if param is not None else []
+        result.append(any(t in ("tensor(float)", "tensor(float16)", "tensor(bfloat16)") for t in types))
+    return result
+
+
+def _same_grid(a: Encoding | None, b: Encoding | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (a.kind == b.kind and a.bitwidth == b.bitwidth and a.symmetric == b.symmetric and a.axis == b.axis
+            and np.array_equal(np.asarray(a.scale), np.asarray(b.scale))
+            and np.array_equal(np.asarray(a.offset), np.asarray(b.offset)))
+
+
+def derived_encodings(sim, known: dict) -> dict[str, Encoding]:
+    """Encodings the export adds to ``known`` (tensor -> encoding), as AIMET's export does: through each op of
+    ``DERIVING_OPS`` in graph order, then again in reverse order,
+
+    * forward: an output without an encoding takes the first float input's per-tensor encoding when all float
+      inputs share it (Pad: whenever its data input has one);
+    * backward: an input without an encoding, read by this op only, takes the first output's per-tensor encoding
+      when all float outputs share it (a Conv output inside a Conv -> Clip supergroup gets the Clip's).
+
+    Exact where it adds a Q/DQ pair: a data-movement output is on its input's grid already, and quantizing a clip's
+    input on the clip's output grid commutes with the clip."""
+    known = dict(known)
+    result: dict[str, Encoding] = {}
+    nodes = [n for n in sim.graph.walk() if n.domain == "" and n.op_type in DERIVING_OPS]
+    readers: dict[str, int] = {}
     for node in sim.graph.walk():
-        if node.op_type in GRID_PRESERVING and node.outputs and node.outputs[0] not in known:
-            encoding = _grid_of(sim, node.inputs[0], known)
-            if encoding is not None and encoding.axis is None:
-                result[node.outputs[0]] = encoding
-                known = {**known, node.outputs[0]: encoding}
+        for name in node.inputs:
+            readers[name] = readers.get(name, 0) + 1
+
+    def derive(node) -> None:
+        flags = _float_slots(node.op_type, len(node.inputs), False)
+        inputs = [name for name, f in zip(node.inputs, flags) if f and name]
+        flags = _float_slots(node.op_type, len(node.outputs), True)
+        outputs = [name for name, f in zip(node.outputs, flags) if f and name]
+        if not inputs or not outputs:
+            return
+        forward = (node.inputs[0] in known if node.op_type == "Pad"
+                   else all(_same_grid(known.get(i), known.get(inputs[0])) for i in inputs[1:]))
+        backward = all(_same_grid(known.get(o), known.get(outputs[0])) for o in outputs[1:])
+        for name in inputs:
+            for out in outputs:
+                if name in known and out in known:
+                    continue
+                theirs = known.get(out)
+                # (not into a constant: AIMET gives every float constant input its own quantizer, so it never
+                # derives one; refquant leaves Clip bounds and the like unquantized, see placement.py)
+                if theirs is not None and theirs.axis is None and backward and name not in known \
+                        and readers.get(name, 0) == 1 and name not in sim.graph.initializers:
+                    known[name] = result[name] = theirs
+        source = known.get(inputs[0])
+        for out in outputs:
+            if source is not None and source.axis is None and forward and out not in known:
+                known[out] = result[out] = source
+
+    for node in nodes + nodes[::-1]:
+        derive(node)
     return result

@@ -103,8 +103,15 @@ def is_depthwise(node: Node, graph: Graph) -> bool:
     return group > 1 and weight.shape[1] == 1 and group == weight.shape[0] // max(1, weight.shape[0] // group)
 
 
-def place_quantizers(graph: Graph, config: QuantsimConfig) -> dict[str, QuantizerSpec]:
+def place_quantizers(graph: Graph, config: QuantsimConfig, constant_inputs: str = "data") -> dict[str, QuantizerSpec]:
     """The quantizers AIMET would place on ``graph`` under ``config``, keyed by tensor name.
+
+    ``constant_inputs``: which float constants without a parameter role get an activation-style quantizer.
+    ``"data"`` (refquant's default): those an op computes with (a PRelu slope, a Mul or Add constant), not the
+    settings in ``CONSTANT_INPUTS_IGNORED`` (Clip bounds, a Pow exponent...) nor the data of a data-movement op (a
+    Gather's embedding table). ``"aimet"``: every one, as aimet-onnx 2.42.0 (its ``_is_tensor_quantizable`` skips only
+    the non-first inputs of Resize); measured on MobileNetV2 (Clip bounds), PP-OCR (Clip bounds, Pow exponents,
+    constants fed to Reshape) and MiniLM (its three embedding tables, quantized per tensor).
 
     Nodes inside If/Loop subgraphs get quantizers by the same rules, keyed by their (model-unique) tensor
     names, right after the node that holds the subgraph; their weights may be subgraph or outer-scope
@@ -121,28 +128,34 @@ def place_quantizers(graph: Graph, config: QuantsimConfig) -> dict[str, Quantize
     if ambiguous:
         warnings.warn(f"QuantSim: tensor name(s) defined more than once across the model's subgraphs get no "
                       f"quantizer (a quantizer is keyed by the tensor name): {sorted(ambiguous)[:10]}", stacklevel=3)
-    _place_nodes(graph, config, specs, ambiguous)
+    if constant_inputs not in ("data", "aimet"):
+        raise ValueError(f"constant_inputs {constant_inputs!r}: expected 'data' or 'aimet'")
+    _place_nodes(graph, config, specs, ambiguous, constant_inputs == "aimet")
     _apply_model_output(graph, config, specs)
+    if "MatmulAdd" in config.supergroup_passes:
+        _apply_matmul_add(graph, specs)
     _apply_supergroups(graph, config, specs)
     _apply_split_clips(graph, specs)
     _tie(graph, specs)
     return specs
 
 
-def _place_nodes(graph: Graph, config: QuantsimConfig, specs: dict[str, QuantizerSpec], ambiguous: set[str]) -> None:
+def _place_nodes(graph: Graph, config: QuantsimConfig, specs: dict[str, QuantizerSpec], ambiguous: set[str],
+                 all_constants: bool = False) -> None:
     """Parameter and output quantizers of ``graph``'s nodes, recursing into subgraphs (whose supergroups and
     split clips are matched within the subgraph)."""
     is_float = _float_checker(graph)
     for node in graph.nodes:
-        _place_node(node, graph, config, specs, is_float, ambiguous)
+        _place_node(node, graph, config, specs, is_float, ambiguous, all_constants)
         for sub in node.subgraphs():
             view = scoped(sub, graph)
-            _place_nodes(view, config, specs, ambiguous)
+            _place_nodes(view, config, specs, ambiguous, all_constants)
             _apply_supergroups(view, config, specs)
             _apply_split_clips(view, specs)
 
 
-def _place_node(node: Node, graph: Graph, config: QuantsimConfig, specs, is_float, ambiguous) -> None:
+def _place_node(node: Node, graph: Graph, config: QuantsimConfig, specs, is_float, ambiguous,
+                all_constants: bool = False) -> None:
     if node.domain and not (node.domain == "com.microsoft" and node.op_type in FLOAT_CONTRIB_OPS):
         return
     roles = PARAM_ROLES.get(node.op_type, {})
@@ -159,16 +172,22 @@ def _place_node(node: Node, graph: Graph, config: QuantsimConfig, specs, is_floa
                 axis = weight_axis(node, weight.ndim)
             specs[name] = QuantizerSpec(name, "param", setting["is_quantized"], setting["is_symmetric"],
                                         roles[index], node.op_type, axis)
-        elif node.op_type not in GRID_PRESERVING and node.op_type not in CONSTANT_INPUTS_IGNORED:
+        elif all_constants or (node.op_type not in GRID_PRESERVING and node.op_type not in CONSTANT_INPUTS_IGNORED):
+            if all_constants and any(user.op_type == "Resize" and user.inputs[0] != name
+                                     for user in graph.consumers().get(name, [])):
+                continue  # AIMET's op_params_to_ignore: Resize's roi and scales
             op = config.op(node.op_type)
             specs[name] = QuantizerSpec(name, "activation", True, op["is_symmetric"], None, node.op_type)
     if node.op_type in GRID_PRESERVING or node.op_type in NON_FLOAT_OUTPUT:
         return
     op = config.op(node.op_type)
+    fixed = op.get("encoding_constraints")
+    # a fixed range centred on zero (Tanh [-1, 1]) makes the quantizer symmetric, as in AIMET's config handling
+    symmetric = op["is_symmetric"] or (fixed is not None and fixed[1] is not None and fixed[0] == -fixed[1])
     for out in node.outputs:
         if out and out not in ambiguous and is_float(out):
-            specs[out] = QuantizerSpec(out, "activation", op["is_output_quantized"], op["is_symmetric"],
-                                       None, node.op_type, constraints=op.get("encoding_constraints"))
+            specs[out] = QuantizerSpec(out, "activation", op["is_output_quantized"], symmetric,
+                                       None, node.op_type, constraints=fixed)
 
 
 def _float_checker(graph: Graph):
@@ -187,6 +206,91 @@ def _apply_model_output(graph: Graph, config: QuantsimConfig, specs) -> None:
     for name in graph.output_names:
         if name in specs:
             specs[name].enabled = bool(config.model_output["is_output_quantized"])
+
+
+def matmul_bias(node: Node, graph: Graph, consumers) -> tuple[Node, str] | None:
+    """AIMET's MatmulAdd rule (``_get_matmul_add_bias_idx``): a MatMul with a constant weight whose output is read
+    only by an Add whose other input is a constant of rank 1 -> (that Add, the bias name); else None."""
+    if node.op_type != "MatMul" or node.inputs[1] not in graph.initializers:
+        return None
+    users = consumers.get(node.outputs[0], [])
+    if len(users) != 1 or users[0].op_type != "Add" or node.outputs[0] in graph.output_names:
+        return None
+    add = users[0]
+    others = [name for name in add.inputs if name != node.outputs[0]]
+    if len(others) != 1 or others[0] not in graph.initializers or graph.initializers[others[0]].ndim != 1:
+        return None
+    return add, others[0]
+
+
+def _apply_matmul_add(graph: Graph, specs) -> None:
+    """The config's "supergroup_pass_list": ["MatmulAdd"] (AIMET's packaged default configs have it): MatMul + bias
+    Add is one linear layer. The MatMul output is not quantized and the Add's constant is the layer's bias, a
+    parameter (role "bias", symmetric, disabled as AIMET's pass leaves it), not a quantized constant input."""
+    consumers = graph.consumers()
+    for node in graph.nodes:
+        found = matmul_bias(node, graph, consumers)
+        if found is None:
+            continue
+        add, bias = found
+        if node.outputs[0] in specs:
+            specs[node.outputs[0]].enabled = False
+        specs[bias] = QuantizerSpec(bias, "param", False, True, "bias", "MatMul", None)
+
+
+def apply_exception_rules(quantizers: dict, graph: Graph, config: QuantsimConfig) -> None:
+    """AIMET's rules applied after the config (``QuantizationSimModel._apply_param_symmetry_to_inputs`` and
+    ``_apply_exception_rules``), on QuantSim's quantizers (bitwidths known):
+
+    * a Conv/ConvTranspose/Gemm/MatMul whose weight is computed (not a constant): the enabled quantizer that feeds
+      the weight input takes the weight's symmetry from the config (attention's K and V are symmetric);
+    * normalization parameters (Batch/Layer/Group/Instance/RMS): at least 8 bits; Batch/LayerNormalization weights
+      are symmetric only at >= 16 bits (8 bits on hw V66-V69); Group/Instance/RMSNormalization parameters take the
+      output quantizer's symmetry and bitwidth;
+    * with a hw_version, a computed MatMul weight: V66-V69 symmetric 8 bits; later versions, when it has 16 bits,
+      symmetric with a 16-bit first input.
+    """
+    producers = all_producers(graph)
+    norms = {"BatchNormalization", "LayerNormalization", "GroupNormalization", "RMSNormalization",
+             "InstanceNormalization"}
+    old_hw = config.hw_version in ("V66", "V68", "V69")
+
+    def enabled_feeding(name: str):
+        source = _feeding_quantizer(name, producers, quantizers)
+        quantizer = quantizers.get(source) if source else None
+        return quantizer if quantizer is not None and quantizer.enabled else None
+
+    for node in graph.walk():
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1 \
+                and node.inputs[1] and node.inputs[1] not in graph.initializers:
+            weight_input = enabled_feeding(node.inputs[1])
+            if weight_input is not None and weight_input.kind != "param":
+                weight_input.symmetric = bool(config.param(node.op_type, "weight")["is_symmetric"])
+    for node in graph.walk():
+        if node.op_type in norms:
+            out = quantizers.get(node.outputs[0]) if node.outputs else None
+            out = out if out is not None and out.enabled else None
+            for name in node.inputs[1:]:
+                q = quantizers.get(name)
+                if q is None or q.kind != "param" or not q.enabled or q.data_type != "int":
+                    continue
+                q.bitwidth = max(q.bitwidth, 8)
+                if node.op_type in ("GroupNormalization", "InstanceNormalization", "RMSNormalization"):
+                    q.symmetric = out.symmetric if out is not None else False
+                    if out is not None:
+                        q.bitwidth = out.bitwidth
+                else:
+                    if old_hw:
+                        q.bitwidth = 8
+                    q.symmetric = q.bitwidth >= 16
+        elif node.op_type == "MatMul" and config.hw_version is not None and node.inputs[1] not in graph.initializers:
+            first, second = enabled_feeding(node.inputs[0]), enabled_feeding(node.inputs[1])
+            if first is None or second is None or "float" in (first.data_type, second.data_type):
+                continue
+            if old_hw:
+                second.symmetric, second.bitwidth = True, 8
+            elif second.bitwidth == 16:
+                second.symmetric, first.bitwidth = True, 16
 
 
 def _apply_supergroups(graph: Graph, config: QuantsimConfig, specs) -> None:
@@ -259,6 +363,10 @@ def _tie(graph: Graph, specs) -> None:
             first, second = sorted((ra, rb), key=order.__getitem__)
             parent[second] = first
 
+    consumers: dict[str, int] = {}
+    for node in graph.walk():
+        for name in node.inputs:
+            consumers[name] = consumers.get(name, 0) + 1
     for node in graph.walk():
         if node.op_type not in TIED_TO_INPUT or not node.outputs:
             continue
@@ -268,11 +376,48 @@ def _tie(graph: Graph, specs) -> None:
         sources = node.inputs if node.op_type == "Concat" else node.inputs[:1]
         for name in sources:
             source = _feeding_quantizer(name, producers, specs)
-            if source is not None and specs[source].enabled:
-                union(source, out)
+            if source is None or not specs[source].enabled:
+                continue
+            if node.op_type == "Concat" and not _single_reader_path(name, source, producers, consumers):
+                continue  # AIMET's _propagate_output_encodings: an input read elsewhere too keeps its own encoding
+            if node.op_type != "Concat" and not _merge_fixed_range(specs[root(source)], specs[out], name, source,
+                                                                   producers, consumers):
+                continue
+            union(source, out)
     for name in specs:
         if root(name) != name:
             specs[name].tied_to = root(name)
+
+
+def _merge_fixed_range(source: QuantizerSpec, out: QuantizerSpec, name: str, source_name: str, producers,
+                       consumers) -> bool:
+    """Before an output joins its input's group (AIMET's ``_propagate_input_encodings``): an output range fixed by
+    the config (htp configs' Relu: min 0) that the input's quantizer does not share moves to the group, unless a
+    tensor on the way from the input's quantizer has another reader (then the two are not tied: False). The merged
+    quantizer is symmetric if either was, with a symmetric fixed range then."""
+    if out.constraints is None or out.constraints == source.constraints:
+        return True
+    if not _single_reader_path(name, source_name, producers, consumers):
+        return False
+    fixed = source.constraints or out.constraints
+    source.symmetric = source.symmetric or out.symmetric
+    if source.symmetric and fixed[1] is not None:
+        bound = max(abs(fixed[0]), abs(fixed[1]))
+        fixed = (-bound, bound)
+    source.constraints = fixed
+    return True
+
+
+def _single_reader_path(name: str, source_name: str, producers, consumers) -> bool:
+    """Whether every tensor from quantized tensor ``source_name`` through data-movement ops to ``name`` has one
+    reader."""
+    tensor = name
+    while True:
+        if consumers.get(tensor, 0) != 1:
+            return False
+        if tensor == source_name:
+            return True
+        tensor = producers[tensor].inputs[0]
 
 
 def _feeding_quantizer(name: str, producers, specs) -> str | None:

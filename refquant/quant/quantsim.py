@@ -118,6 +118,10 @@ class QuantSim:
     them as outer-scope names (:mod:`refquant.quant.subgraphs`), so they are quantized and exported like any
     weight. An untaken branch: see :meth:`compute_encodings`.
 
+    ``constant_inputs="aimet"`` also quantizes the float constants refquant treats as settings or as data-movement
+    data (Clip bounds, Pow exponents, Gather's embedding tables), as aimet-onnx does
+    (:func:`refquant.quant.placement.place_quantizers`); the default ``"data"`` leaves them float.
+
     **The residual-stream rule** (default, ``residual_rule=True``; no data needed): every tensor from a
     residual branch's last linear layer (MatMul/Gemm/Conv output, bias Add, layer scale) to the residual
     sum a normalization reads (LayerNormalization, or Sub(x, ReduceMean(x))), found from the graph's
@@ -137,7 +141,7 @@ class QuantSim:
                  quant_scheme: str = "min_max", config="default", rounding: str = "half_even",
                  precision: str | None = None, threads: int | None = None, scheme_options: dict | None = None,
                  param_scheme: str | None = None, prepare: bool | str | list = True, prepare_data=None,
-                 outlier_bw: int | None = 16, residual_rule: bool = True):
+                 outlier_bw: int | None = 16, residual_rule: bool = True, constant_inputs: str = "data"):
         if precision is not None:
             param_bw, output_bw = parse_precision(precision)
         if rounding not in ROUNDING:
@@ -169,7 +173,7 @@ class QuantSim:
         self.rounding = rounding
         self.param_bw, self.output_bw = param_bw, output_bw
         self.quantizers: dict[str, Quantizer] = {}
-        for name, spec in place_quantizers(graph, self.config).items():
+        for name, spec in place_quantizers(graph, self.config, constant_inputs).items():
             kind = spec.kind
             if kind == "activation" and name in graph.initializers:
                 kind = "constant"
@@ -509,12 +513,13 @@ class QuantSim:
         self._require_encodings("export")
         return export(self, directory, prefix, encoding_version)
 
-    def to_onnx_qdq(self):
-        """The simulated model as an ONNX QuantizeLinear/DequantizeLinear ModelProto."""
+    def to_onnx_qdq(self, derived: bool = False):
+        """The simulated model as an ONNX QuantizeLinear/DequantizeLinear ModelProto; ``derived=True`` adds AIMET's
+        derived pairs (data-movement outputs...: :func:`refquant.quant.export.to_qdq_onnx`)."""
         from .export import to_qdq_onnx
 
         self._require_encodings("to_onnx_qdq")
-        return to_qdq_onnx(self)
+        return to_qdq_onnx(self, derived=derived)
 
     def load_encodings(self, path, strict: bool = True) -> None:
         """Set encodings from an AIMET encodings file (0.6.1, 1.0.0, 2.0.0): listed quantizers are
