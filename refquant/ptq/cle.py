@@ -38,7 +38,7 @@ into sets as AIMET does: ``conv, depthwise, conv`` triplets where they occur, pa
 two sets (the last of one, the first of the next) has its input channels set by the first and its
 output channels by the second, which unbalances the first again; so the sets are swept repeatedly
 until every scale is within ``tolerance`` of 1 (``max_sweeps=1`` is AIMET's single pass). At the fixed
-point every pair of the chain is equalized.
+point every pair of the chain is equalized (balanced, where a bound takes part: below).
 
 **ReLU6.** ``Clip(x / s, 0, 6) = Clip(x, 0, 6 s) / s``: after scaling, channel ``i`` needs an upper bound
 ``6 / s_i`` of its own, which ONNX's Clip cannot express (its bounds are scalars). So a Clip(0, m) across
@@ -48,10 +48,23 @@ The Min keeps the Clip's node and output names. With ``replace_relu6=True`` such
 replaced by Relu before equalizing, as AIMET's ``equalize_model`` does (``replace_relu6_with_relu``):
 simpler graphs, but the FP32 model changes (outputs above the bound are no longer clipped). Measured against
 aimet-onnx's own ``equalize_model`` on the same MobileNetV2 crops (bench/results_ptq_vs_aimet.txt, per-tensor
-W8A8, 4 seed pairs): AIMET 11.09 dB / 70.1 % top-1; the default here 10.31 dB / 75.2 %;
-``replace_relu6=True, max_sweeps=1`` (AIMET's algorithm) 11.10 dB / 68.2 %. Equalizing weights grows the
-activation ranges between the layers (MobileNetV2's expansion ReLU6 outputs by 3-10x), which per-tensor
-activation quantization pays for; neither variant dominates on both metrics.
+W8A8, 4 seed pairs): AIMET 11.09 dB / 70.1 % top-1; ``replace_relu6=True, max_sweeps=1`` (AIMET's algorithm)
+11.10 dB / 68.2 %; the exact form with ``balance_bounds=False`` 10.31 / 75.2, with the default (below) 11.81 / 73.0.
+
+**Bounded activations** (``balance_bounds=True``, the default; a refquant addition). Equalizing weights alone
+moves range into the activation between the layers: where that activation is a ReLU6, every channel spans the
+same [0, 6] before scaling and ``[0, 6 / s_i]`` after, so the one per-tensor activation grid has to cover
+``6 / min s_i`` (on MobileNetV2's expansion outputs 3-10x more than before). The bound is the one activation range
+known without data, so it joins the balance: per channel, with ``x = log`` of each range the scales touch (layer 1
+rows ``x1 - t1``, depthwise ``x2 + t1 - t2``, last layer columns ``x3 + t2``, and each bounded activation
+``log b_j - t_j``), the log-scales ``t_j = log s_j`` minimize ``sum_k (x_k' - L)^2`` over ``t`` and a common level
+``L``. Without a bound this is the rule above (all ranges equal, zero residual); a pair with a bound ``b`` gets
+
+    s_i = (r1_i b_i / r2_i^2)^(1/4).
+
+Measured on MobileNetV2 against aimet-onnx's ``equalize_model`` on the same crops (per-tensor W8A8, 4 seed pairs,
+bench/results_ptq_vs_aimet.txt): 11.81 dB / 73.0 % top-1 agreement, AIMET 11.09 / 70.1, weights alone 10.31 / 75.2.
+Relu, PRelu and LeakyRelu have no bound: there the rule is the paper's.
 
 **High-bias absorption** (section 4.2). After BN folding, layer 1's pre-activation in channel ``i`` is
 ``N(beta_i, gamma_i^2)`` by the folded BN's statistics (divided by the channel's CLE scale ``S_i``). When
@@ -136,15 +149,17 @@ class EqualizationReport:
 
 # ----------------------------------------------------------------------------------- public API
 def equalize(graph: Graph, replace_relu6: bool = False, high_bias_absorption: bool = True,
-             max_sweeps: int = 100, tolerance: float = 1e-6) -> Graph:
+             max_sweeps: int = 100, tolerance: float = 1e-6, balance_bounds: bool = True) -> Graph:
     """A copy of ``graph`` with BatchNormalizations folded, consecutive layers cross-layer equalized and
     high biases absorbed (module docstring). ``graph`` is not modified. Without any pair of layers to
-    equalize, warns and returns an unchanged copy."""
-    return equalize_pass(graph, replace_relu6, high_bias_absorption, max_sweeps, tolerance)[0]
+    equalize, warns and returns an unchanged copy. ``balance_bounds=False``: the paper's rule everywhere (weight
+    ranges only), also across Clip(0, m) activations."""
+    return equalize_pass(graph, replace_relu6, high_bias_absorption, max_sweeps, tolerance, balance_bounds)[0]
 
 
 def equalize_pass(graph: Graph, replace_relu6: bool = False, high_bias_absorption: bool = True,
-                  max_sweeps: int = 100, tolerance: float = 1e-6) -> tuple[Graph, EqualizationReport]:
+                  max_sweeps: int = 100, tolerance: float = 1e-6,
+                  balance_bounds: bool = True) -> tuple[Graph, EqualizationReport]:
     """Like :func:`equalize`, and an :class:`EqualizationReport` of what was folded, scaled and absorbed."""
     if int(max_sweeps) < 1:
         raise EqualizationError(f"equalize: max_sweeps must be >= 1, got {max_sweeps!r}")
@@ -162,7 +177,7 @@ def equalize_pass(graph: Graph, replace_relu6: bool = False, high_bias_absorptio
     weights = {id(n): np.asarray(bf.weight_of(g, n), np.float64) for link in links for n in (link.first, link.second)}
     biases = {id(n): bf.bias_of(g, n) for link in links for n in (link.first, link.second)}
     sets = cls_sets(g, links, weights)
-    report.sweeps, report.converged = _sweep(sets, weights, biases, max_sweeps, tolerance)
+    report.sweeps, report.converged = _sweep(sets, weights, biases, max_sweeps, tolerance, balance_bounds)
     if high_bias_absorption:
         after = {r.layer: r for r in records if r.position == "after"}
         for link in links:
@@ -337,27 +352,60 @@ def triplet_scales(r1: np.ndarray, r2: np.ndarray, r3: np.ndarray) -> tuple[np.n
     return np.where(ok, r1 / m, 1.0), np.where(ok, m / np.where(ok, r3, 1.0), 1.0)
 
 
-def _sweep(sets: list[ClsSet], weights: dict, biases: dict, max_sweeps: int, tolerance: float) -> tuple[int, bool]:
+def _sweep(sets: list[ClsSet], weights: dict, biases: dict, max_sweeps: int, tolerance: float,
+           balance_bounds: bool = True) -> tuple[int, bool]:
     """Equalize every set in order, repeatedly, until all scales are within ``tolerance`` of 1
     (``|log s| <= tolerance``). Returns (sweeps done, converged)."""
     for sweep in range(1, int(max_sweeps) + 1):
         worst = 0.0
         for s in sets:
-            if len(s.layers) == 3:
-                a, dw, b = s.layers
-                s12, s23 = triplet_scales(bf.output_ranges(a, weights[id(a)]), bf.output_ranges(dw, weights[id(dw)]),
-                                          bf.input_ranges(b, weights[id(b)]))
-                _apply(s.links[0], s12, weights, biases)
-                _apply(s.links[1], s23, weights, biases)
-                worst = max(worst, _distance_from_one(s12), _distance_from_one(s23))
-            else:
-                a, b = s.layers
-                scale = pair_scale(bf.output_ranges(a, weights[id(a)]), bf.input_ranges(b, weights[id(b)]))
-                _apply(s.links[0], scale, weights, biases)
+            first, last = s.layers[0], s.layers[-1]
+            middle = [bf.output_ranges(n, weights[id(n)]) for n in s.layers[1:-1]]  # depthwise: in = out channel
+            bounds = [_link_bound(link) for link in s.links] if balance_bounds else [None] * len(s.links)
+            scales = set_scales(bf.output_ranges(first, weights[id(first)]), middle,
+                                bf.input_ranges(last, weights[id(last)]), bounds)
+            for link, scale in zip(s.links, scales):
+                _apply(link, scale, weights, biases)
                 worst = max(worst, _distance_from_one(scale))
         if worst <= tolerance:
             return sweep, True
     return int(max_sweeps), False
+
+
+def set_scales(first: np.ndarray, middle: list[np.ndarray], last: np.ndarray,
+               bounds: list[np.ndarray | None]) -> list[np.ndarray]:
+    """The scale of each link of a set: :func:`pair_scale` / :func:`triplet_scales` without bounds; with a bounded
+    activation, the least-squares balance of the module docstring. 1 where a weight range is 0."""
+    if all(b is None for b in bounds):
+        if not middle:
+            return [pair_scale(first, last)]
+        return list(triplet_scales(first, middle[0], last))
+    links = len(bounds)
+    ok = (first > 0) & (last > 0)
+    for r in middle:
+        ok &= r > 0
+    # rows: (coefficients of t_1..t_m, log range); each range after scaling is log range + coefficients . t
+    rows = [([-1.0 if j == 0 else 0.0 for j in range(links)], first)]
+    for j, r in enumerate(middle):
+        rows.append(([1.0 if k == j else -1.0 if k == j + 1 else 0.0 for k in range(links)], r))
+    rows.append(([1.0 if j == links - 1 else 0.0 for j in range(links)], last))
+    for j, bound in enumerate(bounds):
+        if bound is not None:
+            ok &= bound > 0
+            rows.append(([-1.0 if k == j else 0.0 for k in range(links)], bound))
+    # minimize sum_k (x_k + c_k . t - L)^2 over (t, L): least squares of x_k = -c_k . t + L
+    design = np.array([[-c for c in coefficients] + [1.0] for coefficients, _ in rows])
+    logs = np.log(np.stack([np.where(ok, r, 1.0) for _, r in rows]))
+    solution = np.linalg.lstsq(design, logs, rcond=None)[0]
+    return [np.where(ok, np.exp(solution[j]), 1.0) for j in range(links)]
+
+
+def _link_bound(link: Link) -> np.ndarray | None:
+    """The per-channel upper bound of a link's activation (a Clip(0, m) or Min), as it stands, flattened."""
+    bounds = [op.bound for op in link.between if op.bound is not None]
+    if not bounds:
+        return None
+    return np.min(np.stack([np.ravel(np.broadcast_to(b, bounds[0].shape)) for b in bounds]), axis=0)
 
 
 def _distance_from_one(scale: np.ndarray) -> float:
