@@ -107,6 +107,73 @@ def test_a_following_relu_or_clip_is_found():
     assert [layer.activation for layer in layers] == [(0.0, 6.0), (0.0, np.inf)]
 
 
+@pytest.mark.parametrize("op, axis, opset, found", [
+    ("Gemm", 1, 17, True), ("Gemm", -1, 11, True), ("Gemm", 0, 17, False),
+    ("Conv", 1, 17, True), ("Conv", -1, 17, False),
+    ("Conv", 1, 11, False)])  # opset 11: axis 1 of [N, M, H, W] normalizes over M*H*W together
+def test_a_following_softmax_over_the_output_channels_is_found(op, axis, opset, found):
+    if op == "Gemm":
+        node, x_shape, w = helper.make_node("Gemm", ["x", "W"], ["h"], transB=1), [2, 4], _f(3, 4)
+    else:
+        node, x_shape, w = helper.make_node("Conv", ["x", "W"], ["h"]), [2, 4, 5, 5], _f(3, 4, 3, 3)
+    model = make_model([node, helper.make_node("Softmax", ["h"], ["y"], axis=axis)], [("x", FLOAT, x_shape)],
+                       [("y", FLOAT, None)], {"W": w}, opset=opset)
+    layers, _ = find_layers(QuantSim(refquant.load(model), precision="w8a8"))
+    assert layers[0].activation == (A.SOFTMAX if found else None)
+
+
+@pytest.mark.parametrize("op, slope, expected", [
+    ("Gemm", np.array([0.1, 0.2, 0.3], np.float32), [0.1, 0.2, 0.3]),
+    ("Conv", np.array([0.1, 0.2, 0.3], np.float32).reshape(3, 1, 1), [0.1, 0.2, 0.3]),
+    ("Conv", np.array([0.25], np.float32), [0.25]),
+    ("Conv", np.full((1, 5, 5), 0.2, np.float32), None)])  # varies along the spatial axes: not per channel
+def test_a_following_prelu_gives_its_slope_per_output_channel(op, slope, expected):
+    if op == "Gemm":
+        node, x_shape, w = helper.make_node("Gemm", ["x", "W"], ["h"], transB=1), [2, 4], _f(3, 4)
+    else:
+        node, x_shape, w = helper.make_node("Conv", ["x", "W"], ["h"], pads=[1, 1, 1, 1]), [2, 4, 5, 5], _f(3, 4, 3, 3)
+    model = make_model([node, helper.make_node("PRelu", ["h", "a"], ["y"])], [("x", FLOAT, x_shape)],
+                       [("y", FLOAT, None)], {"W": w, "a": slope})
+    activation = find_layers(QuantSim(refquant.load(model), precision="w8a8"))[0][0].activation
+    if expected is None:
+        assert activation is None
+    else:
+        np.testing.assert_allclose(activation.slope, expected, rtol=1e-7)
+
+
+def test_the_prelu_loss_is_the_squared_error_after_the_prelu():
+    """Against the formula in float64, slope a_m of output channel m (group-major: G*M/G channels)."""
+    rounding, _, _, rng = small_problem(None)
+    slope = np.array([0.1, 0.5, 0.9, 0.2, 0.0, 1.5])
+    _, sampled, _, _ = small_problem(A.PRelu(slope))
+    w = rounding.soft(rounding.v0 + rng.normal(size=rounding.v0.shape))[0]
+    y = sampled.z.astype(np.float64) + np.einsum("gmk,gkb->gmb", w - sampled.w.astype(np.float64),
+                                                  sampled.cols.astype(np.float64))
+    t = small_problem(None)[1].target.astype(np.float64)
+    a = slope.reshape(2, 3, 1)
+    expected = np.sum((np.where(t >= 0, t, a * t) - np.where(y >= 0, y, a * y)) ** 2) / y.shape[2]
+    assert sampled(w, grad=False) == pytest.approx(expected, rel=1e-5)  # float32 forward
+    assert sampled.per_channel(w).sum() == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_softmax_loss_is_the_squared_error_of_the_probabilities():
+    """Against the formula in float64: sum over channels, mean over positions of (softmax(t) - softmax(y))^2
+    with y = z + (W - W_fp32) cols, softmax over the channels of each position."""
+    rounding, sampled, _, rng = small_problem(A.SOFTMAX)
+    w = rounding.soft(rounding.v0 + rng.normal(size=rounding.v0.shape))[0]
+
+    def softmax(a):
+        e = np.exp(a - a.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    y = sampled.z.astype(np.float64) + np.einsum("gmk,gkb->gmb", w - sampled.w.astype(np.float64),
+                                                  sampled.cols.astype(np.float64))
+    t = small_problem(None)[1].target.astype(np.float64)  # the same seeded problem: t before the softmax
+    expected = np.sum((softmax(t) - softmax(y)) ** 2) / y.shape[2]
+    assert sampled(w, grad=False) == pytest.approx(expected, rel=1e-5)  # float32 forward
+    assert sampled.per_channel(w).sum() == pytest.approx(expected, rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------- losses, gradients
 def small_problem(activation):
     g, m, k, b = 2, 3, 5, 40
@@ -123,10 +190,12 @@ def small_problem(activation):
     return rounding, sampled, A.QuadraticLoss(moments, w), rng
 
 
-@pytest.mark.parametrize("form", ["sampled+clip", "sampled", "quadratic"])
+@pytest.mark.parametrize("form", ["sampled+clip", "sampled+softmax", "sampled+prelu", "sampled", "quadratic"])
 @pytest.mark.parametrize("beta", [None, 5.0])
 def test_gradients_match_finite_differences(form, beta):
-    rounding, sampled, quadratic, rng = small_problem((0.0, 2.0) if form == "sampled+clip" else None)
+    activation = {"sampled+clip": (0.0, 2.0), "sampled+softmax": A.SOFTMAX,
+                  "sampled+prelu": A.PRelu(np.array([0.1, 0.5, 0.9, 0.2, 0.0, 1.5]))}.get(form)
+    rounding, sampled, quadratic, rng = small_problem(activation)
     objective = A.Objective(rounding, quadratic if form == "quadratic" else sampled, 0.01)
     eps = 1e-6 if form == "quadratic" else 2e-3  # the sampled loss computes in float32
     tol = 1e-6 if form == "quadratic" else 2e-3

@@ -1,0 +1,129 @@
+"""Run aimet-onnx itself on the AIMET sample models, the MTCNN nets and PP-OCRv4 rec, on data written by
+bench/ptq_vs_aimet_models.py, so that refquant can be compared on the *same* model, configuration and data.
+
+Like bench/aimet_run.py (MobileNetV2), this script never imports refquant: it runs in the side virtual
+environment that has aimet-onnx 2.42.0 (and PyTorch):
+
+    python bench/ptq_vs_aimet_models.py --dump /tmp/rq/models_data
+    /tmp/aimet-venv/bin/python bench/aimet_models.py --data /tmp/rq/models_data --out /tmp/rq/aimet_models \
+        --models convnet mlp mtcnn_rnet mtcnn_pnet mtcnn_onet --adaround 200 1000
+    /tmp/aimet-venv/bin/python bench/aimet_models.py --data /tmp/rq/models_data --out /tmp/rq/aimet_models \
+        --models ppocr_rec --adaround 20
+    python bench/ptq_vs_aimet_models.py --data /tmp/rq/models_data --aimet /tmp/rq/aimet_models
+
+``--data`` holds one folder per model: ``meta.json`` (the model file given to AIMET, the model file for the CLE
+row, the input name, output names), ``calib.npy`` and ``eval.npy``. Rows (each a fresh ``QuantizationSimModel``
+with ``quant_scheme="min_max"``, ``compute_encodings`` on the calibration set in batches of 16, then the
+technique on the same batches, then ``compute_encodings`` again, as the samples' README and bench/ptq.py):
+
+* ``w8a8_pc``: int8/int8, config "default" (per-channel weights);
+* ``w8a8_pt``: the package's ``default_config.json`` (per-tensor weights);
+* ``w8a8_pt_cle``: ``equalize_model`` on the CLE model (BN fold, ReLU6 -> ReLU, scaling, high-bias fold), then
+  ``w8a8_pt``;
+* ``w4a8``: int4 weights, config "default" (per-channel), nearest rounding;
+* ``w4a8_seq_mse``: ``apply_seq_mse(sim, calib, num_candidates=20)``;
+* ``w4a8_adaround_N``: ``apply_adaround(sim, calib, num_iterations=N)`` (``--adaround N ...``).
+
+Every row but the CLE one first calls ``fold_all_batch_norms_to_weight`` (a no-op without BatchNormalization).
+For each row: ``<row>.npz`` (every model output on the evaluation set, by the FP32 model's output names),
+``<row>.encodings`` (encodings 1.0.0) and ``<row>.json`` (wall seconds: model preparation, technique,
+calibration). Metrics are computed by bench/ptq_vs_aimet_models.py. Asserts nothing. Last run (aimet-onnx 2.42.0,
+onnxruntime 1.32.0, torch CPU, 2-core shared machine): bench/results_ptq_vs_aimet_models.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+BATCH = 16
+BASE_ROWS = ["w8a8_pc", "w8a8_pt", "w8a8_pt_cle", "w4a8", "w4a8_seq_mse"]
+
+
+def _batches(data: np.ndarray, name: str) -> list[dict]:
+    return [{name: data[i:i + BATCH]} for i in range(0, len(data), BATCH)]
+
+
+def _default_config() -> str:
+    import aimet_onnx
+
+    return str(Path(aimet_onnx.__file__).parent / "common" / "quantsim_config" / "default_config.json")
+
+
+def run_row(row: str, meta: dict, calib: np.ndarray, ev: np.ndarray, out_dir: Path) -> None:
+    import onnx
+    from aimet_onnx import apply_adaround, apply_seq_mse
+    from aimet_onnx.batch_norm_fold import fold_all_batch_norms_to_weight
+    from aimet_onnx.cross_layer_equalization import equalize_model
+    from aimet_onnx.quantsim import QuantizationSimModel
+
+    name = meta["input"]
+    times = {}
+    start = time.perf_counter()
+    if row == "w8a8_pt_cle":
+        model = onnx.load(meta["cle_model"])
+        equalize_model(model)
+    else:
+        model = onnx.load(meta["model"])
+        fold_all_batch_norms_to_weight(model)
+    times["prepare_s"] = time.perf_counter() - start
+    param_type = "int4" if row.startswith("w4a8") else "int8"
+    config = _default_config() if row.startswith("w8a8_pt") else "default"
+    sim = QuantizationSimModel(model, param_type=param_type, activation_type="int8", quant_scheme="min_max",
+                               config_file=config)
+    calib_batches = _batches(calib, name)
+    start = time.perf_counter()
+    sim.compute_encodings(calib_batches)
+    times["first_compute_encodings_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if row == "w4a8_seq_mse":
+        apply_seq_mse(sim, calib_batches, num_candidates=20)
+    elif row.startswith("w4a8_adaround_"):
+        apply_adaround(sim, calib_batches, num_iterations=int(row.rsplit("_", 1)[1]))
+    times["technique_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    sim.compute_encodings(calib_batches)
+    times["compute_encodings_s"] = time.perf_counter() - start
+    outputs = [sim.session.run(None, batch) for batch in _batches(ev, name)]
+    arrays = {out: np.concatenate([o[i] for o in outputs]) for i, out in enumerate(meta["outputs"])}
+    np.savez(out_dir / f"{row}.npz", **arrays)
+    sim.export(str(out_dir), row, export_model=False, encoding_version="1.0.0")
+    (out_dir / f"{row}.json").write_text(json.dumps(times, indent=1))
+    print(f"{out_dir.name} {row}: {json.dumps({k: round(v, 2) for k, v in times.items()})}", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="folder written by ptq_vs_aimet_models.py --dump")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--models", nargs="+", required=True)
+    parser.add_argument("--rows", nargs="*", default=BASE_ROWS)
+    parser.add_argument("--adaround", nargs="*", type=int, default=[], help="AdaRound iteration counts to run")
+    parser.add_argument("--skip-existing", action="store_true", help="skip rows whose .json is already there")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    for model in args.models:
+        folder = args.data / model
+        meta = json.loads((folder / "meta.json").read_text())
+        calib, ev = np.load(folder / "calib.npy"), np.load(folder / "eval.npy")
+        out_dir = args.out / model
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for row in args.rows + [f"w4a8_adaround_{n}" for n in args.adaround]:
+            if args.skip_existing and (out_dir / f"{row}.json").exists():
+                continue
+            try:
+                run_row(row, meta, calib, ev, out_dir)
+            except Exception:  # one failing row (an op AIMET does not handle) must not stop the others
+                (out_dir / f"{row}.error").write_text(traceback.format_exc())
+                print(f"{model} {row}: FAILED\n{traceback.format_exc()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
