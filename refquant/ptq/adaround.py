@@ -63,8 +63,9 @@ default) decides the weights the annealing left strictly between 0 and 1 by the 
 If the result is worse than nearest rounding on the layer's own loss, nearest rounding is kept.
 
 Inputs: by default the layer inputs come from the simulation with its activation quantizers
-disabled (as AIMET's AdaRound: only the weights of the layers before are quantized), so AdaRound can
-run before activation calibration; ``quantize_activations=True`` keeps them. They are carried
+disabled (what AIMET's AdaRound intends: only the weights of the layers before are quantized), so AdaRound can
+run before activation calibration; ``quantize_activations=True`` keeps them, which is what aimet-onnx 2.42.0
+actually runs (its ``with (disable_quantizers(...) and TemporaryDirectory())`` enters only the second). They are carried
 forward from layer to layer (:class:`LayerInputs`), so the data goes through the graph once. Call
 ``sim.compute_encodings`` afterwards: activation ranges are then calibrated with the AdaRounded
 weights (frozen weight encodings and their fixed values are kept).
@@ -969,7 +970,8 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
     their gradient is zero, for good.)
     ``num_iterations`` counts Adam steps or L-BFGS iterations.
     ``include_activation``: put a following Relu/Clip/PRelu/Softmax in the loss (AIMET, the paper's f_a).
-    ``quantize_activations``: layer inputs with the activation quantizers on (default off, as AIMET).
+    ``quantize_activations``: layer inputs with the activation quantizers on (default off, as AIMET intends;
+    aimet-onnx 2.42.0 in fact samples them on: module docstring).
     ``num_columns``: cached positions per layer for the sampled loss; ``columns_per_iteration``:
     Adam's minibatch of them. ``finish``: "threshold" (``V >= 0``, the paper and AIMET) or "greedy"
     (see the module docstring). ``cache_activations``: see :class:`LayerInputs` (False: a forward
