@@ -36,60 +36,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 
-BATCH = 16
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from aimet_run import BATCH, _batches, aimet_row  # noqa: E402  (the same AIMET calls as the MobileNetV2 bench)
+
 BASE_ROWS = ["w8a8_pc", "w8a8_pt", "w8a8_pt_cle", "w4a8", "w4a8_seq_mse"]
-
-
-def _batches(data: np.ndarray, name: str) -> list[dict]:
-    return [{name: data[i:i + BATCH]} for i in range(0, len(data), BATCH)]
-
-
-def _default_config() -> str:
-    import aimet_onnx
-
-    return str(Path(aimet_onnx.__file__).parent / "common" / "quantsim_config" / "default_config.json")
 
 
 def run_row(row: str, meta: dict, calib: np.ndarray, ev: np.ndarray, out_dir: Path) -> None:
     import onnx
-    from aimet_onnx import apply_adaround, apply_seq_mse
-    from aimet_onnx.batch_norm_fold import fold_all_batch_norms_to_weight
-    from aimet_onnx.cross_layer_equalization import equalize_model
-    from aimet_onnx.quantsim import QuantizationSimModel
 
     name = meta["input"]
-    times = {}
-    start = time.perf_counter()
-    if row == "w8a8_pt_cle":
-        model = onnx.load(meta["cle_model"])
-        equalize_model(model)
-    else:
-        model = onnx.load(meta["model"])
-        fold_all_batch_norms_to_weight(model)
-    times["prepare_s"] = time.perf_counter() - start
-    param_type = "int4" if row.startswith("w4a8") else "int8"
-    config = _default_config() if row.startswith("w8a8_pt") else "default"
-    sim = QuantizationSimModel(model, param_type=param_type, activation_type="int8", quant_scheme="min_max",
-                               config_file=config)
-    calib_batches = _batches(calib, name)
-    start = time.perf_counter()
-    sim.compute_encodings(calib_batches)
-    times["first_compute_encodings_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    if row == "w4a8_seq_mse":
-        apply_seq_mse(sim, calib_batches, num_candidates=20)
-    elif row.startswith("w4a8_adaround_"):
-        apply_adaround(sim, calib_batches, num_iterations=int(row.rsplit("_", 1)[1]))
-    times["technique_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    sim.compute_encodings(calib_batches)
-    times["compute_encodings_s"] = time.perf_counter() - start
+    # the CLE row has a model file of its own (meta["cle_model"]); aimet_row folds BNs or equalizes
+    model = onnx.load(meta["cle_model"] if row == "w8a8_pt_cle" else meta["model"])
+    sim, times = aimet_row(row, model, _batches(calib, name), calibrate_first=True)
     outputs = [sim.session.run(None, batch) for batch in _batches(ev, name)]
     arrays = {out: np.concatenate([o[i] for o in outputs]) for i, out in enumerate(meta["outputs"])}
     np.savez(out_dir / f"{row}.npz", **arrays)
