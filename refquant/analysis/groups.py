@@ -23,7 +23,7 @@ import numpy as np
 
 from ..ir import Graph
 from ..model_info import node_macs
-from ..quant.placement import GRID_PRESERVING, is_depthwise
+from ..quant.placement import is_depthwise
 
 _FOLLOW_HOPS = 3  # supergroup chains are at most Conv -> BN -> Relu long
 # elementwise activation functions: the one following a layer belongs to the layer, even when both the
@@ -195,16 +195,3 @@ def _unique_names(groups: list[QuantGroup]) -> None:
             g.name = f"{g.name}#{seen[g.name]}"
         else:
             seen[g.name] = 0
-
-
-def feeding_quantizer(sim, name: str) -> str | None:
-    """The quantized tensor whose grid ``name`` is on (looking back through data-movement ops)."""
-    producers = sim.graph.producers()
-    while name:
-        if name in sim.quantizers and sim.quantizers[name].enabled:
-            return name
-        node = producers.get(name)
-        if node is None or node.op_type not in GRID_PRESERVING:
-            return None
-        name = node.inputs[0]
-    return None

@@ -32,10 +32,10 @@ import time
 import numpy as np
 
 from ..errors import RefquantError
-from ..quant.placement import PER_CHANNEL_OPS, weight_axis
+from ..quant.placement import PER_CHANNEL_OPS, feeding_quantizer, weight_axis
 from ..quant.qdq import quantize_dequantize
 from .engine import BASE, EMPTY, Config, Engine, Probe, SimState, Trial, sim_config, sqnr_from
-from .groups import QuantGroup, feeding_quantizer, layer_groups
+from .groups import QuantGroup, layer_groups
 from .report import AnalysisReport, Culprit, Finding, LayerSensitivity, TensorStats
 
 THRESHOLDS = {

@@ -420,6 +420,21 @@ def _single_reader_path(name: str, source_name: str, producers, consumers) -> bo
         tensor = producers[tensor].inputs[0]
 
 
+def feeding_quantizer(sim, name: str, producers=None) -> str | None:
+    """The tensor whose *enabled* quantizer defines the grid ``name`` is on, looking back through data-movement ops
+    past disabled quantizers (AIMET's ``_get_enabled_quantizer``); None if a computing op comes first.
+    ``producers``: :func:`all_producers` of ``sim.graph``, when the caller already has it."""
+    producers = all_producers(sim.graph) if producers is None else producers
+    while name:
+        if name in sim.quantizers and sim.quantizers[name].enabled:
+            return name
+        node = producers.get(name)
+        if node is None or node.op_type not in GRID_PRESERVING:
+            return None
+        name = node.inputs[0]
+    return None
+
+
 def _feeding_quantizer(name: str, producers, specs) -> str | None:
     """The tensor whose quantizer defines the grid of ``name`` (looking through grid-preserving ops)."""
     while name:

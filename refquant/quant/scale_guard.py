@@ -35,7 +35,7 @@ MIN_REQUANT_SCALE = 2.0 ** -23.5  # strictly above 2^-24
 def adjust_weight_scales(sim) -> list[str]:
     """Raise the weight scales of ``sim``'s layers as the module docstring says; returns the names of the layers
     whose weight encoding changed."""
-    from .placement import GRID_PRESERVING
+    from .placement import feeding_quantizer
 
     graph: Graph = sim.graph
     producers, initializers = all_producers(graph), all_initializers(graph)
@@ -51,10 +51,11 @@ def adjust_weight_scales(sim) -> list[str]:
         if weight_q is None or weight_q.kind != "param" or not weight_q.active or weight_q.block_size is not None:
             continue
         w_enc = weight_q.encoding
-        x_enc = _input_encoding(sim, node.inputs[0], producers, GRID_PRESERVING)
-        if w_enc.kind != "int" or x_enc is None:
+        source = feeding_quantizer(sim, node.inputs[0], producers)
+        x_enc = sim.encoding_of(source) if source is not None and sim.quantizers[source].kind != "param" else None
+        if w_enc.kind != "int" or x_enc is None or x_enc.kind != "int" or x_enc.axis is not None:
             continue
-        bias = _bias(node, initializers, consumers)
+        bias = _bias(node, graph, initializers, consumers)
         y_q = sim.quantizers.get(node.outputs[0]) if node.outputs else None
         y_enc = sim.encoding_of(node.outputs[0]) if y_q is not None and y_q.enabled else None
         if y_enc is not None and y_enc.kind != "int":
@@ -99,31 +100,13 @@ def _against_bias(bias: np.ndarray, s_x: np.float32, w):
     return np.maximum(np.asarray(w, np.float64), b / (BIAS_LIMIT * np.float64(s_x))).astype(np.float32)
 
 
-def _input_encoding(sim, name: str, producers, grid_preserving) -> Encoding | None:
-    """The integer encoding of a layer's input: its own enabled quantizer's, or the nearest one upstream through
-    data-movement ops (a Reshape or Transpose keeps the grid), as AIMET's _get_enabled_quantizer."""
-    while name:
-        q = sim.quantizers.get(name)
-        encoding = sim.encoding_of(name) if q is not None and q.kind != "param" and q.enabled else None
-        if encoding is not None:
-            return encoding if encoding.kind == "int" and encoding.axis is None else None
-        node = producers.get(name)
-        if node is None or node.op_type not in grid_preserving:
-            return None
-        name = node.inputs[0]
-    return None
+def _bias(node: Node, graph: Graph, initializers, consumers) -> np.ndarray | None:
+    """A Conv/Gemm's constant third input; for MatMul, the bias of AIMET's MatmulAdd rule (placement.matmul_bias)."""
+    from .placement import matmul_bias
 
-
-def _bias(node: Node, initializers, consumers) -> np.ndarray | None:
-    """A Conv/Gemm's constant third input; for MatMul, the constant of the Add that alone reads its output."""
     if node.op_type != "MatMul":
         if len(node.inputs) > 2 and node.inputs[2] in initializers:
             return np.asarray(initializers[node.inputs[2]])
         return None
-    readers = consumers.get(node.outputs[0], [])
-    if len(readers) != 1 or readers[0].op_type != "Add":
-        return None
-    other = [name for name in readers[0].inputs if name != node.outputs[0]]
-    if len(other) == 1 and other[0] in initializers and np.ndim(initializers[other[0]]) == 1:
-        return np.asarray(initializers[other[0]])
-    return None
+    found = matmul_bias(node, graph, consumers)
+    return None if found is None else np.asarray(initializers[found[1]])
