@@ -231,6 +231,59 @@ def test_seq_mse_raises_the_logits_sqnr(entry, inp_symmetry, at_least):
     assert after > before + 0.8 and after > at_least
 
 
+def weight_encodings(sim):
+    return {n: sim.encoding_of(n) for n in weight_quantizers(sim)}
+
+
+def same_encodings(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[n].scale, b[n].scale) and np.array_equal(a[n].offset, b[n].offset)
+                                        for n in a)
+
+
+def search_output_sqnr(sim, calib):
+    """The outputs' SQNR as the search sees the sim: weights quantized, activation quantizers off."""
+    with A.SimState(sim):
+        A.disable_activation_quantizers(sim)
+        return sqnr(sim.run_float({"input": calib})["logits"], sim.run({"input": calib})["logits"])
+
+
+@needs_samples
+@pytest.mark.parametrize("entry", ["convnet", "mlp"])
+def test_auto_keeps_the_target_with_the_higher_output_sqnr(entry):
+    """Each target run alone and scored here; "auto" must end with the encodings of the better one and
+    report both scores."""
+    scores, encodings = {}, {}
+    for target in ("asym", "symqt"):
+        sim, calib, _ = sample_sim(entry)
+        seq_mse(sim, calib, progress=False, inp_symmetry=target)
+        scores[target], encodings[target] = search_output_sqnr(sim, calib), weight_encodings(sim)
+    sim, calib, _ = sample_sim(entry)
+    report = []
+    seq_mse(sim, calib, progress=False, report=report)  # default "auto"
+    best = max(scores, key=scores.get)
+    assert same_encodings(weight_encodings(sim), encodings[best])
+    assert {r.inp_symmetry for r in report} == {best}
+    for target, value in scores.items():
+        # the search scores batches of 16, this test one batch of 64: the kernels' float sums may differ
+        assert report[0].target_scores[target] == pytest.approx(value, abs=1e-3)
+    assert abs(scores["asym"] - scores["symqt"]) > 0.05  # the two targets do differ on these models
+
+
+@needs_samples
+def test_auto_searches_each_target_from_the_same_start(monkeypatch):
+    """With the score rigged so that "symqt" (the second pass) wins, the result is exactly a "symqt"
+    run's: the first pass's encodings did not leak into the second."""
+    sim, calib, _ = sample_sim("convnet")
+    seq_mse(sim, calib, progress=False, inp_symmetry="symqt")
+    expected = weight_encodings(sim)
+    rigged = iter([10.0, 20.0])
+    monkeypatch.setattr(A.LayerInputs, "output_sqnr", lambda self: next(rigged))
+    sim, calib, _ = sample_sim("convnet")
+    seq_mse(sim, calib, progress=False, inp_symmetry="auto")
+    assert same_encodings(weight_encodings(sim), expected)
+    assert all(sim.quantizers[n].frozen for n in expected)
+
+
 @needs_samples
 def test_frozen_weight_encodings_are_left_alone():
     sim, calib, _ = sample_sim("mlp")
@@ -243,7 +296,8 @@ def test_frozen_weight_encodings_are_left_alone():
 
 
 @needs_samples
-def test_an_interruption_leaves_the_sim_as_it_was(monkeypatch):
+@pytest.mark.parametrize("at_call", [3, 8])  # convnet has 5 layers: "auto"'s first pass, then its second
+def test_an_interruption_leaves_the_sim_as_it_was(monkeypatch, at_call):
     sim, calib, ev = sample_sim("convnet")
     before = sim.run({"input": ev})["logits"]
     state = {n: (q.enabled, q.encoding, q.frozen, q.fixed_value) for n, q in sim.quantizers.items()}
@@ -252,13 +306,14 @@ def test_an_interruption_leaves_the_sim_as_it_was(monkeypatch):
 
     def interrupted(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == at_call:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(S, "candidate_losses", interrupted)
     with pytest.raises(KeyboardInterrupt):
         seq_mse(sim, calib, progress=False)
+    assert len(calls) == at_call
     assert {n: (q.enabled, q.encoding, q.frozen, q.fixed_value) for n, q in sim.quantizers.items()} == state
     np.testing.assert_array_equal(sim.run({"input": ev})["logits"], before)
 

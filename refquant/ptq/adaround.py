@@ -425,6 +425,34 @@ class LayerInputs:
             z = t if probe is None else probe.run({layer.input: x})["y"]
             yield x, z, (t if fp32_target and t is not None else z)
 
+    def output_sqnr(self) -> float:
+        """``mean_o 10 log10(sum y_o^2 / sum (y_o - y'_o)^2)`` over the float graph outputs ``o`` and all
+        batches: ``y`` the FP32 model's, ``y'`` the simulation's as it is now (its quantizers as they are)."""
+        names = [n for n in self.sim.graph.output_names if n not in self.sim.graph.initializers]
+        signal, noise = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+        for sim_out, float_out in self._graph_outputs(names):
+            for name in names:
+                y = np.asarray(float_out[name])
+                if y.dtype.kind != "f":
+                    continue
+                y = y.astype(np.float64)
+                signal[name] += float(np.sum(y * y))
+                noise[name] += float(np.sum(np.square(y - np.asarray(sim_out[name], dtype=np.float64))))
+        values = [10 * np.log10(signal[n] / noise[n]) if noise[n] > 0 else np.inf for n in names if signal[n] > 0]
+        return float(np.mean(values)) if values else 0.0
+
+    def _graph_outputs(self, names):
+        if self.carry:
+            sims = zip(*(self.sim_side.tensor(n) for n in names))
+            floats = zip(*(self.float_side.tensor(n) for n in names))
+            for s, f in zip(sims, floats):
+                yield dict(zip(names, s)), dict(zip(names, f))
+            return
+        from ..data import iter_feeds
+
+        for feeds in iter_feeds(self.data, self.sim.graph, batch_size=self.batch_size):
+            yield self.sim.run(feeds, outputs=names), self.sim.run_float(feeds, outputs=names)
+
     def _inputs_and_targets(self, layer, want_target):
         if self.carry:
             side = self.float_side if self.use_fp32_inputs else self.sim_side
