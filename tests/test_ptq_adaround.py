@@ -211,6 +211,30 @@ def test_gradients_match_finite_differences(form, beta):
         assert np.abs(grad - numeric).max() <= tol * np.abs(numeric).max()
 
 
+@pytest.mark.parametrize("form", ["sampled+clip", "sampled+relu", "sampled+softmax", "sampled+prelu", "sampled",
+                                  "quadratic"])
+@pytest.mark.parametrize("minibatch", [None, 16])
+def test_the_fused_adam_steps_equal_numpys_bit_for_bit(form, minibatch):
+    """The Numba kernels (refquant.kernels.adaround) against the NumPy objective and Adam update, through the
+    warm start and the annealing; a grid narrow enough that some codes clip, and some weights exactly on it."""
+    activation = {"sampled+clip": (-0.5, 1.25), "sampled+relu": (0.0, np.inf), "sampled+softmax": A.SOFTMAX,
+                  "sampled+prelu": A.PRelu(np.array([0.1, 0.5, 0.9, 0.2, 0.0, 1.5]))}.get(form)
+    runs = []
+    for fused in (False, True):
+        _, sampled, quadratic, rng = small_problem(activation)  # a fresh one: minibatches shuffle the cache
+        w = sampled.w.astype(np.float64)
+        w[0, 0, :2] = [0.5, -0.75]  # on the grid (scale 0.25): fixed weights
+        scale = np.full(w.shape, 0.25)
+        rounding = A.SoftRounding(w, scale, np.full_like(scale, -3), np.full_like(scale, 2))
+        assert rounding.fixed.any() and ((rounding.base < -3) | (rounding.base + 1 > 2)).any()
+        objective = A.Objective(rounding, quadratic if form == "quadratic" else sampled, 0.01)
+        v0 = rounding.v0 + rng.normal(size=w.shape)
+        runs.append(A.optimize_adam(objective, v0, 60, (20, 2), 0.2, minibatch, np.random.default_rng(3), lr=0.05,
+                                    fused=fused))
+    assert np.array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], v0)
+
+
 def test_the_quadratic_form_is_the_mean_squared_error_of_the_cached_positions():
     rounding, sampled, quadratic, rng = small_problem(None)
     w = rounding.soft(rounding.v0 + rng.normal(size=rounding.v0.shape))[0]

@@ -1,0 +1,85 @@
+"""AdaRound's elementwise work fused into single passes: the sampled reconstruction gradient, and the soft
+rounding and Adam step of every weight.
+
+For a layer output ``y = z + dW cols`` ([G, M/G, B], float32) and the FP32 model's ``t`` (already through
+the activation ``f``), ``dL/dy = c * f'(y) * (f(y) - t)`` with ``c = 2 / positions``. NumPy needs five or
+six passes over ``y`` for this (add, activation, subtract, scale, mask); on a conv layer with many
+positions those passes cost more than the two GEMMs around them (MTCNN O-Net conv1: 135,424 positions,
+two thirds of the layer's time). The operations and their float32 rounding are exactly NumPy's
+(:class:`refquant.ptq.adaround.SampledLoss`), in the same order, so the result is bit for bit the same.
+Likewise per weight: NumPy's soft rounding, regularizer and Adam update take about 25 passes over float64
+arrays the size of the weight (10.7 ms a step for 295k weights); here two, plus NumPy's pow for the regularizer
+(6 ms), with the same operations (``tests/test_ptq_adaround.py`` checks both paths bit for bit).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+IDENTITY, CLIP, PRELU = 0, 1, 2  # the activation kinds
+
+
+@njit(cache=True, nogil=True)
+def reconstruction_gradient(y, z, target, kind, lo, hi, slope, scale):
+    """In place: ``y <- scale * f'(y + z) * (f(y + z) - target)``, all float32; ``f`` is the identity,
+    ``clip(., lo, hi)`` (``f' = lo < y < hi``) or a PRelu with ``slope[g, m]`` (``f' = 1`` for ``y >= 0``,
+    else the slope)."""
+    groups, channels, positions = y.shape
+    for g in range(groups):
+        for m in range(channels):
+            a = slope[g, m]
+            for p in range(positions):
+                v = y[g, m, p] + z[g, m, p]
+                if kind == CLIP:
+                    out = min(max(v, lo), hi)
+                    d = (out - target[g, m, p]) * scale
+                    y[g, m, p] = d if (v > lo and v < hi) else d * np.float32(0.0)
+                elif kind == PRELU:
+                    if v >= 0:
+                        y[g, m, p] = (v - target[g, m, p]) * scale
+                    else:
+                        y[g, m, p] = a * ((a * v - target[g, m, p]) * scale)
+                else:
+                    y[g, m, p] = (v - target[g, m, p]) * scale
+
+
+ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Nagel et al. 2020; AIMET's AdaroundConstants)
+
+
+@njit(cache=True, nogil=True)
+def soft_weights(v, base, lo, hi, scale, w_soft, dw_dh, dh_dv, h):
+    """Fill (flat, float64) ``h = clip(sigmoid(v) (zeta - gamma) + gamma, 0, 1)``, ``dh/dv``,
+    ``w_soft = scale clip(base + h, lo, hi)`` and ``dw_soft/dh = scale [lo <= base + h <= hi]``:
+    :meth:`refquant.ptq.adaround.SoftRounding.h` and ``soft_h`` in one pass."""
+    for i in range(v.shape[0]):
+        sig = 1.0 / (1.0 + np.exp(-v[i]))
+        raw = sig * (ZETA - GAMMA) + GAMMA
+        hi_ = min(max(raw, 0.0), 1.0)
+        d = (ZETA - GAMMA) * sig * (1 - sig) * (1.0 if (raw > 0 and raw < 1) else 0.0)
+        codes = base[i] + hi_
+        h[i] = hi_
+        dh_dv[i] = d
+        w_soft[i] = scale[i] * min(max(codes, lo[i]), hi[i])
+        dw_dh[i] = scale[i] * (1.0 if (codes >= lo[i] and codes <= hi[i]) else 0.0)
+
+
+@njit(cache=True, nogil=True)
+def adam_step(v, grad_w, dw_dh, dh_dv, h, free, beta, powed, reg_param, m, s, rate, correction):
+    """One Adam step (torch's defaults: 0.9, 0.999, eps 1e-8) on the flat ``v``:
+    ``v -= rate m / (sqrt(s / correction) + 1e-8)`` with ``rate = lr / (1 - 0.9^t)``, ``correction = 1 - 0.999^t``
+    (given, computed by Python's pow as the NumPy path does), for the gradient ``(dL/dW dW/dh + reg_param dreg/dh)
+    dh/dv`` on free weights, ``dreg/dh = -2 beta |2h - 1|^(beta - 1) sign(2h - 1)`` with ``powed`` =
+    ``|2h - 1|^(beta - 1)`` (NumPy's SIMD pow, given: a scalar pow here would cost 24 ns a weight); no regularizer
+    when ``beta`` is NaN (the warm start)."""
+    regularized = not np.isnan(beta)
+    for i in range(v.shape[0]):
+        g = grad_w[i] * dw_dh[i]
+        if regularized:
+            a = 2 * h[i] - 1
+            sign = 1.0 if a > 0 else (-1.0 if a < 0 else 0.0)
+            g = g + reg_param * (-2 * beta * powed[i] * sign)
+        g = g * dh_dv[i] * (1.0 if free[i] else 0.0)
+        m[i] = m[i] * 0.9 + 0.1 * g
+        s[i] = s[i] * 0.999 + 0.001 * g * g
+        v[i] -= rate * m[i] / (np.sqrt(s[i] / correction) + 1e-8)
