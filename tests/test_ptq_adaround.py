@@ -515,3 +515,28 @@ def test_a_layer_beyond_the_budget_keeps_the_usual_sample():
     adaround(sim, rng.normal(size=(4, 256, 48, 48)).astype(np.float32), num_iterations=2, progress=False,
              report=report)
     assert report[0].form == "sampled" and report[0].columns == 8192
+
+
+def test_a_layer_whose_full_batch_step_would_read_too_much_takes_minibatches(monkeypatch):
+    """A depthwise conv, 512 channels, 3,600 positions: positions x weights is within 2^27 but a full-batch step
+    would read 3,600 x 512 x (9 + 2) floats > 2^24 (FULL_BATCH_FLOATS), so all positions are kept and Adam takes
+    MINIBATCH of them per step (MobileNetV2's depthwise layers: 108 MB a full-batch step)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(512, 1, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], group=512, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    model = make_model(nodes, [("x", FLOAT, [4, 512, 30, 30])], [("y", FLOAT, None)], {"w": w})
+    sim = QuantSim(refquant.load(model), precision="w4a8")
+    sizes = []
+    real = A.optimize_adam
+
+    def spy(objective, v, num_iterations, beta_range, warm_start, sample_size=None, *args, **kwargs):
+        sizes.append(sample_size)
+        return real(objective, v, num_iterations, beta_range, warm_start, sample_size, *args, **kwargs)
+
+    monkeypatch.setattr(A, "optimize_adam", spy)
+    report = []
+    adaround(sim, rng.normal(size=(4, 512, 30, 30)).astype(np.float32), num_iterations=2, progress=False,
+             report=report)
+    assert 3600 * 512 * 9 < A.FULL_BATCH_MACS and 3600 * 512 * 11 > A.FULL_BATCH_FLOATS
+    assert report[0].form == "sampled" and report[0].columns == 3600 and sizes == [A.MINIBATCH]
