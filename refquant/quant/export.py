@@ -312,6 +312,7 @@ def _derived_bias_encodings(sim, activations, params, existing) -> dict[str, Enc
     from .encoding import bias_encoding
 
     result = {}
+    producers = all_producers(sim.graph)
     for node in sim.graph.walk():
         if node.op_type not in _ANALYTIC_BIAS_OPS + _STATISTICAL_BIAS_OPS or len(node.inputs) < 2:
             continue
@@ -319,7 +320,7 @@ def _derived_bias_encodings(sim, activations, params, existing) -> dict[str, Enc
         if not bias or bias in existing or bias in params or bias not in sim.graph.initializers \
                 or bias not in sim.quantizers:
             continue
-        x_enc = _grid_of(sim, x, activations)
+        x_enc = _grid_of(x, producers, activations)
         w_enc = params.get(w)
         if x_enc is None or w_enc is None or x_enc.kind != "int" or w_enc.kind != "int":
             continue
@@ -335,19 +336,12 @@ def _derived_bias_encodings(sim, activations, params, existing) -> dict[str, Enc
     return result
 
 
-def _grid_of(sim, name, activations):
+def _grid_of(name, producers, activations):
     """The encoding that defines tensor ``name``'s grid, looking back through data-movement ops."""
-    from .placement import GRID_PRESERVING
+    from .placement import grid_source
 
-    producers = all_producers(sim.graph)
-    while name:
-        if name in activations:
-            return activations[name]
-        node = producers.get(name)
-        if node is None or node.op_type not in GRID_PRESERVING:
-            return None
-        name = node.inputs[0]
-    return None
+    source = grid_source(name, producers, activations.__contains__)
+    return activations[source] if source else None
 
 
 # aimet-onnx 2.42.0's export-time propagation (``_derive_data_movement_op_encodings``): its grid-preserving ops,

@@ -425,16 +425,16 @@ def feeding_quantizer(sim, name: str, producers=None) -> str | None:
     past disabled quantizers (AIMET's ``_get_enabled_quantizer``); None if a computing op comes first.
     ``producers``: :func:`all_producers` of ``sim.graph``, when the caller already has it."""
     producers = all_producers(sim.graph) if producers is None else producers
-    return _grid_source(name, producers, lambda n: n in sim.quantizers and sim.quantizers[n].enabled)
+    return grid_source(name, producers, lambda n: n in sim.quantizers and sim.quantizers[n].enabled)
 
 
 def _feeding_quantizer(name: str, producers, specs) -> str | None:
     """The tensor whose quantizer (enabled or not) defines the grid of ``name`` (looking through grid-preserving
     ops)."""
-    return _grid_source(name, producers, specs.__contains__)
+    return grid_source(name, producers, specs.__contains__)
 
 
-def _grid_source(name: str, producers, accept) -> str | None:
+def grid_source(name: str, producers, accept) -> str | None:
     """The first tensor ``accept`` takes, from ``name`` back through grid-preserving ops; None past another op."""
     while name:
         if accept(name):
