@@ -270,6 +270,22 @@ def test_auto_keeps_the_target_with_the_higher_output_sqnr(entry):
 
 
 @needs_samples
+def test_auto_scores_alike_with_and_without_cached_activations():
+    """The output SQNR comes from the carried tensors (cache_activations=True) or from sim.run/run_float per batch
+    (False): the same choice, encodings and scores (the same kernels on the same batches)."""
+    results = []
+    for carry in (True, False):
+        sim, calib, _ = sample_sim("convnet")
+        report = []
+        seq_mse(sim, calib, progress=False, cache_activations=carry, report=report)
+        results.append((weight_encodings(sim), report[0].target_scores))
+    assert same_encodings(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys() == {"asym", "symqt"}
+    for target in ("asym", "symqt"):
+        assert results[0][1][target] == pytest.approx(results[1][1][target], abs=1e-6)
+
+
+@needs_samples
 def test_auto_searches_each_target_from_the_same_start(monkeypatch):
     """With the score rigged so that "symqt" (the second pass) wins, the result is exactly a "symqt"
     run's: the first pass's encodings did not leak into the second."""
