@@ -431,20 +431,22 @@ class LayerInputs:
             yield x, z, (t if fp32_target and t is not None else z)
 
     def output_sqnr(self) -> float:
-        """``mean_o 10 log10(sum y_o^2 / sum (y_o - y'_o)^2)`` over the float graph outputs ``o`` and all
-        batches: ``y`` the FP32 model's, ``y'`` the simulation's as it is now (its quantizers as they are)."""
+        """``-10 log10(mean_o sum (y_o - y'_o)^2 / sum y_o^2)`` over the float graph outputs ``o`` and all batches
+        (the project's default metric, :func:`refquant.analysis.engine.mean_sqnr`): ``y`` the FP32 model's, ``y'``
+        the simulation's as it is now (its quantizers as they are)."""
+        from ..analysis.engine import mean_sqnr
+
         names = [n for n in self.sim.graph.output_names if n not in self.sim.graph.initializers]
-        signal, noise = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+        signal, noise = {}, {}
         for sim_out, float_out in self._graph_outputs(names):
             for name in names:
                 y = np.asarray(float_out[name])
                 if y.dtype.kind != "f":
                     continue
                 y = y.astype(np.float64)
-                signal[name] += float(np.sum(y * y))
-                noise[name] += float(np.sum(np.square(y - np.asarray(sim_out[name], dtype=np.float64))))
-        values = [10 * np.log10(signal[n] / noise[n]) if noise[n] > 0 else np.inf for n in names if signal[n] > 0]
-        return float(np.mean(values)) if values else 0.0
+                signal[name] = signal.get(name, 0.0) + float(np.sum(y * y))
+                noise[name] = noise.get(name, 0.0) + float(np.sum(np.square(y - np.asarray(sim_out[name], np.float64))))
+        return float(mean_sqnr(signal, noise))
 
     def _graph_outputs(self, names):
         if self.carry:
@@ -1251,8 +1253,7 @@ def step_threads(threads, matrix_shape, form: str, positions_per_step: int):
 
 
 class _blas_threads:
-    """Cap BLAS threads (None: leave them). The per-layer problems are small (a few MFLOP per step),
-    where a second BLAS thread costs more than it gains: measured 2-8x slower on the 2-core test machine."""
+    """Cap BLAS threads (None: leave them); :func:`step_threads` decides for an optimizer's steps."""
 
     def __init__(self, threads: int | None):
         self.threads = threads

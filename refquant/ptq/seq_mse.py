@@ -9,9 +9,9 @@ candidate is the current encoding). Each candidate gives ``W_i = qdq(W, encoding
 rounding). The layer input ``x`` and the target ``y`` follow AIMET's ``inp_symmetry``:
 
 * ``"auto"`` (default): the search is run with ``"asym"`` and with ``"symqt"``, and the sim keeps the one
-  whose model outputs are nearer the FP32 model's on ``data`` (mean over the graph outputs of
-  ``10 log10(sum y^2 / sum (y - y_q)^2)``, measured as the search runs: weights quantized, activation
-  quantizers off unless ``quantized_activations``). Which target wins depends on the model: ``"asym"``
+  whose model outputs are nearer the FP32 model's on ``data`` (``-10 log10(mean_o sum (y_o - y'_o)^2 /
+  sum y_o^2)`` over the graph outputs ``o``, the project's default metric, measured as the search runs: weights
+  quantized, activation quantizers off unless ``quantized_activations``). Which target wins depends on the model: ``"asym"``
   by 0.1-8 dB on AIMET's convnet, mlp, MTCNN P/R/O-Net and MobileNetV2, ``"symqt"`` by 2.6 dB on PP-OCRv4 rec
   (W4A8; bench/results_ptq_vs_aimet_models.txt); the calibration-set score picked the evaluation set's
   winner on all six. Twice the time of one target.
@@ -77,7 +77,7 @@ class SeqMseLayerReport:
     loss_chosen: float
     chosen: np.ndarray
     seconds: float
-    inp_symmetry: str = "asym"
+    inp_symmetry: str = ""  # set by seq_mse
     target_scores: dict = field(default_factory=dict)  # "auto": each target's output SQNR (dB) on the data
 
 
