@@ -67,9 +67,14 @@ def test_candidates_are_the_encoding_range_shrunk_and_the_last_is_the_encoding(s
 
 
 # ----------------------------------------------------------------------------------- losses
+@pytest.mark.parametrize("form", ["auto", "direct", "moments", "switch"])
 @pytest.mark.parametrize("loss", ["mse", "l1", "sqnr"])
 @pytest.mark.parametrize("op", ["conv", "gemm"])
-def test_streamed_losses_equal_a_brute_force_on_the_op_kernel(loss, op):
+def test_streamed_losses_equal_a_brute_force_on_the_op_kernel(loss, op, form, monkeypatch):
+    """Each form of the sum (candidate_losses): direct, moments, and "switch" = direct for the first 100 positions
+    and the moments for the rest (what "auto" does past the break-even count)."""
+    if form == "switch":
+        monkeypatch.setattr(S, "direct_position_limit", lambda *shape: 100)
     rng = np.random.default_rng(1)
     if op == "conv":
         node = helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])
@@ -85,7 +90,8 @@ def test_streamed_losses_equal_a_brute_force_on_the_op_kernel(loss, op):
     (layer,), _ = A.find_layers(sim)
     candidates = S.candidate_encodings(sim.encoding_of("W"), sim.quantizers["W"], 8)
     A.disable_activation_quantizers(sim)
-    got = S.candidate_losses(sim, layer, A.LayerInputs(sim, x, 16), candidates, loss)
+    got = S.candidate_losses(sim, layer, A.LayerInputs(sim, x, 16), candidates, loss,
+                             form="auto" if form == "switch" else form)
     # brute force: run the node with each candidate's weight on the whole set, per output channel
     session = refquant.Session(sim.graph)
     target = session.run({"x": x})["y"].astype(np.float64)
@@ -103,8 +109,9 @@ def test_streamed_losses_equal_a_brute_force_on_the_op_kernel(loss, op):
         np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("form", ["direct", "moments"])
 @pytest.mark.parametrize("loss", ["mse", "l1", "sqnr"])
-def test_asym_losses_compare_with_the_fp32_models_output_on_the_simulations_input(loss):
+def test_asym_losses_compare_with_the_fp32_models_output_on_the_simulations_input(loss, form):
     """inp_symmetry="asym" (AIMET's option): layer 2's input is the simulation's (layer 1's weight
     quantized), the target the FP32 model's layer 2 output; brute force: layer 2 alone with each
     candidate weight on that input, against the FP32 model run on the same data."""
@@ -122,7 +129,7 @@ def test_asym_losses_compare_with_the_fp32_models_output_on_the_simulations_inpu
     second = layers[1]
     candidates = S.candidate_encodings(sim.encoding_of("W2"), sim.quantizers["W2"], 8)
     A.disable_activation_quantizers(sim)
-    got = S.candidate_losses(sim, second, A.LayerInputs(sim, x, 16), candidates, loss, fp32_target=True)
+    got = S.candidate_losses(sim, second, A.LayerInputs(sim, x, 16), candidates, loss, fp32_target=True, form=form)
     target = refquant.Session(sim.graph).run({"x": x})["y"].astype(np.float64)  # the FP32 model
     r = sim.run({"x": x}, outputs=["r"])["r"]  # layer 2's input with W1 quantized
     assert not np.allclose(r, refquant.Session(sim.graph).run({"x": x}, outputs=["r"])["r"], rtol=1e-2)
@@ -137,6 +144,44 @@ def test_asym_losses_compare_with_the_fp32_models_output_on_the_simulations_inpu
             want = -10 * np.log10(np.mean(target ** 2, axis=0) / (np.mean(err ** 2, axis=0) + 1e-10))
         # float32 layer outputs against a float64 brute force: relative 1e-4 of each channel's loss
         np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-9)
+
+
+def test_direct_position_limit_is_the_flop_break_even():
+    """n m k P = k^2 P + n m k^2 at P = n m k / (n m - k); the direct form always when n m <= k or H is too big."""
+    n, m, k = 20, 96, 576
+    limit = S.direct_position_limit(n, 1, m, k)
+    assert n * m * k * limit == pytest.approx(k * k * limit + n * m * k * k)
+    assert S.direct_position_limit(20, 1, 10, 1280) == np.inf  # a 10-class head on 1280 features
+    assert S.direct_position_limit(20, 1, 4096, 25088) == np.inf  # VGG's fc6: H would be 5 GB
+
+
+def test_a_layer_too_big_for_h_or_for_all_deltas_gives_the_same_losses_without_them(monkeypatch):
+    """With H over MOMENTS_BUDGET and the candidates' dW over DELTAS_BUDGET, candidate_losses takes the direct form
+    and remakes each dW when used: the same losses as the moments form (float64 sums in another order)."""
+    rng = np.random.default_rng(4)
+    node = helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1)
+    x = rng.normal(size=(50, 12)).astype(np.float32)
+    inits = {"W": rng.normal(size=(5, 12)).astype(np.float32), "B": rng.normal(size=5).astype(np.float32)}
+    sim = QuantSim(refquant.load(make_model([node], [("x", FLOAT, ["N", 12])], [("y", FLOAT, None)], inits)),
+                   precision="w4a8")
+    sim.compute_encodings(x, progress=False)
+    (layer,), _ = A.find_layers(sim)
+    candidates = S.candidate_encodings(sim.encoding_of("W"), sim.quantizers["W"], 8)
+    A.disable_activation_quantizers(sim)
+    want = S.candidate_losses(sim, layer, A.LayerInputs(sim, x, 16), candidates, "mse", form="moments")
+    monkeypatch.setattr(S, "MOMENTS_BUDGET", 12 * 12 - 1)
+    monkeypatch.setattr(S, "DELTAS_BUDGET", 8 * 60 - 1)
+
+    def no_moments(*args):
+        raise AssertionError("H was built")
+
+    monkeypatch.setattr(A._Moments, "add", no_moments)
+    made = []
+    real_make = S._Deltas._make
+    monkeypatch.setattr(S._Deltas, "_make", lambda self, enc: made.append(enc) or real_make(self, enc))
+    got = S.candidate_losses(sim, layer, A.LayerInputs(sim, x, 16), candidates, "mse")
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15)
+    assert len(made) == 8 * 4  # 50 samples in batches of 16: every candidate's dW made again for each batch
 
 
 def test_quantized_activations_keep_the_activation_quantizers_during_the_search(monkeypatch):

@@ -46,6 +46,7 @@ Call ``sim.compute_encodings`` afterwards: activation ranges are then calibrated
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ LOSSES = ("mse", "l1", "sqnr")
 INPUT_SYMMETRIES = ("auto", "symqt", "asym", "symfp")  # AIMET's SeqMseParams.inp_symmetry, and "auto"
 AUTO_CHOICES = ("asym", "symqt")  # tried in this order by "auto"; the first wins a tie
 SQNR_EPS = 1e-10  # AIMET's neg_sqnr eps on the mean noise
+DELTAS_BUDGET = 1 << 25  # weight values of all candidates' dW kept at once (256 MB in float64); else made per use
+MOMENTS_BUDGET = 1 << 27  # float64 values of H = sum x x^T (1 GB): above it only the direct form is used
 
 
 @dataclass
@@ -223,15 +226,26 @@ def pick_channels(candidates: list[Encoding], best: np.ndarray) -> Encoding:
 
 
 def candidate_losses(sim, layer: LinearLayer, inputs: LayerInputs, candidates: list[Encoding],
-                     loss: str = "mse", threads: int | None = None, fp32_target: bool = False) -> np.ndarray:
+                     loss: str = "mse", threads: int | None = None, fp32_target: bool = False,
+                     form: str = "auto") -> np.ndarray:
     """``[candidates, channels]`` losses of the layer output against the target on the layer's inputs:
     ``W x`` (FP32 weight), or the FP32 model's layer output with ``fp32_target`` (``threads``: BLAS
-    threads for this math; the forward passes keep the simulation's)."""
-    weight = np.asarray(sim.graph.initializers[layer.weight], dtype=np.float32)
-    w_mat = layer.to_matrix(weight).astype(np.float64)
-    deltas = np.stack([layer.to_matrix(quantize_dequantize(weight, enc, sim.rounding)).astype(np.float64) - w_mat
-                       for enc in candidates])  # [n, G, M/G, K/G]
+    threads for this math; the forward passes keep the simulation's).
+
+    ``mse``/``sqnr`` sum ``(r - dW_i x)^2`` over the positions in one of two exact forms per chunk of positions:
+    ``"direct"`` (``dW_i x`` for every candidate: ``n M K P`` flops for ``P`` positions, ``G`` groups of ``M/G`` x
+    ``K/G``) or ``"moments"`` (``H = sum x x^T``, ``g``, ``c`` while streaming, ``K^2 P / G`` flops, then
+    ``dW_i H dW_i^T`` once, ``n M K^2 / G^2``). ``"auto"`` takes the direct form while the positions seen stay below
+    the count where the moments become cheaper (:func:`direct_position_limit`) and the moments after; the two add
+    up. A Gemm on a few hundred samples (VGG's 25088 x 4096 head: a 5 GB ``H``) never builds ``H``."""
+    if form not in ("auto", "direct", "moments"):
+        raise RefquantError(f"seq_mse: form {form!r} is not one of auto, direct, moments")
+    deltas = _Deltas(sim, layer, candidates)
+    groups, per_out, per_in = deltas.shape
+    limit = {"direct": math.inf, "moments": 0}.get(form, direct_position_limit(len(candidates), groups, per_out,
+                                                                               per_in))
     moments = _Moments()
+    direct = np.zeros((len(candidates), groups, per_out))  # sum over the direct form's positions
     signal = 0.0
     l1 = 0.0
     count = 0
@@ -244,30 +258,72 @@ def candidate_losses(sim, layer: LinearLayer, inputs: LayerInputs, candidates: l
                 residual = (layer.output_matrix(t, positions).astype(np.float64)
                             - layer.output_matrix(z, positions).astype(np.float64)) if fp32_target else None
                 if loss == "l1":
-                    errors = [_bmm(d.astype(np.float32), cols) for d in deltas]  # W_i x - W x
+                    errors = (_bmm(d.astype(np.float32), cols) for d in deltas)  # W_i x - W x
                     if residual is not None:
-                        errors = [e - residual for e in errors]
+                        errors = (e - residual for e in errors)
                     l1 = l1 + np.stack([np.abs(e).sum(axis=2, dtype=np.float64) for e in errors])
+                elif count + cols.shape[2] <= limit:
+                    cols64 = cols.astype(np.float64)
+                    for i, d in enumerate(deltas):
+                        error = _bmm(d, cols64)
+                        if residual is not None:
+                            error -= residual
+                        direct[i] += np.square(error).sum(axis=2)
                 else:
                     moments.add(cols, residual)
-                    if loss == "sqnr":
-                        signal = signal + np.square(layer.output_matrix(t, positions), dtype=np.float64).sum(axis=2)
-            count += columns.count
+                if loss == "sqnr":
+                    signal = signal + np.square(layer.output_matrix(t, positions), dtype=np.float64).sum(axis=2)
+                count += cols.shape[2]
     if count == 0:
         raise RefquantError("seq_mse: the data set is empty: no batch was produced")
     if loss == "l1":
         per_output = l1 / count
     else:
-        h = moments.h / count
-        with _blas_threads(threads):
-            per_output = np.stack([np.sum(_bmm(d, h) * d, axis=2) for d in deltas])  # mean squared error
-            if fp32_target:  # (r - dW x)^2 = r^2 - 2 dW x r + (dW x)^2, g = sum x r^T: [G, K/G, M/G]
-                cross = np.stack([np.einsum("gmk,gkm->gm", d, moments.g) for d in deltas]) / count
-                per_output = per_output - 2 * cross + moments.c / count
+        per_output = direct / count
+        if moments.h is not None:
+            h = moments.h / count
+            with _blas_threads(threads):
+                for i, d in enumerate(deltas):
+                    per_output[i] += np.sum(_bmm(d, h) * d, axis=2)  # mean squared error
+                    if fp32_target:  # (r - dW x)^2 = r^2 - 2 dW x r + (dW x)^2, g = sum x r^T: [G, K/G, M/G]
+                        per_output[i] += (moments.c - 2 * np.einsum("gmk,gkm->gm", d, moments.g)) / count
         if loss == "sqnr":
             per_output = -10 * np.log10((signal / count)[None] / (per_output + SQNR_EPS))
     per_output = per_output.reshape(len(candidates), -1)  # output channel o = g * M/G + m
     return per_output if candidates[0].axis is not None else per_output.sum(axis=1, keepdims=True)
+
+
+def direct_position_limit(candidates: int, groups: int, per_out: int, per_in: int) -> float:
+    """Positions below which the direct form costs fewer flops than the moments: ``n m k P < k^2 P + n m k^2``
+    (``m, k`` = a group's outputs and inputs), i.e. ``P < n m k / (n m - k)``; always when ``n m <= k``, and always
+    when ``H`` (``G k^2`` float64) would pass :data:`MOMENTS_BUDGET`."""
+    nm = candidates * per_out
+    if nm <= per_in or groups * per_in * per_in > MOMENTS_BUDGET:
+        return math.inf
+    return nm * per_in / (nm - per_in)
+
+
+class _Deltas:
+    """``dW_i = W_mat(qdq(W, encoding_i)) - W_mat`` (float64, ``[G, M/G, K/G]``) for each candidate: all kept when
+    they fit :data:`DELTAS_BUDGET`, else made again at each use (one at a time in memory)."""
+
+    def __init__(self, sim, layer: LinearLayer, candidates: list[Encoding]):
+        self.sim, self.layer, self.candidates = sim, layer, candidates
+        self.weight = np.asarray(sim.graph.initializers[layer.weight], dtype=np.float32)
+        self.shape = layer.to_matrix(self.weight).shape
+        kept = len(candidates) * self.weight.size <= DELTAS_BUDGET
+        self.kept = [self._make(enc) for enc in candidates] if kept else None
+
+    def _make(self, encoding: Encoding) -> np.ndarray:
+        to_matrix = self.layer.to_matrix
+        return (to_matrix(quantize_dequantize(self.weight, encoding, self.sim.rounding)).astype(np.float64)
+                - to_matrix(self.weight).astype(np.float64))
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def __iter__(self):
+        return iter(self.kept) if self.kept is not None else (self._make(enc) for enc in self.candidates)
 
 
 def _searchable(sim, layers) -> tuple[list[LinearLayer], list[str]]:
