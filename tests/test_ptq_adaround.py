@@ -517,6 +517,23 @@ def test_a_layer_beyond_the_budget_keeps_the_usual_sample():
     assert report[0].form == "sampled" and report[0].columns == 8192
 
 
+def test_a_layer_whose_h_would_pass_the_moments_budget_takes_the_sampled_loss(monkeypatch):
+    """A Gemm without activation on many positions takes the exact quadratic form, unless its H = sum x x^T
+    (K^2 float64: VGG's 25088-input head, 5 GB) passes MOMENTS_BUDGET: then H is never built."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)]
+    model = make_model(nodes, [("x", FLOAT, ["N", 16])], [("y", FLOAT, None)],
+                       {"w": rng.normal(size=(4, 16)).astype(np.float32)})
+    x = rng.normal(size=(200, 16)).astype(np.float32)
+    forms = []
+    for budget in (A.MOMENTS_BUDGET, 16 * 16 - 1):
+        monkeypatch.setattr(A, "MOMENTS_BUDGET", budget)
+        report = []
+        adaround(QuantSim(refquant.load(model), precision="w4a8"), x, num_iterations=2, progress=False, report=report)
+        forms.append(report[0].form)
+    assert forms == ["quadratic", "sampled"]
+
+
 def test_a_layer_whose_full_batch_step_would_read_too_much_takes_minibatches(monkeypatch):
     """A depthwise conv, 512 channels, 3,600 positions: positions x weights is within 2^27 but a full-batch step
     would read 3,600 x 512 x (9 + 2) floats > 2^24 (FULL_BATCH_FLOATS), so all positions are kept and Adam takes

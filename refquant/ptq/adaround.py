@@ -95,6 +95,7 @@ LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ADAM_LR = 1e-3  # AIMET: torch.optim.Adam defaults
 LBFGS_STAGES = 10  # L-BFGS-B runs: one per fixed beta of the annealing (plus the warm start)
 COLUMN_BUDGET = 1 << 22  # floats of im2col columns built at once while streaming
+MOMENTS_BUDGET = 1 << 27  # float64 values of H = sum cols cols^T (1 GB): a layer with a bigger H takes the sampled loss
 SAMPLED_COLUMNS, MINIBATCH = 8192, 512  # the sampled loss's cache and Adam's minibatch when the data is large
 FULL_BATCH_MACS = 1 << 27  # a layer whose positions x weights stay below this is fitted on all of them, full batch
 THREADED_MACS = 1 << 22  # an optimizer step's GEMM work from which all BLAS threads pay (step_threads)
@@ -1148,7 +1149,8 @@ def build_objective(sim, layer: LinearLayer, inputs: LayerInputs, reg_param=0.01
     rounding = SoftRounding(w_mat, layer.to_matrix(scale), layer.to_matrix(offset), layer.to_matrix(offset) + steps)
     activation = layer.activation if include_activation else None
     reservoir = _Reservoir(num_columns or max(SAMPLED_COLUMNS, _full_batch_positions(w_mat)), rng)
-    moments = None if activation is not None else _Moments()
+    groups, _, per_in = w_mat.shape
+    moments = None if activation is not None or groups * per_in * per_in > MOMENTS_BUDGET else _Moments()
     for x, z, t in inputs.batches(layer):
         with _blas_threads(threads):  # the simulation's forward passes above keep their own threads
             columns = layer.columns(x)

@@ -57,7 +57,7 @@ from ..errors import RefquantError
 from ..progress import iterate
 from ..quant.encoding import Encoding, from_min_max
 from ..quant.qdq import quantize_dequantize
-from .adaround import (LayerInputs, LinearLayer, SimState, _blas_threads, _bmm, _Moments,
+from .adaround import (MOMENTS_BUDGET, LayerInputs, LinearLayer, SimState, _blas_threads, _bmm, _Moments,
                        disable_activation_quantizers, ensure_weight_encodings, find_layers, position_chunks)
 
 SEQ_MSE_OPS = ("Conv", "Gemm", "MatMul")
@@ -66,7 +66,6 @@ INPUT_SYMMETRIES = ("auto", "symqt", "asym", "symfp")  # AIMET's SeqMseParams.in
 AUTO_CHOICES = ("asym", "symqt")  # tried in this order by "auto"; the first wins a tie
 SQNR_EPS = 1e-10  # AIMET's neg_sqnr eps on the mean noise
 DELTAS_BUDGET = 1 << 25  # weight values of all candidates' dW kept at once (256 MB in float64); else made per use
-MOMENTS_BUDGET = 1 << 27  # float64 values of H = sum x x^T (1 GB): above it only the direct form is used
 
 
 @dataclass
