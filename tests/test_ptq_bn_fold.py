@@ -289,6 +289,25 @@ def test_bn_between_two_layers_goes_into_the_first():
     assert_same_outputs(graph, folded, {"x": rng.normal(size=(1, 3, 4, 4)).astype(np.float32)})
 
 
+def test_a_weight_computed_from_constants_is_folded_too():
+    """The conv's weight is Transpose(initializer) and the BN's scale a ConstantOfShape (as in the onnx package's
+    light_* models): the chains become initializers first, then the BN folds; outputs unchanged."""
+    rng = np.random.default_rng(9)
+    inits = {"w_t": rng.normal(size=(3, 8, 3, 3)).astype(np.float32), **bn_params(rng, 8),
+             "scale_shape": np.array([8], np.int64)}
+    del inits["bn.scale"]
+    nodes = [helper.make_node("Transpose", ["w_t"], ["w"], perm=[1, 0, 2, 3]),
+             helper.make_node("ConstantOfShape", ["scale_shape"], ["bn.scale"],
+                              value=numpy_helper.from_array(np.array([1.5], np.float32))),
+             helper.make_node("Conv", ["x", "w"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
+             bn_node("conv_out", "y")]
+    graph = load(nodes, [("x", FLOAT, [2, 3, 6, 6])], [("y", FLOAT, None)], inits)
+    folded, names = fold_batchnorms_pass(graph)
+    assert names == ["bn"] and op_types(folded) == ["Conv"]
+    assert op_types(graph) == ["Transpose", "ConstantOfShape", "Conv", "BatchNormalization"]  # input untouched
+    assert_same_outputs(graph, folded, {"x": rng.normal(size=(2, 3, 6, 6)).astype(np.float32)})
+
+
 def test_not_folded_when_the_layer_output_has_other_readers_or_the_bn_is_training():
     rng = np.random.default_rng(11)
     inits = {"w": rng.normal(size=(4, 3, 1, 1)).astype(np.float32), **bn_params(rng, 4)}

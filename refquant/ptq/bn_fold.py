@@ -88,6 +88,10 @@ def fold_batchnorms_info(graph: Graph, warn: bool = True) -> tuple[Graph, list[F
     """Like :func:`fold_batchnorms`, with one :class:`FoldedBatchNorm` record per folded BN (in the order
     they were folded: all "after" folds in graph order, then the "before" ones)."""
     g = graph.copy()
+    if _parameters_from_constant_chains(g):
+        from ..passes import apply
+
+        apply(g, "fold_weight_chains")  # a weight behind Transpose/Cast/ConstantOfShape... becomes an initializer
     records: list[FoldedBatchNorm] = []
     for bn in list(g.nodes):  # BN after a layer
         if _is_inference_bn(g, bn):
@@ -104,6 +108,13 @@ def fold_batchnorms_info(graph: Graph, warn: bool = True) -> tuple[Graph, list[F
                       "(none in inference mode with constant parameters next to a Conv, ConvTranspose, Gemm "
                       "or MatMul with a constant weight); returning an unchanged copy", stacklevel=3)
     return g, records
+
+
+def _parameters_from_constant_chains(graph: Graph) -> bool:
+    """Some layer or BN parameter is computed by nodes rather than stored (maybe from constants only)."""
+    produced = {o for n in graph.nodes for o in n.outputs if o}
+    return any(p in produced for n in graph.nodes if n.op_type in LAYERS + ("BatchNormalization",)
+               for p in n.inputs[1:] if p)
 
 
 # ----------------------------------------------------------------------------------- the BN
