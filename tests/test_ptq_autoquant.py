@@ -193,6 +193,9 @@ def test_executors_give_identical_results_and_the_export_scores_what_was_reporte
             assert np.array_equal(theirs[tensor].scale, encoding.scale), (name, tensor)
             assert np.array_equal(theirs[tensor].offset, encoding.offset), (name, tensor)
 
+    # cle runs after bn_fold, and the folded BNs' statistics still feed its high-bias absorption (dw -> pw)
+    assert "absorbed 1 high bias(es)" in next(s.note for s in serial.steps if s.step == "cle")
+
     # the decisions follow the scores: kept iff above the best so far, and the result is the best
     best = serial.steps[1].score
     for s in serial.steps[2:]:

@@ -433,6 +433,26 @@ def test_high_bias_absorption_through_relu():
     assert_same_outputs(graph, equalized, feeds, rtol=1e-5)
 
 
+def test_high_bias_absorption_uses_the_statistics_of_bns_folded_before():
+    """BNs folded by an earlier step (fold_batchnorms_info's records, as refquant ptq's bn_fold step) still feed the
+    absorption: the same c and graph as equalizing the unfolded model; a record whose layer has changed since the fold
+    (here its bias) no longer describes the layer's output and is not used."""
+    rng = np.random.default_rng(7)
+    graph, _ = conv_bn_model(rng, "Relu")
+    direct, direct_report = equalize_pass(graph)
+    folded, records = bf.fold_batchnorms_info(graph)
+    assert bf.describes(records[0], folded)
+    with_records, report = equalize_pass(folded, batchnorms=records)
+    np.testing.assert_array_equal(report.absorbed[("conv1", "conv2")], direct_report.absorbed[("conv1", "conv2")])
+    for name, value in direct.initializers.items():
+        np.testing.assert_array_equal(with_records.initializers[name], value, err_msg=name)
+    assert equalize_pass(folded)[1].absorbed == {}  # without the records: nothing to absorb from
+    changed = folded.copy()
+    changed.initializers["b1"] = changed.initializers["b1"] * np.float32(2)
+    assert not bf.describes(records[0], changed)
+    assert equalize_pass(changed, batchnorms=records)[1].absorbed == {}
+
+
 def test_high_bias_absorption_between_linear_layers_is_exact():
     """Nothing between the layers: any c is exact, and AIMET's c = beta centers layer 1's output."""
     rng = np.random.default_rng(8)

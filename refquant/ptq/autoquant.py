@@ -539,9 +539,13 @@ def autoquant(graph, data, eval_fn="sqnr", allowed_drop: float | None = None, *,
         elif step == "cle":
             from .cle import equalize_pass
 
+            from .bn_fold import fold_batchnorms_info
+
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                equalized, report = equalize_pass(state.graph, replace_relu6=replace_relu6)
+                # the statistics of BNs that prepare / bn_fold folded earlier still feed high-bias absorption
+                earlier = fold_batchnorms_info(graph, warn=False)[1]
+                equalized, report = equalize_pass(state.graph, replace_relu6=replace_relu6, batchnorms=earlier)
             if not report.sets:
                 note = "not applicable: no pair of consecutive layers to equalize; model unchanged"
             else:

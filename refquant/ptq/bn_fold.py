@@ -69,6 +69,28 @@ class FoldedBatchNorm:
     mean: np.ndarray
     var: np.ndarray
     epsilon: float
+    # "after": the layer as the fold left it (per-output-channel weight ranges, bias, float64), so that a later
+    # technique can tell whether the statistics still describe the layer's output (:func:`describes`)
+    ranges: np.ndarray | None = None
+    bias: np.ndarray | None = None
+
+
+def describes(record: FoldedBatchNorm, graph: Graph) -> bool:
+    """``record`` (a BN folded after a layer) still describes that layer of ``graph``: the layer exists and its
+    weight ranges and bias are the ones the fold left (within float32 rounding, 1e-6 relative)."""
+    if record.position != "after" or record.ranges is None:
+        return False
+    try:
+        layer = graph.node(record.layer)
+        weight, bias = weight_of(graph, layer), bias_of(graph, layer)
+    except (KeyError, RefquantError):
+        return False
+    if weight is None or bias is None:
+        return False
+    ranges = output_ranges(layer, weight)
+    return (ranges.shape == record.ranges.shape and np.shape(bias) == np.shape(record.bias)
+            and np.allclose(ranges, record.ranges, rtol=1e-6, atol=0)
+            and np.allclose(bias, record.bias, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(record.bias), initial=0))))
 
 
 # ----------------------------------------------------------------------------------- public API
@@ -279,6 +301,7 @@ def _fold_after(graph: Graph, layer: Node, bn: Node) -> FoldedBatchNorm:
     set_weight(graph, layer, scale_output_channels(layer, weight, k))
     set_bias(graph, layer, (0.0 if bias is None else bias) * k + d, weight.dtype)
     record.layer = layer.name
+    record.ranges, record.bias = output_ranges(layer, weight_of(graph, layer)), bias_of(graph, layer)
     _remove_after(graph, layer, bn)
     return record
 

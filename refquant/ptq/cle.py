@@ -98,6 +98,7 @@ output); a layer 2 without bias gets one named ``<node name>.bias``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -158,17 +159,21 @@ class EqualizationReport:
 
 # ----------------------------------------------------------------------------------- public API
 def equalize(graph: Graph, replace_relu6: bool = False, high_bias_absorption: bool = True,
-             max_sweeps: int = 100, tolerance: float = 1e-6, balance_bounds: bool = True) -> Graph:
+             max_sweeps: int = 100, tolerance: float = 1e-6, balance_bounds: bool = True,
+             batchnorms: Sequence[bf.FoldedBatchNorm] = ()) -> Graph:
     """A copy of ``graph`` with BatchNormalizations folded, consecutive layers cross-layer equalized and
     high biases absorbed (module docstring). ``graph`` is not modified. Without any pair of layers to
     equalize, warns and returns an unchanged copy. ``balance_bounds=False``: the paper's rule everywhere (weight
-    ranges only), also across Clip(0, m) activations."""
-    return equalize_pass(graph, replace_relu6, high_bias_absorption, max_sweeps, tolerance, balance_bounds)[0]
+    ranges only), also across Clip(0, m) activations. ``batchnorms``: the records of BNs folded before
+    (:func:`~refquant.ptq.bn_fold.fold_batchnorms_info`, e.g. a ``bn_fold`` step); high-bias absorption uses those
+    that still describe their layer (:func:`~refquant.ptq.bn_fold.describes`) as it uses the BNs it folds."""
+    return equalize_pass(graph, replace_relu6, high_bias_absorption, max_sweeps, tolerance, balance_bounds,
+                         batchnorms)[0]
 
 
 def equalize_pass(graph: Graph, replace_relu6: bool = False, high_bias_absorption: bool = True,
-                  max_sweeps: int = 100, tolerance: float = 1e-6,
-                  balance_bounds: bool = True) -> tuple[Graph, EqualizationReport]:
+                  max_sweeps: int = 100, tolerance: float = 1e-6, balance_bounds: bool = True,
+                  batchnorms: Sequence[bf.FoldedBatchNorm] = ()) -> tuple[Graph, EqualizationReport]:
     """Like :func:`equalize`, and an :class:`EqualizationReport` of what was folded, scaled and absorbed."""
     if int(max_sweeps) < 1:
         raise EqualizationError(f"equalize: max_sweeps must be >= 1, got {max_sweeps!r}")
@@ -193,7 +198,8 @@ def equalize_pass(graph: Graph, replace_relu6: bool = False, high_bias_absorptio
         return graph.copy(), EqualizationReport()
     report.sweeps, report.converged = _sweep(sets, weights, biases, max_sweeps, tolerance, balance_bounds)
     if high_bias_absorption:
-        after = {r.layer: r for r in records if r.position == "after"}
+        after = {r.layer: r for r in batchnorms if bf.describes(r, g)}
+        after.update({r.layer: r for r in records if r.position == "after"})
         for link in (link for s in sets for link in s.links):
             if link.first.name in after:
                 c = absorb_high_bias(link, after[link.first.name], weights, biases)

@@ -84,6 +84,7 @@ def run_ptq(graph, data, techniques, metric, spec, *, batch_size=16, preprocess=
     from .cle import equalize_pass
 
     options = options or {}
+    original = graph
     common = dict(data=data, eval_fn=metric, batch_size=batch_size, preprocess=preprocess)
     bar = progress_bar(len(techniques) + 1, progress, "ptq", unit="step")
     bar.set_description("ptq: calibrating")
@@ -105,7 +106,9 @@ def run_ptq(graph, data, techniques, metric, spec, *, batch_size=16, preprocess=
                     changed, folds = fold_batchnorms_info(graph, warn=False)
                     note = f"folded {len(folds)} BatchNormalization(s)" if folds else ""
                 else:
-                    changed, report = equalize_pass(graph, replace_relu6=replace_relu6)
+                    # the statistics of BNs that prepare / bn_fold folded earlier still feed high-bias absorption
+                    changed, report = equalize_pass(graph, replace_relu6=replace_relu6,
+                                                    batchnorms=fold_batchnorms_info(original, warn=False)[1])
                     note = (f"equalized {len(report.sets)} set(s), folded {len(report.folded_batchnorms)} BN(s), "
                             f"absorbed {len(report.absorbed)} high bias(es)") if report.sets else ""
             if not note:
