@@ -197,6 +197,39 @@ def test_analytical_correction_is_the_formula_without_data():
     np.testing.assert_allclose(sim.graph.initializers["B"], expected, rtol=0, atol=1e-6)
 
 
+def test_analytical_correction_uses_a_batchnorm_the_quantsims_preparation_folded():
+    """conv1 -> BN -> Relu -> conv2: the default QuantSim folds the BN into conv1, and conv2's input is then
+    Relu(conv1(.)). Its statistics still give E[x] (the BN's record, checked to describe conv1 as folded):
+    conv2's corrected bias is the formula's, with the BN's beta and gamma, as without preparation."""
+    rng = np.random.default_rng(5)
+    w1 = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    w2 = rng.normal(size=(3, 4, 3, 3)).astype(np.float32)
+    b2 = rng.normal(size=3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1"),
+             helper.make_node("BatchNormalization", ["c1", "g", "be", "m", "v"], ["bn"], epsilon=1e-5),
+             helper.make_node("Relu", ["bn"], ["r"]),
+             helper.make_node("Conv", ["r", "W2", "B2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    graph = refquant.load(make_model(nodes, [("x", FLOAT, ["N", 3, 8, 8])], [("y", FLOAT, None)],
+                                     {"W1": w1, "g": BN["gamma"], "be": BN["beta"], "m": BN["mean"], "v": BN["var"],
+                                      "W2": w2, "B2": b2}))
+    x = rng.normal(size=(8, 3, 8, 8)).astype(np.float32)
+    corrected = {}
+    for prepare in (True, False):
+        sim = QuantSim(graph, precision="w4a8", prepare=prepare)
+        assert any(n.op_type == "BatchNormalization" for n in sim.graph.nodes) != prepare
+        sim.compute_encodings([x], progress=False)
+        sim.run({"x": x[:1]})
+        dw = sim.session.constants["W2"].astype(np.float64) - w2.astype(np.float64)
+        with pytest.warns(UserWarning, match="conv1"):  # no BN output for its input (or no bias, unprepared)
+            bias_correction(sim, None, analytical=True, progress=False)
+        corrected[prepare] = sim.graph.initializers["B2"]
+    mu, sigma = BN["beta"].astype(np.float64), np.abs(BN["gamma"].astype(np.float64))
+    mean_x = mu * (1 - norm.cdf(-mu / sigma)) + sigma * norm.pdf(-mu / sigma)
+    expected = (b2 - np.einsum("ocij,c->o", dw, mean_x)).astype(np.float32)
+    np.testing.assert_allclose(corrected[True], expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(corrected[True], corrected[False])
+
+
 def test_analytical_mode_without_data_skips_layers_without_a_batchnorm_and_says_so():
     rng = np.random.default_rng(4)
     w, b = rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=5).astype(np.float32)

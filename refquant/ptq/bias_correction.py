@@ -31,8 +31,10 @@ and ``b <- b - dW E[x]`` removes that shift. Two ways to estimate the shift:
   to layer (each node runs once per batch in total, with the biases corrected so far); ``carry=False``
   streams the data instead, one forward prefix per layer (memory: one batch). The FP32 model's means
   are taken in one pass before any bias changes. Only per-channel float64 sums are kept.
-* analytical: for a layer whose input is ``Relu(BatchNormalization(.))`` or ``BatchNormalization(.)``,
-  the BN output is taken as ``N(beta, gamma^2)`` per channel, so ``E[x] = beta`` without Relu and
+* analytical: for a layer whose input is ``Relu(BatchNormalization(.))`` or ``BatchNormalization(.)``
+  (or ``Relu(L(.))`` / ``L(.)`` for a layer ``L`` into which the QuantSim's preparation folded that BN: its
+  statistics are found in ``sim.source_graph``, the model as given, and used while ``L`` is still as the fold
+  left it), the BN output is taken as ``N(beta, gamma^2)`` per channel, so ``E[x] = beta`` without Relu and
 
       E[relu(N(mu, s^2))] = mu * (1 - Phi(-mu/s)) + s * phi(-mu/s)
 
@@ -123,7 +125,8 @@ def bias_correction(sim, data=None, analytical: bool = False, batch_size: int = 
         warnings.warn(f"bias_correction: graph {sim.graph.name!r} has no layer with quantized weights and "
                       "a bias: nothing to correct", stacklevel=2)
         return sim
-    plan = [(layer, analytical_input_mean(sim.graph, layer) if analytical else None) for layer in layers]
+    folded = _folded_batchnorms(sim) if analytical else ()
+    plan = [(layer, analytical_input_mean(sim.graph, layer, folded) if analytical else None) for layer in layers]
     if data is None:
         skipped = [layer.name for layer, mean in plan if mean is None]
         if skipped:
@@ -314,10 +317,23 @@ def expected_relu_of_gaussian(mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     return np.where(sigma > 0, value, np.maximum(mu, 0.0))
 
 
-def analytical_input_mean(graph: Graph, layer: Layer) -> np.ndarray | None:
+def _folded_batchnorms(sim) -> list:
+    """The BNs the sim's preparation folded after a layer (their records, :mod:`refquant.ptq.bn_fold`), found by
+    folding the model as given again; :func:`~refquant.ptq.bn_fold.describes` later checks each still applies."""
+    from .bn_fold import fold_batchnorms_info
+
+    source = getattr(sim, "source_graph", None)
+    if source is None or source is sim.graph or not any(n.op_type == "BatchNormalization" for n in source.nodes):
+        return []
+    return [r for r in fold_batchnorms_info(source, warn=False)[1] if r.position == "after"]
+
+
+def analytical_input_mean(graph: Graph, layer: Layer, folded=()) -> np.ndarray | None:
     """``E[x]`` per channel of a layer input ``x = Relu(BN(.))`` or ``BN(.)`` from the BN's beta and
     gamma (BN output ~ N(beta, gamma^2)); None if the input is not such a tensor or the layer is not
-    one the analytical formula covers (ConvTranspose, Gemm with transA, MatMul on rank > 2 inputs)."""
+    one the analytical formula covers (ConvTranspose, Gemm with transA, MatMul on rank > 2 inputs).
+    ``folded``: records of BNs already folded into the layer before (:func:`_folded_batchnorms`, e.g. by the
+    QuantSim's preparation): ``x = Relu(L(.))`` or ``L(.)`` with such a layer ``L`` counts as its BN's output."""
     if layer.node.op_type == "ConvTranspose" or layer.node.attrs.get("transA", 0):
         return None
     if layer.node.op_type == "MatMul":
@@ -329,13 +345,23 @@ def analytical_input_mean(graph: Graph, layer: Layer) -> np.ndarray | None:
     relu = node is not None and node.op_type == "Relu"
     if relu:
         node = producers.get(node.inputs[0])
-    if node is None or node.op_type != "BatchNormalization" or node.attrs.get("training_mode", 0):
+    record = None if node is None else next((r for r in folded if r.layer == node.name), None)
+    if record is not None and _describes(record, graph):
+        gamma, beta = record.gamma, record.beta
+    elif node is None or node.op_type != "BatchNormalization" or node.attrs.get("training_mode", 0):
         return None
-    gamma, beta = (graph.initializers.get(name) for name in node.inputs[1:3])
+    else:
+        gamma, beta = (graph.initializers.get(name) for name in node.inputs[1:3])
     if gamma is None or beta is None:
         return None
     mu, sigma = beta.astype(np.float64), np.abs(gamma.astype(np.float64))
     return expected_relu_of_gaussian(mu, sigma) if relu else mu
+
+
+def _describes(record, graph: Graph) -> bool:
+    from .bn_fold import describes
+
+    return describes(record, graph)
 
 
 def analytical_shift(layer: Layer, delta_w: np.ndarray, input_mean: np.ndarray) -> np.ndarray:

@@ -148,6 +148,7 @@ class QuantSim:
             raise RefquantError(f"rounding {rounding!r} is not one of {', '.join(ROUNDING)}")
         self.prepare_report = None  # step 1 of the workflow: refquant.prepare (see the class docstring)
         given = graph
+        self.source_graph = given  # the model as given (analytical bias correction reads its BatchNorm statistics)
         if prepare:
             from ..prepare import prepare_for_quantsim
 
