@@ -143,6 +143,7 @@ def test_autoquant_command(data, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["ptq", "--technique", "adaround,cle"], "must come before"),
     (["ptq", "--technique", "bn_fold,quantize"], "unknown quantize"),
+    (["ptq", "--technique", "adaround,seq_mse"], "seq_mse before adaround"),
     (["autoquant", "--allowed-drop", "1"], "give a target"),  # SQNR of FP32 is +inf
     (["autoquant", "--target", "30", "--schemes", "min_max"], "WEIGHTS/ACTIVATIONS"),
 ])

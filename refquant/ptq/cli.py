@@ -48,8 +48,9 @@ def add_ptq_parser(subparsers) -> None:
                                           "bias correction, AdaRound, SeqMSE); per-step metric and time; export")
     _common_arguments(p)
     p.add_argument("--technique", "-t", required=True,
-                   help=f"comma-separated, applied in this order: {', '.join(PTQ_TECHNIQUES)} (graph techniques "
-                        "prepare, bn_fold and cle first)")
+                   help=f"comma-separated, applied in the order given; from {', '.join(PTQ_TECHNIQUES)} (graph "
+                        "techniques prepare, bn_fold and cle first; seq_mse before adaround, which freezes the "
+                        "weight encodings)")
     p.add_argument("--analytical", action="store_true", help="bias correction from BN statistics (default: empirical)")
     p.set_defaults(func=cli_ptq)
 
@@ -68,6 +69,9 @@ def parse_techniques(text: str) -> list[str]:
                                 f"techniques (it follows {sim_seen})")
         if t not in GRAPH_TECHNIQUES:
             sim_seen = sim_seen or t
+    if "seq_mse" in techniques and "adaround" in techniques[:techniques.index("seq_mse")]:
+        raise RefquantError("--technique: seq_mse after adaround changes nothing (AdaRound freezes every weight "
+                            "encoding it optimizes); give seq_mse before adaround")
     return techniques
 
 
