@@ -72,12 +72,15 @@ SQNR_TOL = 0.01
 def test_ptq_runs_and_its_table_agrees_with_recomputing(data, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["ptq", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--eval-data", data["eval_path"],
-                 "--technique", "bn_fold,cle,bias_correction,adaround", "--precision", "w4a8", "--per-tensor",
+                 "--technique", "bn_fold,cle,bias_correction,adaround,seq_mse", "--precision", "w4a8", "--per-tensor",
                  "--adaround-iterations", "20", "--no-progress", "-o", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     rows = table_rows(printed)
-    assert list(rows) == ["calibrated", "bn_fold", "cle", "bias_correction", "adaround"]
+    assert list(rows) == ["calibrated", "bn_fold", "cle", "bias_correction", "adaround", "seq_mse"]
+    # the command: seq_mse after adaround, whose frozen weight encodings leave it nothing to search
+    assert "seq_mse" in printed and "AdaRound froze the weight encodings" in printed
+    assert rows["seq_mse"] == rows["adaround"]
     report = json.loads((out / "ptq.json").read_text())
     assert [s["step"] for s in report["steps"]] == list(rows)
     for step in report["steps"]:  # the table prints the JSON's values to 3 decimals
@@ -143,7 +146,6 @@ def test_autoquant_command(data, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["ptq", "--technique", "adaround,cle"], "must come before"),
     (["ptq", "--technique", "bn_fold,quantize"], "unknown quantize"),
-    (["ptq", "--technique", "adaround,seq_mse"], "seq_mse before adaround"),
     (["autoquant", "--allowed-drop", "1"], "give a target"),  # SQNR of FP32 is +inf
     (["autoquant", "--target", "30", "--schemes", "min_max"], "WEIGHTS/ACTIVATIONS"),
 ])

@@ -69,9 +69,6 @@ def parse_techniques(text: str) -> list[str]:
                                 f"techniques (it follows {sim_seen})")
         if t not in GRAPH_TECHNIQUES:
             sim_seen = sim_seen or t
-    if "seq_mse" in techniques and "adaround" in techniques[:techniques.index("seq_mse")]:
-        raise RefquantError("--technique: seq_mse after adaround changes nothing (AdaRound freezes every weight "
-                            "encoding it optimizes); give seq_mse before adaround")
     return techniques
 
 
@@ -124,6 +121,13 @@ def run_ptq(graph, data, techniques, metric, spec, *, batch_size=16, preprocess=
                 continue
             graph = changed
             result = Trial(technique, graph, spec, **common)()
+        elif technique == "seq_mse" and "adaround" in techniques[:techniques.index(technique)]:
+            records.append(StepRecord(technique, "not applicable", records[-1].score, records[-1].score,
+                                      time.perf_counter() - start, "not applicable: AdaRound froze the weight "
+                                      "encodings of every layer SeqMSE searches (give seq_mse before adaround to "
+                                      "combine them); model unchanged"))
+            bar.update(1)
+            continue
         else:
             result = Trial(technique, graph, spec, technique=technique, options=options.get(technique, {}),
                            quantizers=quantizers, progress=progress, **common)()
