@@ -65,6 +65,7 @@ from ..errors import RefquantError
 from ..ir import Graph, Node, Value
 from ..runtime import Session
 from ..progress import iterate
+from .bn_fold import describes, fold_batchnorms_info
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -320,8 +321,6 @@ def expected_relu_of_gaussian(mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
 def _folded_batchnorms(sim) -> list:
     """The BNs the sim's preparation folded after a layer (their records, :mod:`refquant.ptq.bn_fold`), found by
     folding the model as given again; :func:`~refquant.ptq.bn_fold.describes` later checks each still applies."""
-    from .bn_fold import fold_batchnorms_info
-
     source = getattr(sim, "source_graph", None)
     if source is None or source is sim.graph or not any(n.op_type == "BatchNormalization" for n in source.nodes):
         return []
@@ -346,7 +345,7 @@ def analytical_input_mean(graph: Graph, layer: Layer, folded=()) -> np.ndarray |
     if relu:
         node = producers.get(node.inputs[0])
     record = None if node is None else next((r for r in folded if r.layer == node.name), None)
-    if record is not None and _describes(record, graph):
+    if record is not None and describes(record, graph):
         gamma, beta = record.gamma, record.beta
     elif node is None or node.op_type != "BatchNormalization" or node.attrs.get("training_mode", 0):
         return None
@@ -356,12 +355,6 @@ def analytical_input_mean(graph: Graph, layer: Layer, folded=()) -> np.ndarray |
         return None
     mu, sigma = beta.astype(np.float64), np.abs(gamma.astype(np.float64))
     return expected_relu_of_gaussian(mu, sigma) if relu else mu
-
-
-def _describes(record, graph: Graph) -> bool:
-    from .bn_fold import describes
-
-    return describes(record, graph)
 
 
 def analytical_shift(layer: Layer, delta_w: np.ndarray, input_mean: np.ndarray) -> np.ndarray:
