@@ -451,6 +451,14 @@ def iter_feeds(data, graph: Graph, batch_size: int = 16,
     return _nonempty(stream, label)
 
 
+def reusable(data, graph: Graph, batch_size: int = 16):
+    """``data`` itself when it can be read more than once; a one-shot iterator (a generator) is read once
+    into the list of its batches, for the techniques that go through the data several times."""
+    if isinstance(data, Iterator):
+        return list(iter_feeds(data, graph, batch_size=batch_size))
+    return data
+
+
 def count_samples(data, graph: Graph) -> int | None:
     """How many samples ``data`` holds, if that is known without reading it all (else None).
 

@@ -557,3 +557,74 @@ def test_a_layer_whose_full_batch_step_would_read_too_much_takes_minibatches(mon
              report=report)
     assert 3600 * 512 * 9 < A.FULL_BATCH_MACS and 3600 * 512 * 11 > A.FULL_BATCH_FLOATS
     assert report[0].form == "sampled" and report[0].columns == 3600 and sizes == [A.MINIBATCH]
+
+
+# ------------------------------------------------------------------------------------ carrying the data
+def test_carried_bytes_is_the_peak_of_the_live_tensors():
+    """x -> Relu a -> Neg b -> Add(a, b) c -> Relu y, [2, 4] float32 (32 bytes a tensor): the Add holds a, b and c
+    (96 bytes); two batches of 2 samples and two sides: 96 x 2 x 2."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("Relu", ["c"], ["y"])]
+    sim = QuantSim(refquant.load(make_model(nodes, [("x", FLOAT, ["N", 4])], [("y", FLOAT, None)], {})))
+    feeds = [{"x": np.ones((2, 4), np.float32)}, {"x": np.ones((2, 4), np.float32)}]
+    assert A.carried_bytes(sim, feeds, sides=2) == 96 * 2 * 2
+    assert A.carried_bytes(sim, feeds[:1], sides=1) == 96
+
+
+def two_gemm_sim():
+    rng = np.random.default_rng(21)
+    nodes = [helper.make_node("Gemm", ["x", "W1", "B1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "W2", "B2"], ["y"], transB=1)]
+    inits = {"W1": rng.normal(size=(8, 6)).astype(np.float32), "B1": rng.normal(size=8).astype(np.float32),
+             "W2": rng.normal(size=(5, 8)).astype(np.float32), "B2": rng.normal(size=5).astype(np.float32)}
+    model = make_model(nodes, [("x", FLOAT, ["N", 6])], [("y", FLOAT, None)], inits)
+    x = rng.normal(size=(64, 6)).astype(np.float32)
+    sim = QuantSim(refquant.load(model), precision="w4a8")
+    sim.compute_encodings(x, progress=False)
+    return sim, x
+
+
+def _technique_results(run, **kwargs):
+    sim, x = two_gemm_sim()
+    run(sim, x, **kwargs)
+    return ({n: q.encoding.scale for n, q in sim.quantizers.items() if q.kind == "param" and q.encoding is not None},
+            {n: q.fixed_value for n, q in sim.quantizers.items() if q.fixed_value is not None},
+            {n: sim.graph.initializers[n].copy() for n in ("B1", "B2")})
+
+
+def _same(a, b):
+    for one, other in zip(a, b):
+        assert one.keys() == other.keys()
+        for name in one:
+            np.testing.assert_array_equal(one[name], other[name], err_msg=name)
+
+
+@pytest.mark.parametrize("technique", ["adaround", "seq_mse", "bias_correction"])
+def test_activations_that_would_not_fit_in_memory_are_streamed(technique, monkeypatch):
+    """When the carried activations would pass half the memory available, the technique warns and streams the data
+    (a forward pass up to each layer): the same result as cache_activations/carry=False, bit for bit."""
+    run = getattr(refquant, technique)
+    options = {"adaround": dict(num_iterations=30), "seq_mse": {}, "bias_correction": {}}[technique]
+    off = {"bias_correction": {"carry": False}}.get(technique, {"cache_activations": False})
+    streamed = _technique_results(run, progress=False, **options, **off)
+    monkeypatch.setattr(A, "available_memory", lambda: 1000)  # bytes: nothing fits
+    with pytest.warns(UserWarning, match="the data is streamed instead"):
+        fallback = _technique_results(run, progress=False, **options)
+    _same(fallback, streamed)
+
+
+@pytest.mark.parametrize("technique", ["adaround", "seq_mse", "bias_correction"])
+def test_a_generator_of_batches_works_like_the_list(technique):
+    """seq_mse ("auto": one pass per target), bias correction (FP32 means, then the simulation) and AdaRound without
+    caching read the data more than once: a one-shot generator is read once into its batches."""
+    run = getattr(refquant, technique)
+    options = {"adaround": dict(num_iterations=30, cache_activations=False), "seq_mse": {},
+               "bias_correction": {}}[technique]
+
+    def generator(sim, x, **kwargs):
+        return run(sim, (x[i:i + 16] for i in range(0, len(x), 16)), **kwargs)
+
+    def batches(sim, x, **kwargs):
+        return run(sim, [x[i:i + 16] for i in range(0, len(x), 16)], **kwargs)
+
+    _same(_technique_results(generator, progress=False, **options), _technique_results(batches, progress=False, **options))

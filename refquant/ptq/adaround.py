@@ -409,16 +409,24 @@ class LayerInputs:
     advanced from layer to layer, so each node runs once per batch in total; a layer's new weights
     are used for everything after it because the simulation side is advanced past a layer only when
     the next layer asks. ``carry=False``: ``sim.run``/``sim.run_float`` from the graph inputs for every
-    layer (memory: one batch; time: one forward prefix per layer).
+    layer (memory: one batch; time: one forward prefix per layer). ``carry=True`` falls back to that, with a
+    warning, when the carried tensors would take more than half the memory available (:func:`carry_fits`:
+    MobileNetV2 carries 18 MB a sample, so 2,000 samples would need 36 GB).
     """
 
-    def __init__(self, sim, data, batch_size: int = 16, use_fp32_inputs: bool = False, carry: bool = True):
-        from ..data import iter_feeds
+    def __init__(self, sim, data, batch_size: int = 16, use_fp32_inputs: bool = False, carry: bool = True,
+                 what: str = "adaround"):
+        from ..data import iter_feeds, reusable
 
         self.sim, self.data, self.batch_size = sim, data, batch_size
         self.use_fp32_inputs, self.carry = use_fp32_inputs, carry
-        if carry:
+        if not carry:
+            self.data = reusable(data, sim.graph, batch_size)  # read once per layer
+        else:
             feeds = list(iter_feeds(data, sim.graph, batch_size=batch_size))
+            if not carry_fits(sim, feeds, sides=2, what=what):
+                self.carry, self.data = False, feeds  # streamed from the batches read once
+                return
             sim.refresh()
             self.sim_side = _CarriedSide(sim, feeds, simulated=True)
             self.float_side = _CarriedSide(sim, feeds, simulated=False)
@@ -546,6 +554,66 @@ class _CarriedSide:
             return None  # a range's inputs were quantized when they were produced
         out = self._qdq(name, array)
         return None if out is array else out
+
+
+CARRY_MEMORY_SHARE = 0.5  # carried activations may take at most this share of the memory available
+
+
+def carried_bytes(sim, feeds: list[dict], sides: int) -> int:
+    """Peak bytes of every batch's live tensors when carried through ``sim.graph`` on ``sides`` sides
+    (:class:`_CarriedSide`): ``max_i sum`` of the tensors alive at node ``i`` (produced before it, read at or
+    after it), sizes from one FP32 run of the first batch, times the samples over the first batch's."""
+    graph = sim.graph
+    sizes = {name: np.asarray(a).nbytes for name, a in feeds[0].items()}
+
+    def record(name, array, node):
+        sizes[name] = np.asarray(array).nbytes
+        return None
+
+    Session(graph, threads=sim.session.threads, hooks=[record]).run(feeds[0], outputs=graph.output_names)
+    last = {}
+    for index, node in enumerate(graph.nodes):
+        for name in _node_reads(node):
+            last[name] = index
+    for name in graph.output_names:
+        last[name] = len(graph.nodes)
+    born = {name: -1 for name in feeds[0]}
+    born.update({out: i for i, node in enumerate(graph.nodes) for out in node.outputs if out})
+    change = np.zeros(len(graph.nodes) + 3, dtype=np.int64)
+    for name, start in born.items():
+        if name in sizes and name not in graph.initializers:
+            change[start + 1] += sizes[name]
+            change[last.get(name, start) + 2] -= sizes[name]  # alive through its last reader
+    per_batch = int(np.cumsum(change).max(initial=0))
+    samples = [len(next(iter(f.values()))) if f else 0 for f in feeds]
+    return int(per_batch * sum(samples) / max(1, samples[0])) * sides
+
+
+def available_memory() -> int | None:
+    """Bytes the system can still give (Linux ``MemAvailable``), or None where it cannot tell."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def carry_fits(sim, feeds: list[dict], sides: int, what: str) -> bool:
+    """Whether carrying every batch's activations (:class:`_CarriedSide`, ``sides`` of them) takes at most
+    :data:`CARRY_MEMORY_SHARE` of the memory available; if not, warns (the caller streams the batches instead)."""
+    available = available_memory()
+    if available is None or not feeds:
+        return True
+    need = carried_bytes(sim, feeds, sides)
+    if need <= CARRY_MEMORY_SHARE * available:
+        return True
+    warnings.warn(f"{what}: carrying every batch's activations through the graph would take {need / 2**30:.1f} GB "
+                  f"of the {available / 2**30:.1f} GB available; the data is streamed instead (a forward pass "
+                  "up to each layer; cache_activations=False says so without measuring)", stacklevel=3)
+    return False
 
 
 def _probe(sim, layer: LinearLayer) -> Session:
@@ -1068,7 +1136,7 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
     64 MB and 512 11.64 dB / 78.9 % in 161 s, where aimet-onnx takes 199 s for 20 iterations; a full-batch step of
     MobileNetV2's depthwise layers reads 108 MB of columns). ``finish``: "threshold" (``V >= 0``, the paper and AIMET) or "greedy"
     (see the module docstring). ``cache_activations``: see :class:`LayerInputs` (False: a forward
-    prefix per layer, memory one batch). ``threads``: BLAS threads while optimizing (None: unchanged; "auto":
+    prefix per layer, memory one batch; True falls back to that when the activations would not fit in memory). ``threads``: BLAS threads while optimizing (None: unchanged; "auto":
     unchanged for a layer whose optimizer step multiplies at least 2^22 weight x position pairs, else 1; see
     :func:`step_threads`).
     ``report``: a list that receives one :class:`AdaroundLayerReport` per layer.

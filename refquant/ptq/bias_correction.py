@@ -116,6 +116,10 @@ def bias_correction(sim, data=None, analytical: bool = False, batch_size: int = 
     """
     if not analytical and data is None:
         raise RefquantError("bias_correction: the empirical mode needs data (or pass analytical=True)")
+    if data is not None:
+        from ..data import reusable
+
+        data = reusable(data, sim.graph, batch_size)  # read twice: the FP32 means, then the simulation
     if reference not in REFERENCES:
         raise RefquantError(f"bias_correction: reference {reference!r} is not one of {', '.join(REFERENCES)}")
     layers, no_bias = find_layers(sim)
@@ -146,7 +150,9 @@ def bias_correction(sim, data=None, analytical: bool = False, batch_size: int = 
             fp32_means = None
             if empirical and reference == "fp32_model":
                 fp32_means = fp32_output_means(sim.graph, empirical, data, batch_size)
-            inputs = _carried_inputs(sim, data, batch_size) if carry and empirical else None
+            inputs = None
+            if carry and empirical:
+                inputs, data = _carried_inputs(sim, data, batch_size)  # the batches, read once, stream if need be
             for layer, input_mean in iterate(plan, progress, "bias correction", unit="layer"):
                 delta_w = weight_error(sim, layer)
                 if input_mean is not None:
@@ -270,16 +276,19 @@ def _layer_inputs(sim, layer: Layer, data, batch_size: int):
 
 
 def _carried_inputs(sim, data, batch_size: int):
-    """Every batch's live tensors in the simulation, advanced on demand (see ``adaround._CarriedSide``):
-    a tensor is computed with the parameters (corrected biases) as they are when it is first asked for."""
+    """``(carried, feeds)``: every batch's live tensors in the simulation, advanced on demand (see
+    ``adaround._CarriedSide``: a tensor is computed with the parameters (corrected biases) as they are when it is
+    first asked for), or None when they would not fit in memory (``adaround.carry_fits``); the batches, read once."""
     from ..data import iter_feeds
-    from .adaround import _CarriedSide
+    from .adaround import _CarriedSide, carry_fits
 
     feeds = list(iter_feeds(data, sim.graph, batch_size=batch_size))
     if not feeds:
         raise RefquantError("bias_correction: the data set is empty: no batch was produced")
+    if not carry_fits(sim, feeds, sides=1, what="bias_correction"):
+        return None, feeds
     sim.refresh()
-    return _CarriedSide(sim, feeds, simulated=True)
+    return _CarriedSide(sim, feeds, simulated=True), feeds
 
 
 def _probe(layer: Layer, weight: np.ndarray, opset: dict, with_bias: Graph | None = None) -> Session:

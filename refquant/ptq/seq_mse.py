@@ -118,6 +118,9 @@ def seq_mse(sim, data, num_candidates: int = 20, loss: str = "mse", batch_size: 
             return sim
         if not quantized_activations:
             disable_activation_quantizers(sim)
+        from ..data import reusable
+
+        data = reusable(data, sim.graph, batch_size)  # "auto" reads it once per target
         search = dict(data=data, num_candidates=num_candidates, loss=loss, batch_size=batch_size, progress=progress,
                       cache_activations=cache_activations, threads=threads)
         if inp_symmetry != "auto":
@@ -132,7 +135,8 @@ def seq_mse(sim, data, num_candidates: int = 20, loss: str = "mse", batch_size: 
 def _search(sim, layers, inp_symmetry, data, num_candidates, loss, batch_size, progress, cache_activations,
             threads, score: bool) -> tuple[list[SeqMseLayerReport], float | None]:
     """One sequential pass over ``layers`` with one target; with ``score``, also the pass's output SQNR."""
-    inputs = LayerInputs(sim, data, batch_size, use_fp32_inputs=inp_symmetry == "symfp", carry=cache_activations)
+    inputs = LayerInputs(sim, data, batch_size, use_fp32_inputs=inp_symmetry == "symfp", carry=cache_activations,
+                         what="seq_mse")
     reports = []
     for layer in iterate(layers, progress, f"seq_mse ({inp_symmetry})", unit="layer"):
         result = seq_mse_layer(sim, layer, inputs, num_candidates, loss, threads, fp32_target=inp_symmetry == "asym")
