@@ -80,6 +80,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -425,7 +426,8 @@ class LayerInputs:
         else:
             feeds = list(iter_feeds(data, sim.graph, batch_size=batch_size))
             if not carry_fits(sim, feeds, sides=2, what=what):
-                self.carry, self.data = False, feeds  # streamed from the batches read once
+                # streamed: from the source again when it can be read again (a file is not held in memory)
+                self.carry, self.data = False, feeds if isinstance(data, Iterator) else data
                 return
             sim.refresh()
             self.sim_side = _CarriedSide(sim, feeds, simulated=True)
