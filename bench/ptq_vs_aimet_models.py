@@ -31,6 +31,9 @@ Data (``MODELS``):
   and text.png: calibration ``text_crops(64, seed=1)``, evaluation ``text_crops(128, seed=2)``, [b,3,48,320].
   Top-1 agreement is per time step (argmax over the 6,625 classes); "acc" is 100 - CER (%) of greedy CTC decoding
   against FP32's decoding.
+* ppocr_cls: PP-OCR's text direction classifier (rapidocr-onnxruntime 1.4.4, MobileNetV3-small with BatchNorms and
+  HardSwish), the same crops cut to its [b,3,48,192] input: calibration ``text_crops(64, seed=1)``, evaluation
+  ``text_crops(128, seed=2)``. Top-1 agreement of the two-way 0/180 degree decision.
 
 Metrics: SQNR (dB) of the primary output against FP32 (onnxruntime) over the evaluation set, in float64 (the
 samples' formula); for the MTCNN nets also bbox_reg's SQNR; top-1 agreement with FP32 (%); accuracy (%) against
@@ -64,7 +67,7 @@ SHARED = Path("/work/shared")
 SAMPLES = SHARED / "refs" / "aimet_samples"
 MODELS_DIR = SHARED / "models"
 BATCH = 16
-MODELS = ("convnet", "mlp", "mtcnn_rnet", "mtcnn_pnet", "mtcnn_onet", "ppocr_rec")
+MODELS = ("convnet", "mlp", "mtcnn_rnet", "mtcnn_pnet", "mtcnn_onet", "ppocr_rec", "ppocr_cls")
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -110,7 +113,33 @@ def model_spec(name: str) -> dict:
         return dict(model=model, cle_model=model, ours_model=model, input="x", outputs=["softmax_11.tmp_0"],
                     primary="softmax_11.tmp_0", calib=text_crops(64, seed=1), eval=text_crops(128, seed=2),
                     labels=None)
+    if name == "ppocr_cls":
+        from bench.prepare_targets import text_crops
+        from refquant import zoo
+
+        model = str(zoo.fetch("ppocr_cls"))
+        output = "save_infer_model/scale_0.tmp_1"
+        return dict(model=model, cle_model=model, ours_model=model, input="x", outputs=[output], primary=output,
+                    calib=np.ascontiguousarray(text_crops(64, seed=1)[..., :192]),
+                    eval=np.ascontiguousarray(text_crops(128, seed=2)[..., :192]), labels=None)
     raise ValueError(name)
+
+
+def static_copy(model_path: str, target: Path, shape: tuple) -> Path:
+    """The model with its (single) input fixed to ``shape`` and its outputs' batch axis to ``shape[0]``."""
+    import onnx
+
+    model = onnx.load(model_path)
+    for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim, shape):
+        dim.Clear()
+        dim.dim_value = value
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].Clear()
+            dims[0].dim_value = shape[0]
+    onnx.save(model, str(target))
+    return target
 
 
 def dump(folder: Path, names) -> None:
@@ -121,6 +150,9 @@ def dump(folder: Path, names) -> None:
         np.save(out / "calib.npy", spec["calib"])
         np.save(out / "eval.npy", spec["eval"])
         meta = {k: spec[k] for k in ("model", "cle_model", "ours_model", "input", "outputs", "primary")}
+        if name == "ppocr_cls":  # its input is [-1, 3, ?, ?]: aimet-onnx's make_dummy_input fails on the -1
+            meta["model"] = meta["cle_model"] = str(static_copy(spec["model"], out / "model_static.onnx",
+                                                                (BATCH,) + spec["calib"].shape[1:]))
         (out / "meta.json").write_text(json.dumps(meta, indent=1))
         print(f"{name}: calib {spec['calib'].shape}, eval {spec['eval'].shape} -> {out}")
 
@@ -167,10 +199,10 @@ def fp32_reference(spec: dict) -> dict:
 def sim_options(name: str) -> dict:
     """AIMET's simulation: ties round half up on the shifted grid (refquant's default is half to even, as
     onnxruntime's QuantizeLinear; with half_up plain W8A8 on mtcnn_rnet gives AIMET's outputs within one float32
-    ulp, with half_even its SQNR is 0.4 dB lower). PP-OCRv4 rec: no 16-bit residual stream, as AIMET (every activation
-    int8)."""
+    ulp, with half_even its SQNR is 0.4 dB lower). The PP-OCR models: no 16-bit residual stream, as AIMET (every
+    activation int8)."""
     options = {"rounding": "half_up"}
-    if name == "ppocr_rec":
+    if name in ("ppocr_rec", "ppocr_cls"):
         options["residual_rule"] = False
     return options
 
