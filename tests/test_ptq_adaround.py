@@ -566,9 +566,9 @@ def test_carried_bytes_is_the_peak_of_the_live_tensors():
     nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
              helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("Relu", ["c"], ["y"])]
     sim = QuantSim(refquant.load(make_model(nodes, [("x", FLOAT, ["N", 4])], [("y", FLOAT, None)], {})))
-    feeds = [{"x": np.ones((2, 4), np.float32)}, {"x": np.ones((2, 4), np.float32)}]
-    assert A.carried_bytes(sim, feeds, sides=2) == 96 * 2 * 2
-    assert A.carried_bytes(sim, feeds[:1], sides=1) == 96
+    first = {"x": np.ones((2, 4), np.float32)}
+    assert A.carried_bytes(sim, first, samples=4, sides=2) == 96 * 2 * 2
+    assert A.carried_bytes(sim, first, samples=2, sides=1) == 96
 
 
 def two_gemm_sim():

@@ -421,14 +421,12 @@ class LayerInputs:
 
         self.sim, self.data, self.batch_size = sim, data, batch_size
         self.use_fp32_inputs, self.carry = use_fp32_inputs, carry
+        if carry and not carry_fits(sim, data, batch_size, sides=2, what=what):
+            self.carry = carry = False
         if not carry:
             self.data = reusable(data, sim.graph, batch_size)  # read once per layer
         else:
             feeds = list(iter_feeds(data, sim.graph, batch_size=batch_size))
-            if not carry_fits(sim, feeds, sides=2, what=what):
-                # streamed: from the source again when it can be read again (a file is not held in memory)
-                self.carry, self.data = False, feeds if isinstance(data, Iterator) else data
-                return
             sim.refresh()
             self.sim_side = _CarriedSide(sim, feeds, simulated=True)
             self.float_side = _CarriedSide(sim, feeds, simulated=False)
@@ -561,25 +559,25 @@ class _CarriedSide:
 CARRY_MEMORY_SHARE = 0.5  # carried activations may take at most this share of the memory available
 
 
-def carried_bytes(sim, feeds: list[dict], sides: int) -> int:
+def carried_bytes(sim, first: dict, samples: int, sides: int) -> int:
     """Peak bytes of every batch's live tensors when carried through ``sim.graph`` on ``sides`` sides
     (:class:`_CarriedSide`): ``max_i sum`` of the tensors alive at node ``i`` (produced before it, read at or
-    after it), sizes from one FP32 run of the first batch, times the samples over the first batch's."""
+    after it), sizes from one FP32 run of the ``first`` batch, times ``samples`` over the first batch's."""
     graph = sim.graph
-    sizes = {name: np.asarray(a).nbytes for name, a in feeds[0].items()}
+    sizes = {name: np.asarray(a).nbytes for name, a in first.items()}
 
     def record(name, array, node):
         sizes[name] = np.asarray(array).nbytes
         return None
 
-    Session(graph, threads=sim.session.threads, hooks=[record]).run(feeds[0], outputs=graph.output_names)
+    Session(graph, threads=sim.session.threads, hooks=[record]).run(first, outputs=graph.output_names)
     last = {}
     for index, node in enumerate(graph.nodes):
         for name in _node_reads(node):
             last[name] = index
     for name in graph.output_names:
         last[name] = len(graph.nodes)
-    born = {name: -1 for name in feeds[0]}
+    born = {name: -1 for name in first}
     born.update({out: i for i, node in enumerate(graph.nodes) for out in node.outputs if out})
     change = np.zeros(len(graph.nodes) + 3, dtype=np.int64)
     for name, start in born.items():
@@ -587,8 +585,8 @@ def carried_bytes(sim, feeds: list[dict], sides: int) -> int:
             change[start + 1] += sizes[name]
             change[last.get(name, start) + 2] -= sizes[name]  # alive through its last reader
     per_batch = int(np.cumsum(change).max(initial=0))
-    samples = [len(next(iter(f.values()))) if f else 0 for f in feeds]
-    return int(per_batch * sum(samples) / max(1, samples[0])) * sides
+    in_first = len(next(iter(first.values()))) if first else 1
+    return int(per_batch * samples / max(1, in_first)) * sides
 
 
 def available_memory() -> int | None:
@@ -603,13 +601,22 @@ def available_memory() -> int | None:
     return None
 
 
-def carry_fits(sim, feeds: list[dict], sides: int, what: str) -> bool:
-    """Whether carrying every batch's activations (:class:`_CarriedSide`, ``sides`` of them) takes at most
-    :data:`CARRY_MEMORY_SHARE` of the memory available; if not, warns (the caller streams the batches instead)."""
+def carry_fits(sim, data, batch_size: int, sides: int, what: str) -> bool:
+    """Whether carrying every batch's activations of ``data`` (:class:`_CarriedSide`, ``sides`` of them) takes at
+    most :data:`CARRY_MEMORY_SHARE` of the memory available; if not, warns (the caller streams the data instead).
+    Reads the first batch only, when the source says how many samples it holds (``data.count_samples``)."""
+    from ..data import count_samples, iter_feeds
+
     available = available_memory()
-    if available is None or not feeds:
+    if available is None or isinstance(data, Iterator):  # a one-shot stream is read once into memory anyway
         return True
-    need = carried_bytes(sim, feeds, sides)
+    first = next(iter(iter_feeds(data, sim.graph, batch_size=batch_size)), None)
+    if first is None:
+        return True  # empty: the caller reports it
+    samples = count_samples(data, sim.graph)
+    if samples is None:
+        samples = sum(len(next(iter(f.values()))) for f in iter_feeds(data, sim.graph, batch_size=batch_size))
+    need = carried_bytes(sim, first, samples, sides)
     if need <= CARRY_MEMORY_SHARE * available:
         return True
     warnings.warn(f"{what}: carrying every batch's activations through the graph would take {need / 2**30:.1f} GB "

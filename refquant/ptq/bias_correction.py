@@ -282,11 +282,11 @@ def _carried_inputs(sim, data, batch_size: int):
     from ..data import iter_feeds
     from .adaround import _CarriedSide, carry_fits
 
+    if not carry_fits(sim, data, batch_size, sides=1, what="bias_correction"):
+        return None, data  # streamed from the source (made reusable by bias_correction)
     feeds = list(iter_feeds(data, sim.graph, batch_size=batch_size))
     if not feeds:
         raise RefquantError("bias_correction: the data set is empty: no batch was produced")
-    if not carry_fits(sim, feeds, sides=1, what="bias_correction"):
-        return None, data  # streamed from the source (made reusable by bias_correction)
     sim.refresh()
     return _CarriedSide(sim, feeds, simulated=True), feeds
 
