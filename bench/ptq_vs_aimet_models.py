@@ -31,6 +31,10 @@ Data (``MODELS``):
   and text.png: calibration ``text_crops(64, seed=1)``, evaluation ``text_crops(128, seed=2)``, [b,3,48,320].
   Top-1 agreement is per time step (argmax over the 6,625 classes); "acc" is 100 - CER (%) of greedy CTC decoding
   against FP32's decoding.
+* nudenet_320n: NudeNet's YOLOv8n detector (nudenet 3.4.2; SiLU, Concat, Resize, DFL Softmax), random 320x320 crops of
+  the natural photos (``photo_crops``, RGB / 255): calibration seed 1 (64), evaluation seed 2 (128). SQNR of
+  ``output0`` (boxes and class scores, [N, 4 + 18, 2100]); top-1 agreement of the class of each anchor whose FP32
+  class score passes 0.25.
 * ppocr_cls: PP-OCR's text direction classifier (rapidocr-onnxruntime 1.4.4, MobileNetV3-small with BatchNorms and
   HardSwish), the same crops cut to its [b,3,48,192] input: calibration ``text_crops(64, seed=1)``, evaluation
   ``text_crops(128, seed=2)``. Top-1 agreement of the two-way 0/180 degree decision.
@@ -122,7 +126,30 @@ def model_spec(name: str) -> dict:
         return dict(model=model, cle_model=model, ours_model=model, input="x", outputs=[output], primary=output,
                     calib=np.ascontiguousarray(text_crops(64, seed=1)[..., :192]),
                     eval=np.ascontiguousarray(text_crops(128, seed=2)[..., :192]), labels=None)
+    if name == "nudenet_320n":
+        from refquant import zoo
+
+        model = str(zoo.fetch("nudenet_320n"))
+        return dict(model=model, cle_model=model, ours_model=model, input="images", outputs=["output0"],
+                    primary="output0", calib=photo_crops(64, seed=1, size=320), eval=photo_crops(128, seed=2, size=320),
+                    labels=None)
     raise ValueError(name)
+
+
+def photo_crops(count: int, seed: int, size: int) -> np.ndarray:
+    """``count`` random ``size`` x ``size`` crops of the natural photos (shorter side resized to size * 1.1),
+    RGB in [0, 1], [count, 3, size, size] (YOLOv8's input scaling)."""
+    from bench.ptq_data import _resize_shorter, load_photos
+
+    images = [_resize_shorter(image, int(size * 1.1)) for image in load_photos("photos")]
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, 3, size, size), dtype=np.float32)
+    for i in range(count):
+        image = images[rng.integers(len(images))]
+        top, left = int(rng.integers(image.size[1] - size + 1)), int(rng.integers(image.size[0] - size + 1))
+        crop = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
+        out[i] = crop.transpose(2, 0, 1)
+    return out
 
 
 def static_copy(model_path: str, target: Path, shape: tuple) -> Path:
@@ -150,7 +177,7 @@ def dump(folder: Path, names) -> None:
         np.save(out / "calib.npy", spec["calib"])
         np.save(out / "eval.npy", spec["eval"])
         meta = {k: spec[k] for k in ("model", "cle_model", "ours_model", "input", "outputs", "primary")}
-        if name == "ppocr_cls":  # its input is [-1, 3, ?, ?]: aimet-onnx's make_dummy_input fails on the -1
+        if name in ("ppocr_cls", "nudenet_320n"):  # dynamic input dims: aimet-onnx's make_dummy_input fails on them
             meta["model"] = meta["cle_model"] = str(static_copy(spec["model"], out / "model_static.onnx",
                                                                 (BATCH,) + spec["calib"].shape[1:]))
         (out / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -171,7 +198,11 @@ def metrics(name: str, spec: dict, ref: dict, out: dict) -> dict:
     result = {f"sqnr_{k}": sqnr(ref[k], out[k]) for k in spec["outputs"]}
     result["sqnr"] = result[f"sqnr_{primary}"]
     axis = -1 if name == "ppocr_rec" else 1
-    result["top1"] = float(np.mean(r.argmax(axis) == o.argmax(axis)) * 100)
+    if name == "nudenet_320n":  # [N, 4 box + classes, anchors]: the class of each anchor that detects (score > 0.25)
+        detects = r[:, 4:].max(axis=1) > 0.25
+        result["top1"] = float(np.mean((r[:, 4:].argmax(1) == o[:, 4:].argmax(1))[detects]) * 100)
+    else:
+        result["top1"] = float(np.mean(r.argmax(axis) == o.argmax(axis)) * 100)
     if name == "mtcnn_pnet":
         result["acc"] = float(np.mean((o[:, 1].max(axis=(1, 2)) > 0.5) == spec["labels"]) * 100)
     elif spec["labels"] is not None:
