@@ -190,10 +190,11 @@ def small_problem(activation):
     return rounding, sampled, A.QuadraticLoss(moments, w), rng
 
 
-@pytest.mark.parametrize("form", ["sampled+clip", "sampled+softmax", "sampled+prelu", "sampled", "quadratic"])
+@pytest.mark.parametrize("form", ["sampled+clip", "sampled+softmax", "sampled+prelu", "sampled+silu", "sampled",
+                                  "quadratic"])
 @pytest.mark.parametrize("beta", [None, 5.0])
 def test_gradients_match_finite_differences(form, beta):
-    activation = {"sampled+clip": (0.0, 2.0), "sampled+softmax": A.SOFTMAX,
+    activation = {"sampled+clip": (0.0, 2.0), "sampled+softmax": A.SOFTMAX, "sampled+silu": A.SILU,
                   "sampled+prelu": A.PRelu(np.array([0.1, 0.5, 0.9, 0.2, 0.0, 1.5]))}.get(form)
     rounding, sampled, quadratic, rng = small_problem(activation)
     objective = A.Objective(rounding, quadratic if form == "quadratic" else sampled, 0.01)
@@ -628,3 +629,22 @@ def test_a_generator_of_batches_works_like_the_list(technique):
         return run(sim, [x[i:i + 16] for i in range(0, len(x), 16)], **kwargs)
 
     _same(_technique_results(generator, progress=False, **options), _technique_results(batches, progress=False, **options))
+
+
+def test_silu_after_a_layer_is_its_activation_in_the_loss():
+    """Conv -> (Sigmoid, Mul(y, Sigmoid(y))), YOLOv8's SiLU: the layer's activation is SILU and the sampled loss is
+    sum (y s(y) - t s(t))^2 with s the sigmoid; a Mul that also reads another tensor is no SiLU."""
+    rng = np.random.default_rng(31)
+    w = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    for other, expected in (("c", A.SILU), ("x", None)):
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Sigmoid", ["c"], ["s"]),
+                 helper.make_node("Mul", [other, "s"], ["y"])]
+        model = make_model(nodes, [("x", FLOAT, [2, 3, 4, 4])], [("y", FLOAT, None)], {"w": w})
+        sim = QuantSim(refquant.load(model), precision="w4a8", prepare=False)
+        (layer,), _ = find_layers(sim)
+        assert layer.activation == expected
+    y = rng.normal(size=(1, 4, 5)).astype(np.float32) * 4
+    loss = A.SampledLoss(np.zeros((1, 3, 5), np.float32), y, np.zeros_like(y), w.reshape(1, 4, 3).astype(np.float64),
+                         A.SILU)
+    np.testing.assert_allclose(loss(w.reshape(1, 4, 3).astype(np.float64), grad=False),
+                               np.sum((y / (1 + np.exp(-y))).astype(np.float64) ** 2) / 5, rtol=1e-5)
