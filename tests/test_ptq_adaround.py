@@ -4,6 +4,7 @@ sample models at W4A8 per channel: every weight rounded down or up, the layer lo
 rounding's, the logits SQNR above it, and a Ctrl-C that leaves the sim as it was.
 """
 
+import copy
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from refquant.ptq.adaround import adaround, find_layers
 from refquant.quant import QuantSim, quantize_dequantize
 
 from .helpers import FLOAT, make_model
+from .test_ptq_pointwise import ACTIVATIONS, traced
 
 SHARED = Path(os.environ.get("REFQUANT_SHARED", "/work/shared"))
 SAMPLES = SHARED / "refs" / "aimet_samples"
@@ -190,11 +192,13 @@ def small_problem(activation):
     return rounding, sampled, A.QuadraticLoss(moments, w), rng
 
 
-@pytest.mark.parametrize("form", ["sampled+clip", "sampled+softmax", "sampled+prelu", "sampled+silu", "sampled",
-                                  "quadratic"])
+@pytest.mark.parametrize("form", ["sampled+clip", "sampled+softmax", "sampled+prelu", "sampled+silu",
+                                  "sampled+hardswish", "sampled", "quadratic"])
 @pytest.mark.parametrize("beta", [None, 5.0])
 def test_gradients_match_finite_differences(form, beta):
-    activation = {"sampled+clip": (0.0, 2.0), "sampled+softmax": A.SOFTMAX, "sampled+silu": A.SILU,
+    activation = {"sampled+clip": (0.0, 2.0), "sampled+softmax": A.SOFTMAX,
+                  "sampled+silu": traced(*ACTIVATIONS["SiLU as Mul(y, Sigmoid(y))"]),
+                  "sampled+hardswish": traced(*ACTIVATIONS["HardSwish as y relu6(y + 3) / 6"]),
                   "sampled+prelu": A.PRelu(np.array([0.1, 0.5, 0.9, 0.2, 0.0, 1.5]))}.get(form)
     rounding, sampled, quadratic, rng = small_problem(activation)
     objective = A.Objective(rounding, quadratic if form == "quadratic" else sampled, 0.01)
@@ -631,20 +635,66 @@ def test_a_generator_of_batches_works_like_the_list(technique):
     _same(_technique_results(generator, progress=False, **options), _technique_results(batches, progress=False, **options))
 
 
-def test_silu_after_a_layer_is_its_activation_in_the_loss():
-    """Conv -> (Sigmoid, Mul(y, Sigmoid(y))), YOLOv8's SiLU: the layer's activation is SILU and the sampled loss is
-    sum (y s(y) - t s(t))^2 with s the sigmoid; a Mul that also reads another tensor is no SiLU."""
+def test_an_activation_subgraph_after_a_layer_is_in_its_loss():
+    """Conv -> (Sigmoid, Mul(y, Sigmoid(y))), YOLOv8's SiLU, and Conv -> Tanh: the layer's activation is that
+    subgraph, and the sampled loss is sum (f(y) - f(t))^2 with f written out (y s(y), tanh y); a Mul that also
+    reads another tensor leaves the Sigmoid alone (an SE gate), and a Relu stays the fused kernel's clip."""
     rng = np.random.default_rng(31)
     w = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
-    for other, expected in (("c", A.SILU), ("x", None)):
-        nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Sigmoid", ["c"], ["s"]),
-                 helper.make_node("Mul", [other, "s"], ["y"])]
-        model = make_model(nodes, [("x", FLOAT, [2, 3, 4, 4])], [("y", FLOAT, None)], {"w": w})
+    sigmoid = helper.make_node("Sigmoid", ["c"], ["s"])
+    cases = {"silu": ([sigmoid, helper.make_node("Mul", ["c", "s"], ["y"])], "Sigmoid > Mul",
+                      lambda a: a / (1 + np.exp(-a))),
+             "gate": ([sigmoid, helper.make_node("Mul", ["g", "s"], ["y"])], "Sigmoid", None),
+             "tanh": ([helper.make_node("Tanh", ["c"], ["y"])], "Tanh", np.tanh),
+             "relu": ([helper.make_node("Relu", ["c"], ["y"])], (0.0, np.inf), None)}
+    for name, (activation, expected, formula) in cases.items():
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv")] + activation
+        model = make_model(nodes, [("x", FLOAT, [2, 3, 4, 4]), ("g", FLOAT, [2, 4, 4, 4])], [("y", FLOAT, None)],
+                           {"w": w})
         sim = QuantSim(refquant.load(model), precision="w4a8", prepare=False)
         (layer,), _ = find_layers(sim)
-        assert layer.activation == expected
-    y = rng.normal(size=(1, 4, 5)).astype(np.float32) * 4
-    loss = A.SampledLoss(np.zeros((1, 3, 5), np.float32), y, np.zeros_like(y), w.reshape(1, 4, 3).astype(np.float64),
-                         A.SILU)
-    np.testing.assert_allclose(loss(w.reshape(1, 4, 3).astype(np.float64), grad=False),
-                               np.sum((y / (1 + np.exp(-y))).astype(np.float64) ** 2) / 5, rtol=1e-5)
+        if isinstance(expected, tuple):
+            assert layer.activation == expected
+            continue
+        assert layer.activation.describe() == expected
+        if formula is None:
+            continue
+        y = rng.normal(size=(1, 4, 5)).astype(np.float32) * 4
+        loss = A.SampledLoss(np.zeros((1, 3, 5), np.float32), y, np.zeros_like(y),
+                             w.reshape(1, 4, 3).astype(np.float64), layer.activation)
+        expected_loss = np.sum((formula(y.astype(np.float64)) - formula(0.0)) ** 2) / 5
+        np.testing.assert_allclose(loss(w.reshape(1, 4, 3).astype(np.float64), grad=False), expected_loss, rtol=1e-5)
+
+
+def test_other_activation_subgraphs_enter_the_loss_only_when_asked():
+    """A HardSwish written out (PaddlePaddle's) after a conv: by default the exact quadratic form of the
+    pre-activation error; include_activation="all" puts it in the sampled loss, and that loss is
+    sum (f(y) - f(t))^2 over the positions with f = y relu6(y + 3) / 6."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv")] + copy.deepcopy(ACTIVATIONS[
+        "HardSwish as y relu6(y + 3) / 6"][0])  # a copy: renamed below
+    nodes[-1].output[0] = "y"
+    inits = {"w": rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "c0": np.float32(0), "c3": np.float32(3),
+             "c6": np.float32(6)}
+    for node in nodes[1:]:
+        node.input[:] = ["c" if name == "y" else name for name in node.input]
+    model = make_model(nodes, [("x", FLOAT, [8, 3, 4, 4])], [("y", FLOAT, None)], inits)
+    x = rng.normal(size=(8, 3, 4, 4)).astype(np.float32) * 3
+    forms = {}
+    for include in (True, "all"):
+        sim = QuantSim(refquant.load(model), precision="w4a8", prepare=False)
+        sim.compute_encodings(x, progress=False)
+        (layer,), _ = find_layers(sim)
+        assert layer.activation.describe() == "Add > Clip > Mul > Div"
+        inputs = A.LayerInputs(sim, x, 8)
+        objective, forms[include], _ = A.build_objective(sim, layer, inputs, include_activation=include)
+        if include == "all":
+            c = sim.run_float({"x": x}, outputs=["c"])["c"]
+            hardswish = np.asarray(c, np.float64) * np.clip(c + 3.0, 0, 6) / 6
+            # the cache holds the positions in a random order: compare each channel's values, sorted
+            target = np.sort(objective.loss.target[0], axis=1)
+            expected = np.sort(hardswish.transpose(1, 0, 2, 3).reshape(4, -1), axis=1)
+            np.testing.assert_allclose(target, expected, rtol=1e-6, atol=2e-6)  # float32 ops; |f| < 16, ulp 1e-6
+    assert forms == {True: "quadratic", "all": "sampled"}
+    with pytest.raises(RefquantError, match="include_activation"):
+        A.adaround(QuantSim(refquant.load(model), precision="w4a8", prepare=False), x, include_activation="yes")

@@ -16,17 +16,21 @@ by minimizing (``y = W_mat @ cols`` is the layer as a matrix product, see *Layer
 ``y_fp32`` is the FP32 model's layer output (``sim.run_float``); ``y_soft`` is the layer with
 ``W_soft`` on its input in the quantized model so far (the layers before already AdaRounded; with
 ``use_fp32_inputs`` the FP32 input). ``f`` is the layer's following activation when it is a Relu, a
-Clip, a PRelu with a per-channel (or single) constant slope, a Softmax over the output channels, or a SiLU
-``y sigmoid(y)`` written as ``Mul(y, Sigmoid(y))`` (``include_activation=False`` reconstructs the pre-activation
-output instead). SiLU measured on NudeNet's YOLOv8n (W4A8, output0 SQNR, bench/results_ptq_vs_aimet_models.txt):
-200 / 1000 iterations 25.01 / 25.18 dB with the pre-activation loss, 25.21 / 25.45 dB through the SiLU (AIMET,
-whose loss takes the Sigmoid alone: 25.35 / 27.61 dB); at 1000 iterations that figure moves by 1.6 dB with last-bit
-float32 changes to the SiLU (25.45 to 27.08 dB), so single runs of this model compare loosely. AIMET puts the following Relu, Clip (as ReLU6), PRelu (with torch's
-default slope 0.25, not the model's), Sigmoid, Tanh or Softmax in the loss. For a classifier head such
-as MTCNN's the probabilities are what the model outputs, and a logit error that the Softmax saturates
-away costs nothing there. Measured on MTCNN R-Net (W4A8, face probability SQNR, seed 0): 200 iterations
-42.05 dB with the pre-activation loss, 44.37 dB through its PRelus and Softmax (AIMET 45.60 dB); 1000
-iterations 44.10 -> 46.05 dB (AIMET 44.41 dB); bench/results_ptq_vs_aimet_models.txt.
+Clip, a PRelu with a per-channel (or single) constant slope, a Softmax over the output channels, a Sigmoid,
+a Tanh, or a SiLU written as ``Mul(y, Sigmoid(y))``; with ``include_activation="all"`` any elementwise
+subgraph of the layer output and scalar constants that nothing else reads into (:mod:`refquant.ptq.pointwise`:
+HardSigmoid, HardSwish, Elu, Gelu ops, HardSwish or GELU written out as
+``Div(Mul(y, Clip(Add(y, 3), 0, 6)), 6)``...; not the default, see ``pointwise.IN_LOSS_BY_DEFAULT``);
+``include_activation=False`` reconstructs the pre-activation output instead. SiLU measured on NudeNet's
+YOLOv8n (W4A8, output0 SQNR, bench/results_ptq_vs_aimet_models.txt): 200 / 1000 iterations 25.01 / 25.18 dB
+with the pre-activation loss, 25.21 / 25.45 dB through the SiLU (AIMET, whose loss takes the Sigmoid alone:
+25.35 / 27.61 dB); at 1000 iterations that figure moves by 1.6 dB with last-bit float32 changes to the SiLU
+(25.45 to 27.08 dB), so single runs of this model compare loosely. AIMET puts the following Relu, Clip
+(as ReLU6), PRelu (with torch's default slope 0.25, not the model's), Sigmoid, Tanh or Softmax in the loss.
+For a classifier head such as MTCNN's the probabilities are what the model outputs, and a logit error that
+the Softmax saturates away costs nothing there. Measured on MTCNN R-Net (W4A8, face probability SQNR, seed 0):
+200 iterations 42.05 dB with the pre-activation loss, 44.37 dB through its PRelus and Softmax (AIMET 45.60 dB);
+1000 iterations 44.10 -> 46.05 dB (AIMET 44.41 dB); bench/results_ptq_vs_aimet_models.txt.
 With a Softmax the output channels are coupled in the loss: ``finish="greedy"``, which decides each
 channel on its own, is not applied to such a layer (the threshold decides).
 ``V`` starts where ``h(V) = W/s - floor(W/s)`` (so rounding ``V >= 0`` up is nearest rounding); the
@@ -95,6 +99,8 @@ from ..kernels.adaround import CLIP, GAMMA, IDENTITY, PRELU, ZETA, adam_step, re
 from ..ops.nn import _as3d, _to3, _windows, conv_geometry
 from ..progress import iterate
 from ..runtime import Session
+from .pointwise import IN_LOSS_BY_DEFAULT, Pointwise
+from .pointwise import trace as trace_activation
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ADAM_LR = 1e-3  # AIMET: torch.optim.Adam defaults
@@ -106,7 +112,6 @@ FULL_BATCH_MACS = 1 << 27  # a layer whose positions x weights stay below this i
 THREADED_MACS = 1 << 22  # an optimizer step's GEMM work from which all BLAS threads pay (step_threads)
 FULL_BATCH_FLOATS = 1 << 24  # ... and whose cached columns and outputs take at most this many floats (64 MB)
 SOFTMAX = "softmax"  # LinearLayer.activation of a layer whose output only a Softmax over its channels reads
-SILU = "silu"  # ... and of one whose output only x * Sigmoid(x) reads (SiLU / Swish, as YOLOv8 exports it)
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,7 +129,8 @@ class LinearLayer:
 
     ``index[g, m, k]`` is the flat position in the weight of ``W_mat[g, m, k]``; ``activation`` is
     the ``(lo, hi)`` clip of a Relu/Clip that alone reads the layer output, :data:`SOFTMAX` for a
-    Softmax over the output channels (one group) that alone reads it, a :class:`PRelu`, or None;
+    Softmax over the output channels (one group) that alone reads it, a :class:`PRelu`, a
+    :class:`~refquant.ptq.pointwise.Pointwise` activation, or None;
     ``output_axis`` the weight axis of the output channels (what a per-channel encoding must use).
     """
 
@@ -251,42 +257,29 @@ def _linear_layer(node: Node, shape: tuple[int, ...]) -> LinearLayer | None:
 def _following_activation(graph: Graph, node: Node, consumers, outputs, groups: int = 1):
     """``(lo, hi)`` of a Relu or constant Clip that is the only reader of the layer output,
     :data:`SOFTMAX` for a Softmax over exactly the output channels, a :class:`PRelu` for a PRelu
-    with a constant per-channel slope, else None."""
+    with a constant per-channel slope, else the elementwise activation subgraph that alone reads it
+    (a :class:`~refquant.ptq.pointwise.Pointwise`: Sigmoid, Tanh, SiLU, HardSwish, GELU...), else None."""
     users = consumers.get(node.outputs[0], [])
     if node.outputs[0] in outputs:
         return None
-    if len(users) == 2 and _silu(node.outputs[0], users, consumers, outputs):
-        return SILU
-    if len(users) != 1:
-        return None
-    act = users[0]
-    if act.op_type == "Relu":
+    act = users[0] if len(users) == 1 else None
+    if act is not None and act.op_type == "Relu":
         return 0.0, math.inf
-    if act.op_type == "Softmax":
+    if act is not None and act.op_type == "Softmax":
         return SOFTMAX if groups == 1 and _softmax_over_channels(node, act) else None
-    if act.op_type == "PRelu":
+    if act is not None and act.op_type == "PRelu":
         return _prelu_slopes(graph, node, act)
-    if act.op_type != "Clip":
-        return None
-    if "min" in act.attrs or "max" in act.attrs:  # opset < 11
-        return float(act.attrs.get("min", -math.inf)), float(act.attrs.get("max", math.inf))
-    bounds = []
-    for i, default in ((1, -math.inf), (2, math.inf)):
-        name = act.inputs[i] if len(act.inputs) > i else ""
-        if name and name not in graph.initializers:
-            return None
-        bounds.append(float(graph.initializers[name]) if name else default)
-    return bounds[0], bounds[1]
-
-
-def _silu(tensor: str, users: list[Node], consumers, outputs) -> bool:
-    """``tensor`` is read only by ``s = Sigmoid(tensor)`` and ``Mul(tensor, s)``, and ``s`` only by that Mul."""
-    sigmoid = next((u for u in users if u.op_type == "Sigmoid"), None)
-    mul = next((u for u in users if u.op_type == "Mul"), None)
-    if sigmoid is None or mul is None or sigmoid.outputs[0] in outputs:
-        return False
-    return sorted(mul.inputs) == sorted([tensor, sigmoid.outputs[0]]) and \
-        consumers.get(sigmoid.outputs[0], []) == [mul]
+    if act is not None and act.op_type == "Clip":
+        if "min" in act.attrs or "max" in act.attrs:  # opset < 11
+            return float(act.attrs.get("min", -math.inf)), float(act.attrs.get("max", math.inf))
+        bounds = []
+        for i, default in ((1, -math.inf), (2, math.inf)):
+            name = act.inputs[i] if len(act.inputs) > i else ""
+            if name and name not in graph.initializers:
+                return None
+            bounds.append(float(graph.initializers[name]) if name else default)
+        return bounds[0], bounds[1]
+    return trace_activation(graph, node.outputs[0], consumers, outputs)
 
 
 def _softmax_over_channels(layer: Node, softmax: Node) -> bool:
@@ -783,7 +776,8 @@ class QuadraticLoss:
 
 class SampledLoss:
     """``L(W) = sum_channels mean_positions (f(t) - f(z + (W - W_fp32) cols))^2`` on cached positions,
-    ``f`` = clip to ``activation`` (identity when None), or for :data:`SOFTMAX` the softmax over the
+    ``f`` = clip to ``activation`` (identity when None), a :class:`Pointwise` ``f`` with its ``f'``, or for
+    :data:`SOFTMAX` the softmax over the
     channels ``s = softmax(y)``, whose backward is ``dL/dy = s * (dL/ds - sum_channels(dL/ds * s))``;
     ``dL/dW = dY @ cols^T``. ``sample``: a slice of the cached positions (Adam's minibatch; after a
     :meth:`shuffle`, a view rather than a gather)."""
@@ -792,7 +786,7 @@ class SampledLoss:
         self.w = w_float.astype(np.float32)
         self.full_batch = False  # set by build_objective: all positions kept, cheap enough for full-batch Adam
         self.softmax = isinstance(activation, str) and activation == SOFTMAX
-        self.silu = isinstance(activation, str) and activation == SILU
+        self.pointwise = activation if isinstance(activation, Pointwise) else None
         self.slope = None  # PRelu: the slope of each output channel as [G, M/G, 1]
         if isinstance(activation, PRelu):
             g, mg = z.shape[:2]
@@ -810,9 +804,8 @@ class SampledLoss:
     def _f(self, y: np.ndarray) -> np.ndarray:
         if self.softmax:
             return _softmax(y)
-        if self.silu:
-            with np.errstate(over="ignore"):  # exp(-y) = inf: y s = -0
-                return y * (1 / (1 + np.exp(-y)))
+        if self.pointwise is not None:
+            return self.pointwise.value(y)
         if self.slope is not None:
             return np.where(y >= 0, y, self.slope * y)
         return np.clip(y, self.lo, self.hi) if self.clipped else y
@@ -836,12 +829,15 @@ class SampledLoss:
         cols, cols_t = self.cols[:, :, part], self.cols_t[:, part]
         count = cols.shape[2]
         y = _bmm((w - self.w).astype(np.float32), cols)
-        if grad and not value and not (self.softmax or self.silu):  # Adam's step: the same float32 math, one pass
+        if grad and not value and not self.softmax and self.pointwise is None:  # Adam's step: float32, one pass
             reconstruction_gradient(y, self.z[:, :, part], self.target[:, :, part], self.kind, self.lo32, self.hi32,
                                     self.slope2d, np.float32(2.0 / count))
             return None, _bmm(y, cols_t).astype(np.float64)
         y += self.z[:, :, part]
-        out = self._f(y)  # a new array, except for the identity (then y itself)
+        if self.pointwise is not None:
+            out, slope = self.pointwise(y)
+        else:
+            out = self._f(y)  # a new array, except for the identity (then y itself)
         if self.softmax:  # its backward below needs its output
             diff = out - self.target[:, :, part]
         else:
@@ -858,10 +854,8 @@ class SampledLoss:
             diff = out * (diff - np.sum(diff * out, axis=1, keepdims=True))
         elif self.slope is not None:
             diff = np.where(y >= 0, diff, self.slope * diff)
-        elif self.silu:  # d(y s)/dy = s (1 + y (1 - s)), s = sigmoid(y)
-            with np.errstate(over="ignore"):
-                sigmoid = 1 / (1 + np.exp(-y))
-            diff *= sigmoid * (1 + y * (1 - sigmoid))
+        elif self.pointwise is not None:  # dL/dy = dL/df f'(y)
+            diff *= slope
         return loss, _bmm(diff, cols_t).astype(np.float64)
 
     def per_channel(self, w: np.ndarray) -> np.ndarray:
@@ -1135,7 +1129,7 @@ class AdaroundLayerReport:
 
 def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, beta_range=(20, 2),
              warm_start: float = 0.2, batch_size: int = 16, use_fp32_inputs: bool = False, progress: bool = True,
-             optimizer: str = "adam", *, include_activation: bool = True, quantize_activations: bool = False,
+             optimizer: str = "adam", *, include_activation: bool | str = True, quantize_activations: bool = False,
              num_columns: int | None = None, columns_per_iteration: int | None = None, finish: str = "threshold",
              cache_activations: bool = True, threads: int | str | None = "auto", seed: int = 0,
              report: list | None = None):
@@ -1160,7 +1154,9 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
     ``h`` in [0, 1] under bounds: through the rectified sigmoid its steps saturated weights where
     their gradient is zero, for good.)
     ``num_iterations`` counts Adam steps or L-BFGS iterations.
-    ``include_activation``: put a following Relu/Clip/PRelu/Softmax in the loss (AIMET, the paper's f_a).
+    ``include_activation``: put the following activation in the loss (AIMET, the paper's f_a): True: a
+    Relu, Clip, PRelu, Softmax, Sigmoid, Tanh or SiLU (``pointwise.IN_LOSS_BY_DEFAULT``); "all": also any
+    other elementwise subgraph (:mod:`refquant.ptq.pointwise`: HardSwish, GELU...); False: none.
     ``quantize_activations``: layer inputs with the activation quantizers on (default off, as AIMET intends;
     aimet-onnx 2.42.0 in fact samples them on: module docstring).
     ``num_columns``: cached positions per layer for the sampled loss; ``columns_per_iteration``:
@@ -1170,9 +1166,10 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
     a larger layer on 8,192 sampled positions, 512 per iteration (measured on MobileNetV2 W4A8, 1000 its, idle:
     a 128 MB cap and 1,024 per iteration 11.29 dB / 81.2 % in 251 s; 64 MB and 1,024 11.49 dB / 78.9 % in 195 s;
     64 MB and 512 11.64 dB / 78.9 % in 161 s, where aimet-onnx takes 199 s for 20 iterations; a full-batch step of
-    MobileNetV2's depthwise layers reads 108 MB of columns). ``finish``: "threshold" (``V >= 0``, the paper and AIMET) or "greedy"
-    (see the module docstring). ``cache_activations``: see :class:`LayerInputs` (False: a forward
-    prefix per layer, memory one batch; True falls back to that when the activations would not fit in memory). ``threads``: BLAS threads while optimizing (None: unchanged; "auto":
+    MobileNetV2's depthwise layers reads 108 MB of columns). ``finish``: "threshold" (``V >= 0``, the paper and
+    AIMET) or "greedy" (see the module docstring). ``cache_activations``: see :class:`LayerInputs` (False: a
+    forward prefix per layer, memory one batch; True falls back to that when the activations would not fit in
+    memory). ``threads``: BLAS threads while optimizing (None: unchanged; "auto":
     unchanged for a layer whose optimizer step multiplies at least 2^22 weight x position pairs, else 1; see
     :func:`step_threads`).
     ``report``: a list that receives one :class:`AdaroundLayerReport` per layer.
@@ -1184,6 +1181,8 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
         raise RefquantError(f"adaround: finish {finish!r} is not 'threshold' or 'greedy'")
     if not (threads in ("auto", None) or (isinstance(threads, int) and threads >= 1)):
         raise RefquantError(f"adaround: threads must be 'auto', None or a positive int, got {threads!r}")
+    if include_activation not in (True, False, "all"):
+        raise RefquantError(f"adaround: include_activation must be True, False or 'all', got {include_activation!r}")
     if num_iterations < 0 or not 0 <= warm_start <= 1:
         raise RefquantError("adaround: num_iterations must be >= 0 and warm_start in [0, 1]")
     layers, skipped = find_layers(sim, LAYER_OPS)
@@ -1256,6 +1255,9 @@ def build_objective(sim, layer: LinearLayer, inputs: LayerInputs, reg_param=0.01
     w_mat = layer.to_matrix(w).astype(np.float64)
     rounding = SoftRounding(w_mat, layer.to_matrix(scale), layer.to_matrix(offset), layer.to_matrix(offset) + steps)
     activation = layer.activation if include_activation else None
+    if isinstance(activation, Pointwise) and include_activation != "all" and \
+            activation.describe() not in IN_LOSS_BY_DEFAULT:
+        activation = None
     reservoir = _Reservoir(num_columns or max(SAMPLED_COLUMNS, _full_batch_positions(w_mat)), rng)
     groups, _, per_in = w_mat.shape
     moments = None if activation is not None or groups * per_in * per_in > MOMENTS_BUDGET else _Moments()
