@@ -156,3 +156,21 @@ def test_bad_input_exits_2_with_one_line(data, tmp_path, capsys, extra, message)
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("choice, expected", [("default", True), ("all", "all"), ("none", False)])
+def test_ptq_adaround_activation_reaches_adaround(data, tmp_path, monkeypatch, choice, expected):
+    import refquant.ptq.adaround as adaround_module
+
+    seen = []
+    real = adaround_module.adaround
+
+    def spy(sim, data, **options):
+        seen.append(options.get("include_activation"))
+        return real(sim, data, **options)
+
+    monkeypatch.setattr(adaround_module, "adaround", spy)
+    code = main(["ptq", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--technique", "adaround",
+                 "--precision", "w4a8", "--adaround-iterations", "2", "--adaround-activation", choice,
+                 "--no-progress", "-o", str(tmp_path / "out")])
+    assert code == 0 and seen == [expected]

@@ -17,6 +17,7 @@ from ..errors import RefquantError
 
 PTQ_TECHNIQUES = ("prepare", "bn_fold", "cle", "bias_correction", "adaround", "seq_mse")
 GRAPH_TECHNIQUES = ("prepare", "bn_fold", "cle")
+ACTIVATION_CHOICES = {"default": True, "all": "all", "none": False}  # --adaround-activation -> include_activation
 
 
 def _common_arguments(p) -> None:
@@ -34,6 +35,9 @@ def _common_arguments(p) -> None:
     _sim_arguments(p)
     p.add_argument("--adaround-iterations", type=int, default=1000, help="AdaRound iterations per layer (default 1000)")
     p.add_argument("--adaround-optimizer", default="adam", choices=["adam", "lbfgs"])
+    p.add_argument("--adaround-activation", default="default", choices=["default", "all", "none"],
+                   help="activation after a layer in AdaRound's loss: default = Relu, Clip, PRelu, Softmax, Sigmoid, "
+                        "Tanh, SiLU; all = also any other elementwise subgraph (HardSwish, GELU...); none")
     p.add_argument("--seq-mse-candidates", type=int, default=20, help="SeqMSE candidate ranges (default 20)")
     p.add_argument("--replace-relu6", action="store_true", help="CLE: replace Clip(0, 6) by Relu (AIMET; changes FP32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -162,7 +166,8 @@ def cli_ptq(args) -> int:
 
     techniques = parse_techniques(args.technique)
     graph, metric, spec, preprocess = _setup(args)
-    options = {"adaround": {"num_iterations": args.adaround_iterations, "optimizer": args.adaround_optimizer},
+    options = {"adaround": {"num_iterations": args.adaround_iterations, "optimizer": args.adaround_optimizer,
+                            "include_activation": ACTIVATION_CHOICES[args.adaround_activation]},
                "seq_mse": {"num_candidates": args.seq_mse_candidates},
                "bias_correction": {"analytical": args.analytical} if args.analytical else {}}
     records, graph, quantizers = run_ptq(graph, args.data, techniques, metric, spec, batch_size=args.batch_size,
@@ -232,7 +237,8 @@ def cli_autoquant(args) -> int:
         result = autoquant(graph, args.data, metric, args.allowed_drop, target=args.target, precision=spec.precision,
                            config=spec.config, rounding=spec.rounding, quant_scheme=spec.quant_scheme, steps=steps,
                            schemes=parse_schemes(args.schemes), adaround_iterations=args.adaround_iterations,
-                           adaround_options={"optimizer": args.adaround_optimizer},
+                           adaround_options={"optimizer": args.adaround_optimizer,
+                                             "include_activation": ACTIVATION_CHOICES[args.adaround_activation]},
                            seq_mse_candidates=args.seq_mse_candidates, replace_relu6=args.replace_relu6,
                            batch_size=args.batch_size, preprocess=preprocess, executor=executor,
                            output_dir=args.output_dir, prefix=args.prefix or Path(args.model).stem,
