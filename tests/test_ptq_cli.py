@@ -158,19 +158,21 @@ def test_bad_input_exits_2_with_one_line(data, tmp_path, capsys, extra, message)
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("choice, expected", [("default", True), ("all", "all"), ("none", False)])
-def test_ptq_adaround_activation_reaches_adaround(data, tmp_path, monkeypatch, choice, expected):
+@pytest.mark.parametrize("choice, expected", [("default", (True, False)), ("all", ("all", False)),
+                                              ("none", (False, True))])
+def test_ptq_adaround_options_reach_adaround(data, tmp_path, monkeypatch, choice, expected):
     import refquant.ptq.adaround as adaround_module
 
     seen = []
     real = adaround_module.adaround
 
     def spy(sim, data, **options):
-        seen.append(options.get("include_activation"))
+        seen.append((options.get("include_activation"), options.get("quantize_activations")))
         return real(sim, data, **options)
 
     monkeypatch.setattr(adaround_module, "adaround", spy)
     code = main(["ptq", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--technique", "adaround",
                  "--precision", "w4a8", "--adaround-iterations", "2", "--adaround-activation", choice,
-                 "--no-progress", "-o", str(tmp_path / "out")])
+                 "--no-progress", "-o", str(tmp_path / "out")]
+                + (["--adaround-quantized-inputs"] if expected[1] else []))
     assert code == 0 and seen == [expected]

@@ -35,6 +35,9 @@ def _common_arguments(p) -> None:
     _sim_arguments(p)
     p.add_argument("--adaround-iterations", type=int, default=1000, help="AdaRound iterations per layer (default 1000)")
     p.add_argument("--adaround-optimizer", default="adam", choices=["adam", "lbfgs"])
+    p.add_argument("--adaround-quantized-inputs", action="store_true",
+                   help="AdaRound's layer inputs with the activation quantizers on (as aimet-onnx runs it; helps some "
+                        "detectors, hurts other models: see refquant.ptq.adaround)")
     p.add_argument("--adaround-activation", default="default", choices=["default", "all", "none"],
                    help="activation after a layer in AdaRound's loss: default = Relu, Clip, PRelu, Softmax, Sigmoid, "
                         "Tanh, SiLU; all = also any other elementwise subgraph (HardSwish, GELU...); none")
@@ -167,7 +170,8 @@ def cli_ptq(args) -> int:
     techniques = parse_techniques(args.technique)
     graph, metric, spec, preprocess = _setup(args)
     options = {"adaround": {"num_iterations": args.adaround_iterations, "optimizer": args.adaround_optimizer,
-                            "include_activation": ACTIVATION_CHOICES[args.adaround_activation]},
+                            "include_activation": ACTIVATION_CHOICES[args.adaround_activation],
+                            "quantize_activations": args.adaround_quantized_inputs},
                "seq_mse": {"num_candidates": args.seq_mse_candidates},
                "bias_correction": {"analytical": args.analytical} if args.analytical else {}}
     records, graph, quantizers = run_ptq(graph, args.data, techniques, metric, spec, batch_size=args.batch_size,
@@ -238,7 +242,8 @@ def cli_autoquant(args) -> int:
                            config=spec.config, rounding=spec.rounding, quant_scheme=spec.quant_scheme, steps=steps,
                            schemes=parse_schemes(args.schemes), adaround_iterations=args.adaround_iterations,
                            adaround_options={"optimizer": args.adaround_optimizer,
-                                             "include_activation": ACTIVATION_CHOICES[args.adaround_activation]},
+                                             "include_activation": ACTIVATION_CHOICES[args.adaround_activation],
+                                             "quantize_activations": args.adaround_quantized_inputs},
                            seq_mse_candidates=args.seq_mse_candidates, replace_relu6=args.replace_relu6,
                            batch_size=args.batch_size, preprocess=preprocess, executor=executor,
                            output_dir=args.output_dir, prefix=args.prefix or Path(args.model).stem,
