@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 import refquant
-from refquant.ptq.pointwise import Pointwise, trace
+from refquant.ptq.pointwise import IN_LOSS_BY_DEFAULT, Pointwise, trace
 
 from .helpers import FLOAT, make_model, ort_run
 
@@ -109,3 +109,17 @@ def test_no_activation_when_f_is_not_a_function_of_y_alone_or_is_linear(case):
     else:
         graph = refquant.load(activation_model([N("Sigmoid", ["y"], ["out"])], 17))
         assert trace(graph, "y", graph.consumers(), {"y"}) is None
+
+
+def test_allowed_subgraphs_take_the_largest_allowed_prefix():
+    """SiLU then a scale (PP-LCNet's learnable affine after its activation): with the default set the SiLU
+    alone, f = y s(y); without a set all three ops, f = 2 y s(y)."""
+    nodes = [N("Sigmoid", ["y"], ["s"]), N("Mul", ["y", "s"], ["m"]), N("Mul", ["m", "two"], ["out"])]
+    graph = refquant.load(activation_model(nodes, 17))
+    everything = trace(graph, "y", graph.consumers(), set())
+    default = trace(graph, "y", graph.consumers(), set(), IN_LOSS_BY_DEFAULT)
+    assert everything.describe() == "Sigmoid > Mul > Mul" and default.describe() == "Sigmoid > Mul"
+    y = _points()
+    np.testing.assert_allclose(default(y)[0], y / (1 + np.exp(-y)), rtol=1e-12)
+    np.testing.assert_allclose(everything(y)[0], 2 * y / (1 + np.exp(-y)), rtol=1e-7)  # the float32 constant 2
+    assert trace(graph, "y", graph.consumers(), set(), {"Tanh"}) is None

@@ -144,6 +144,7 @@ class LinearLayer:
     index: np.ndarray
     output_axis: int
     activation: tuple[float, float] | None = None
+    activation_all: object = None  # include_activation="all": any elementwise subgraph (else as activation)
 
     @property
     def name(self) -> str:
@@ -230,6 +231,9 @@ def find_layers(sim, op_types=LAYER_OPS) -> tuple[list[LinearLayer], list[str]]:
                 skipped.append(f"{label} (weight layout not supported)")
             else:
                 layer.activation = _following_activation(graph, node, consumers, outputs, layer.groups)
+                layer.activation_all = layer.activation
+                if layer.activation is None or isinstance(layer.activation, Pointwise):
+                    layer.activation_all = trace_activation(graph, node.outputs[0], consumers, outputs)
                 layers.append(layer)
     return layers, skipped
 
@@ -283,7 +287,7 @@ def _following_activation(graph: Graph, node: Node, consumers, outputs, groups: 
                 return None
             bounds.append(float(graph.initializers[name]) if name else default)
         return bounds[0], bounds[1]
-    return trace_activation(graph, node.outputs[0], consumers, outputs)
+    return trace_activation(graph, node.outputs[0], consumers, outputs, IN_LOSS_BY_DEFAULT)
 
 
 def _softmax_over_channels(layer: Node, softmax: Node) -> bool:
@@ -1258,10 +1262,8 @@ def build_objective(sim, layer: LinearLayer, inputs: LayerInputs, reg_param=0.01
     steps = sim.encoding_of(layer.weight).steps
     w_mat = layer.to_matrix(w).astype(np.float64)
     rounding = SoftRounding(w_mat, layer.to_matrix(scale), layer.to_matrix(offset), layer.to_matrix(offset) + steps)
-    activation = layer.activation if include_activation else None
-    if isinstance(activation, Pointwise) and include_activation != "all" and \
-            activation.describe() not in IN_LOSS_BY_DEFAULT:
-        activation = None
+    activation = (layer.activation_all if include_activation == "all" else layer.activation) \
+        if include_activation else None
     reservoir = _Reservoir(num_columns or max(SAMPLED_COLUMNS, _full_batch_positions(w_mat)), rng)
     groups, _, per_in = w_mat.shape
     moments = None if activation is not None or groups * per_in * per_in > MOMENTS_BUDGET else _Moments()

@@ -153,10 +153,12 @@ def _sum(a, b):
     return a if b is None else a + b
 
 
-def trace(graph: Graph, tensor: str, consumers, outputs) -> Pointwise | None:
+def trace(graph: Graph, tensor: str, consumers, outputs, allowed=None) -> Pointwise | None:
     """The activation subgraph after ``tensor``: the largest set of elementwise ops, grown from it, whose
     tensors nothing outside reads except one result; None when it is empty or linear in ``tensor``
-    (a scale or shift is no activation: the layer keeps its exact quadratic loss)."""
+    (a scale or shift is no activation: the layer keeps its exact quadratic loss). ``allowed``: a set of
+    :meth:`Pointwise.describe` texts; then the largest such subgraph that is one of them (e.g. the SiLU
+    of a SiLU followed by a scale)."""
     if tensor in outputs:
         return None
     made = {tensor: None}  # tensor -> the op that makes it (None: the source)
@@ -176,7 +178,8 @@ def trace(graph: Graph, tensor: str, consumers, outputs) -> Pointwise | None:
     best = None
     for end, node in enumerate(order):  # the furthest result that is the only way out of its ops
         chosen = _ancestors(order[:end + 1], node)
-        if _closed(chosen, node.outputs[0], tensor, consumers, outputs):
+        if _closed(chosen, node.outputs[0], tensor, consumers, outputs) and \
+                (allowed is None or " > ".join(n.op_type for n in chosen) in allowed):
             best = chosen, node.outputs[0]
     if best is None or all(n.op_type in LINEAR for n in best[0]):
         return None
