@@ -265,29 +265,33 @@ def _linear_layer(node: Node, shape: tuple[int, ...]) -> LinearLayer | None:
 def _following_activation(graph: Graph, node: Node, consumers, outputs, groups: int = 1):
     """``(lo, hi)`` of a Relu or constant Clip that is the only reader of the layer output,
     :data:`SOFTMAX` for a Softmax over exactly the output channels, a :class:`PRelu` for a PRelu
-    with a constant per-channel slope, else the elementwise activation subgraph that alone reads it
-    (a :class:`~refquant.ptq.pointwise.Pointwise`: Sigmoid, Tanh, SiLU, HardSwish, GELU...), else None."""
+    with a constant per-channel slope, else the Sigmoid, Tanh or SiLU subgraph that alone reads it
+    (a :class:`~refquant.ptq.pointwise.Pointwise` of ``pointwise.IN_LOSS_BY_DEFAULT``), else None."""
     users = consumers.get(node.outputs[0], [])
     if node.outputs[0] in outputs:
         return None
-    act = users[0] if len(users) == 1 else None
-    if act is not None and act.op_type == "Relu":
-        return 0.0, math.inf
-    if act is not None and act.op_type == "Softmax":
-        return SOFTMAX if groups == 1 and _softmax_over_channels(node, act) else None
-    if act is not None and act.op_type == "PRelu":
-        return _prelu_slopes(graph, node, act)
-    if act is not None and act.op_type == "Clip":
-        if "min" in act.attrs or "max" in act.attrs:  # opset < 11
-            return float(act.attrs.get("min", -math.inf)), float(act.attrs.get("max", math.inf))
-        bounds = []
-        for i, default in ((1, -math.inf), (2, math.inf)):
-            name = act.inputs[i] if len(act.inputs) > i else ""
-            if name and name not in graph.initializers:
-                return None
-            bounds.append(float(graph.initializers[name]) if name else default)
-        return bounds[0], bounds[1]
+    if len(users) == 1 and users[0].op_type in ("Relu", "Softmax", "PRelu", "Clip"):
+        return _single_activation(graph, node, users[0], groups)
     return trace_activation(graph, node.outputs[0], consumers, outputs, IN_LOSS_BY_DEFAULT)
+
+
+def _single_activation(graph: Graph, node: Node, act: Node, groups: int):
+    """The activation of :func:`_following_activation` for its one reader ``act``: Relu, Softmax, PRelu, Clip."""
+    if act.op_type == "Relu":
+        return 0.0, math.inf
+    if act.op_type == "Softmax":
+        return SOFTMAX if groups == 1 and _softmax_over_channels(node, act) else None
+    if act.op_type == "PRelu":
+        return _prelu_slopes(graph, node, act)
+    if "min" in act.attrs or "max" in act.attrs:  # Clip before opset 11
+        return float(act.attrs.get("min", -math.inf)), float(act.attrs.get("max", math.inf))
+    bounds = []
+    for i, default in ((1, -math.inf), (2, math.inf)):
+        name = act.inputs[i] if len(act.inputs) > i else ""
+        if name and name not in graph.initializers:
+            return None
+        bounds.append(float(graph.initializers[name]) if name else default)
+    return bounds[0], bounds[1]
 
 
 def _softmax_over_channels(layer: Node, softmax: Node) -> bool:
