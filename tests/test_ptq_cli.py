@@ -176,3 +176,24 @@ def test_ptq_adaround_options_reach_adaround(data, tmp_path, monkeypatch, choice
                  "--no-progress", "-o", str(tmp_path / "out")]
                 + (["--adaround-quantized-inputs"] if expected[1] else []))
     assert code == 0 and seen == [expected]
+
+
+@pytest.mark.parametrize("flag, expected", [([], [None, True]), (["--adaround-quantized-inputs"], [True])])
+def test_autoquant_tries_both_adaround_inputs_unless_told(data, tmp_path, monkeypatch, flag, expected):
+    import refquant.ptq.adaround as adaround_module
+
+    seen = []
+    real = adaround_module.adaround
+
+    def spy(sim, data, **options):
+        seen.append(options.get("quantize_activations"))
+        return real(sim, data, **options)
+
+    monkeypatch.setattr(adaround_module, "adaround", spy)
+    main(["autoquant", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--precision", "w4a8",
+          "--target", "80", "--steps", "adaround", "--adaround-iterations", "2", "--no-progress",
+          "-o", str(tmp_path / "out")] + flag)
+    assert seen == expected
+    steps = json.loads((tmp_path / "out" / "autoquant.json").read_text())["steps"]
+    trials = next(s for s in steps if s["step"] == "adaround")["trials"]
+    assert [t["key"] for t in trials] == (["adaround", "adaround, quantized inputs"] if not flag else [])

@@ -37,7 +37,7 @@ def _common_arguments(p) -> None:
     p.add_argument("--adaround-optimizer", default="adam", choices=["adam", "lbfgs"])
     p.add_argument("--adaround-quantized-inputs", action="store_true",
                    help="AdaRound's layer inputs with the activation quantizers on (as aimet-onnx runs it; helps some "
-                        "detectors, hurts other models: see refquant.ptq.adaround)")
+                        "detectors, hurts other models: see refquant.ptq.adaround). autoquant without it tries both")
     p.add_argument("--adaround-activation", default="default", choices=["default", "all", "none"],
                    help="activation after a layer in AdaRound's loss: default = Relu, Clip, PRelu, Softmax, Sigmoid, "
                         "Tanh, SiLU; all = also any other elementwise subgraph (HardSwish, GELU...); none")
@@ -243,7 +243,8 @@ def cli_autoquant(args) -> int:
                            schemes=parse_schemes(args.schemes), adaround_iterations=args.adaround_iterations,
                            adaround_options={"optimizer": args.adaround_optimizer,
                                              "include_activation": ACTIVATION_CHOICES[args.adaround_activation],
-                                             "quantize_activations": args.adaround_quantized_inputs},
+                                             **({"quantize_activations": True} if args.adaround_quantized_inputs
+                                                else {})},
                            seq_mse_candidates=args.seq_mse_candidates, replace_relu6=args.replace_relu6,
                            batch_size=args.batch_size, preprocess=preprocess, executor=executor,
                            output_dir=args.output_dir, prefix=args.prefix or Path(args.model).stem,
