@@ -143,8 +143,9 @@ class LinearLayer:
     shape: tuple[int, ...]
     index: np.ndarray
     output_axis: int
-    activation: tuple[float, float] | None = None
-    activation_all: object = None  # include_activation="all": any elementwise subgraph (else as activation)
+    activation: tuple[float, float] | str | PRelu | Pointwise | None = None
+    # include_activation="all": any elementwise subgraph (else the same as activation)
+    activation_all: tuple[float, float] | str | PRelu | Pointwise | None = None
 
     @property
     def name(self) -> str:
