@@ -848,7 +848,7 @@ class SampledLoss:
             return None, _bmm(y, cols_t).astype(np.float64)
         y += self.z[:, :, part]
         if self.pointwise is not None:
-            out, slope = self.pointwise(y)
+            out, slope = self.pointwise(y, derivative=grad)
         else:
             out = self._f(y)  # a new array, except for the identity (then y itself)
         if self.softmax:  # its backward below needs its output

@@ -95,10 +95,9 @@ class Pointwise:
     nodes: tuple[Node, ...]
     constants: dict
 
-    def __call__(self, y: np.ndarray):
-        """``(f(y), f'(y))`` elementwise, in ``y``'s dtype."""
-        one = np.ones_like(y)
-        values = {self.source: (y, one)}
+    def __call__(self, y: np.ndarray, derivative: bool = True):
+        """``(f(y), f'(y))`` elementwise, in ``y``'s dtype (``f'`` None unless ``derivative``)."""
+        values = {self.source: (y, np.ones_like(y) if derivative else None)}
         for node in self.nodes:
             args = []
             for name in node.inputs:
@@ -114,7 +113,7 @@ class Pointwise:
 
     def value(self, y: np.ndarray) -> np.ndarray:
         """``f(y)``."""
-        return self(y)[0]
+        return self(y, derivative=False)[0]
 
     def describe(self) -> str:
         """The ops as text, e.g. ``Sigmoid > Mul``."""
@@ -141,10 +140,10 @@ def _apply(node: Node, args):
         if "min" in node.attrs or "max" in node.attrs:  # opset < 11
             lo_value, hi_value = node.attrs.get("min", -np.inf), node.attrs.get("max", np.inf)
         value, inside = _clip(a, lo_value, hi_value)
-        return value, inside * da
+        return value, None if da is None else inside * da
     (a, da), = args
     value, slope = _unary(op, node.attrs, a)
-    return value, slope * da
+    return value, None if da is None else slope * da
 
 
 def _sum(a, b):
