@@ -8,6 +8,8 @@ MTCNN P-Net and O-Net, PP-OCRv4 rec. (MobileNetV2: bench/ptq_vs_aimet.py.)
         --models ppocr_rec --adaround 20           # AIMET: about 20 minutes per AdaRound row here
     python bench/ptq_vs_aimet_models.py --data /tmp/rq/models_data --aimet /tmp/rq/aimet_models \
         --ours /tmp/rq/ours_models --seeds 5       # --ours: keep refquant's outputs; --seeds: AdaRound's spread
+    python bench/ptq_vs_aimet_models.py --models mtcnn_rnet --rows w4a8_adaround_1000 --seeds 3 \
+        --adaround-options '{"qdrop": 0.5, "quantize_activations": true}'   # refquant's AdaRound rows with options
 
 ``--dump`` writes each model's calibration and evaluation inputs and a ``meta.json`` (model files, input and
 output names) for bench/aimet_models.py, which runs aimet-onnx 2.42.0 in its own virtual environment and saves its
@@ -245,6 +247,9 @@ def sim_outputs(sim, spec: dict) -> dict:
     return {k: np.concatenate([r[k] for r in runs]) for k in spec["outputs"]}
 
 
+ADAROUND_OPTIONS: dict = {}  # --adaround-options: more keyword arguments of refquant's adaround()
+
+
 def ours(name: str, row: str, spec: dict, graphs: dict, seed: int = 0) -> tuple[dict, float]:
     """(outputs on the evaluation set, technique seconds) of refquant's counterpart of ``row`` (``seed``:
     AdaRound's, which draws the cached positions and Adam's minibatches)."""
@@ -273,7 +278,7 @@ def ours(name: str, row: str, spec: dict, graphs: dict, seed: int = 0) -> tuple[
     elif row.startswith("w4a8_adaround_"):
         n = int(row.rsplit("_", 1)[1])
         technique = lambda: adaround(sim, calib, num_iterations=n, batch_size=BATCH, seed=seed,  # noqa: E731
-                                     progress=False)
+                                     progress=False, **ADAROUND_OPTIONS)
     if technique is not None:
         start = time.perf_counter()
         technique()
@@ -299,7 +304,9 @@ def fmt(value, spec) -> str:
 
 def ours_cached(name: str, row: str, spec: dict, graphs: dict, ours_dir: Path | None) -> tuple[dict, float]:
     """``ours``, or its saved outputs and seconds from an earlier run (``--ours DIR``: saved there if new)."""
-    cache = ours_dir / name / row if ours_dir else None
+    suffix = "".join(f"_{k}={v}" for k, v in sorted(ADAROUND_OPTIONS.items())) if row.startswith("w4a8_adaround") \
+        else ""
+    cache = ours_dir / name / (row + suffix) if ours_dir else None
     if cache and cache.with_suffix(".npz").exists():
         return dict(np.load(cache.with_suffix(".npz"))), json.loads(cache.with_suffix(".json").read_text())["s"]
     with warnings.catch_warnings():
@@ -381,7 +388,10 @@ def main(argv=None) -> int:
     parser.add_argument("--ours", type=Path, help="save refquant's outputs and seconds per row here, and reuse them")
     parser.add_argument("--only-ours", action="store_true", help="with --ours: run and save refquant's rows only")
     parser.add_argument("--seeds", type=int, default=1, help="also run refquant's AdaRound rows with seeds 1..N-1")
+    parser.add_argument("--adaround-options", type=json.loads, default={},
+                        help="JSON keyword arguments for refquant's adaround() (e.g. qdrop, quantize_activations)")
     args = parser.parse_args(argv)
+    ADAROUND_OPTIONS.update(args.adaround_options)
     if args.dump:
         dump(args.dump, args.models)
         return 0

@@ -230,10 +230,10 @@ def test_executors_give_identical_results_and_the_export_scores_what_was_reporte
     assert all(Path(p).is_file() for p in serial.paths.values())
 
 
-def test_adaround_tries_both_layer_inputs_and_keeps_the_better():
-    """Two AdaRound trials, without and with the activation quantizers on the layer inputs; each trial's score
-    is the SQNR of that AdaRound recomputed here, and the step's score is the better one. An explicit
-    quantize_activations leaves one trial."""
+def test_adaround_tries_each_kind_of_layer_input_and_keeps_the_best():
+    """Three AdaRound trials: the layer inputs without and with the activation quantizers, and QDrop's mix of the
+    latter with the FP32 inputs; each trial's score is the SQNR of that AdaRound recomputed here, and the step's
+    score is the best one. An explicit quantize_activations leaves one trial."""
     from refquant.ptq.adaround import adaround
 
     graph = refquant.load(conv_bn_relu_conv())
@@ -243,17 +243,18 @@ def test_adaround_tries_both_layer_inputs_and_keeps_the_better():
     step = next(s for s in result.steps if s.step == "adaround")
     reference = graph.copy()
     expected = {}
-    for key, quantized in (("adaround", False), ("adaround, quantized inputs", True)):
+    for key, quantized, qdrop in (("adaround", False, 0.0), ("adaround, quantized inputs", True, 0.0),
+                                  ("adaround, qdrop", True, 0.5)):
         sim = QuantSim(reference.copy(), precision="w4a8", prepare=False)  # AutoQuant's prepare is a step
         sim.compute_encodings(x, progress=False)
-        adaround(sim, x, num_iterations=30, quantize_activations=quantized, progress=False)
+        adaround(sim, x, num_iterations=30, quantize_activations=quantized, qdrop=qdrop, progress=False)
         sim.compute_encodings(x, progress=False)
         fp32 = refquant.Session(reference).run({"x": x})["y"]
         expected[key] = sqnr_db(fp32, sim.run({"x": x})["y"].astype(np.float64))
     assert [t[0] for t in step.trials] == list(expected)
     for (key, score, _), want in zip(step.trials, expected.values()):
         assert score == pytest.approx(want, abs=1e-9), key
-    assert expected["adaround"] != expected["adaround, quantized inputs"]  # the two inputs do differ here
+    assert len(set(expected.values())) == 3  # the three inputs do differ here
     assert step.score == max(expected.values())
 
     single = autoquant(graph, x, "sqnr", target=1000, steps=("adaround",), adaround_iterations=30, precision="w4a8",

@@ -158,35 +158,38 @@ def test_bad_input_exits_2_with_one_line(data, tmp_path, capsys, extra, message)
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("choice, expected", [("default", (True, False)), ("all", ("all", False)),
-                                              ("none", (False, True))])
-def test_ptq_adaround_options_reach_adaround(data, tmp_path, monkeypatch, choice, expected):
+@pytest.mark.parametrize("choice, flags, expected", [
+    ("default", [], (True, False, None)), ("all", [], ("all", False, None)),
+    ("none", ["--adaround-quantized-inputs"], (False, True, None)),
+    ("default", ["--adaround-qdrop", "0.25"], (True, True, 0.25))])
+def test_ptq_adaround_options_reach_adaround(data, tmp_path, monkeypatch, choice, flags, expected):
     import refquant.ptq.adaround as adaround_module
 
     seen = []
     real = adaround_module.adaround
 
     def spy(sim, data, **options):
-        seen.append((options.get("include_activation"), options.get("quantize_activations")))
+        seen.append((options.get("include_activation"), options.get("quantize_activations"), options.get("qdrop")))
         return real(sim, data, **options)
 
     monkeypatch.setattr(adaround_module, "adaround", spy)
     code = main(["ptq", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--technique", "adaround",
                  "--precision", "w4a8", "--adaround-iterations", "2", "--adaround-activation", choice,
-                 "--no-progress", "-o", str(tmp_path / "out")]
-                + (["--adaround-quantized-inputs"] if expected[1] else []))
+                 "--no-progress", "-o", str(tmp_path / "out")] + flags)
     assert code == 0 and seen == [expected]
 
 
-@pytest.mark.parametrize("flag, expected", [([], [None, True]), (["--adaround-quantized-inputs"], [True])])
-def test_autoquant_tries_both_adaround_inputs_unless_told(data, tmp_path, monkeypatch, flag, expected):
+@pytest.mark.parametrize("flag, expected", [([], [(None, None), (True, None), (True, 0.5)]),
+                                           (["--adaround-quantized-inputs"], [(True, None)]),
+                                           (["--adaround-qdrop", "0.3"], [(True, 0.3)])])
+def test_autoquant_tries_each_adaround_input_unless_told(data, tmp_path, monkeypatch, flag, expected):
     import refquant.ptq.adaround as adaround_module
 
     seen = []
     real = adaround_module.adaround
 
     def spy(sim, data, **options):
-        seen.append(options.get("quantize_activations"))
+        seen.append((options.get("quantize_activations"), options.get("qdrop")))
         return real(sim, data, **options)
 
     monkeypatch.setattr(adaround_module, "adaround", spy)
@@ -196,4 +199,5 @@ def test_autoquant_tries_both_adaround_inputs_unless_told(data, tmp_path, monkey
     assert seen == expected
     steps = json.loads((tmp_path / "out" / "autoquant.json").read_text())["steps"]
     trials = next(s for s in steps if s["step"] == "adaround")["trials"]
-    assert [t["key"] for t in trials] == (["adaround", "adaround, quantized inputs"] if not flag else [])
+    assert [t["key"] for t in trials] == (["adaround", "adaround, quantized inputs", "adaround, qdrop"]
+                                          if not flag else [])

@@ -82,6 +82,26 @@ actually runs (its ``with (disable_quantizers(...) and TemporaryDirectory())`` e
 was, 25.45 -> 27.72 dB (seed 1: 25.57 -> 27.64; AIMET 27.61), also O-Net +0.6, PP-OCR cls +0.3, mlp +0.2 dB;
 but MTCNN R-Net 45.33 -> 38.39 and the convnet sample 26.94 -> 24.03 dB. The calibration-set SQNR cannot tell
 which (R-Net: 46.49 against 42.56 there, the reverse on the evaluation faces), so the default stays off.
+QDrop inputs (Wei et al. 2022, "QDrop: Randomly Dropping Quantization for Extremely Low-bit Post-Training
+Quantization"), ``qdrop=q`` with ``quantize_activations=True``: each element of a layer's input is the FP32 model's
+with probability ``q`` (0.5 in the paper), else the simulation's, a new mask at every optimizer step
+(:class:`MixedSampledLoss`); the quadratic form takes the exact expectation over the masks, the loss at the mean
+input plus ``sum_k q (1 - q) mean (a_k - b_k)^2 sum_o W[o, k]^2`` (:class:`QuadraticLoss`). Measured (W4A8,
+seeds 0/1/2; the other settings seed 0; bench/results_ptq_vs_aimet_models.txt), QDrop is no default either:
+
+    model        200 its: QDrop       default  quantized  AIMET | 1000 its: QDrop     default  quantized  AIMET
+    convnet      22.86 (all seeds)    21.91    21.89      21.34 | 27.06 28.61 28.36   26.94    24.03      26.75
+    mlp          23.66 23.60 23.62    23.70    23.51      23.75 | 23.80 23.68 23.72   23.31    23.55      23.85
+    MTCNN R-Net  44.76 43.39 40.01    43.57    44.58      45.60 | 46.01 47.35 43.42   45.33    38.39      44.41
+    MTCNN P-Net  15.81 15.91 15.80    17.09    17.09      16.24 | 21.43 21.19 20.89   20.82    20.79      20.77
+    MTCNN O-Net  31.57 31.09 31.35    34.38    36.00      33.25 | 41.84 39.13 41.23   39.66    40.26      37.86
+    NudeNet      24.10                25.21    25.64      25.35 | 25.48               25.45    27.72      27.61
+    MobileNetV2  (1000 its, 64 crops) 10.62 dB / 74.2 % in 306 s; default 11.64 dB / 78.9 % in 129 s
+
+It is the best at 1000 iterations on the convnet sample and MTCNN, where the quantized inputs overfit, and costs
+1-3 dB at 200 (the random masks need iterations to average out); NudeNet wants the plain quantized inputs,
+MobileNetV2 the default. AutoQuant tries all three (:mod:`refquant.ptq.autoquant`). Each step draws a random byte
+per input element and mixes (:func:`refquant.kernels.adaround.mix_columns`): up to 2x the default's time.
 The inputs are carried forward from layer to layer (:class:`LayerInputs`), so the data goes through the graph once. Call
 ``sim.compute_encodings`` afterwards: activation ranges are then calibrated with the AdaRounded
 weights (frozen weight encodings and their fixed values are kept).
@@ -99,7 +119,8 @@ import numpy as np
 
 from ..errors import RefquantError
 from ..ir import Graph, Node, Value
-from ..kernels.adaround import CLIP, GAMMA, IDENTITY, PRELU, ZETA, adam_step, reconstruction_gradient, soft_weights
+from ..kernels.adaround import (CLIP, GAMMA, IDENTITY, PRELU, ZETA, adam_step, mix_columns, reconstruction_gradient,
+                                soft_weights)
 from ..ops.nn import _as3d, _to3, _windows, conv_geometry
 from ..progress import iterate
 from ..runtime import Session
@@ -417,6 +438,18 @@ def _conv_transpose_columns(node: Node, shape, x: np.ndarray) -> _ConvColumns:
                         int(attrs.get("group", 1)))
 
 
+class _PairedColumns:
+    """The simulation's and the FP32 model's columns at the same positions: ``take`` stacks them per group,
+    ``[G, 2 K/G, B]`` (the simulation's K/G rows, then the FP32 model's), so one reservoir samples both."""
+
+    def __init__(self, sim_columns, fp32_columns):
+        self.sim, self.fp32 = sim_columns, fp32_columns
+        self.count, self.height = sim_columns.count, 2 * sim_columns.height
+
+    def take(self, positions: np.ndarray | None = None) -> np.ndarray:
+        return np.concatenate([self.sim.take(positions), self.fp32.take(positions)], axis=1)
+
+
 def position_chunks(columns, budget: int = COLUMN_BUDGET):
     """Sorted position arrays covering all of ``columns``, each at most ``budget`` column floats."""
     size = max(1, budget // max(1, columns.height))
@@ -456,13 +489,15 @@ class LayerInputs:
             self.sim_side = _CarriedSide(sim, feeds, simulated=True)
             self.float_side = _CarriedSide(sim, feeds, simulated=False)
 
-    def batches(self, layer: LinearLayer, fp32_target: bool = True):
+    def batches(self, layer: LinearLayer, fp32_target: bool = True, fp32_inputs: bool = False):
+        """``(x, z, t)`` per batch; with ``fp32_inputs`` ``(x, z, t, x_fp32)``, also the FP32 model's layer input."""
         probe = None if self.use_fp32_inputs else _probe(self.sim, layer)
-        for x, t in self._inputs_and_targets(layer, fp32_target or self.use_fp32_inputs):
+        for x, t, x_fp32 in self._inputs_and_targets(layer, fp32_target or self.use_fp32_inputs, fp32_inputs):
             if x.dtype.kind == "f" and not np.isfinite(x).all():
                 raise RefquantError(f"tensor {layer.input!r} has NaN or Inf in the quantized simulation")
             z = t if probe is None else probe.run({layer.input: x})["y"]
-            yield x, z, (t if fp32_target and t is not None else z)
+            t = t if fp32_target and t is not None else z
+            yield (x, z, t, x_fp32) if fp32_inputs else (x, z, t)
 
     def output_sqnr(self) -> float:
         """``-10 log10(mean_o sum (y_o - y'_o)^2 / sum y_o^2)`` over the float graph outputs ``o`` and all batches
@@ -494,23 +529,25 @@ class LayerInputs:
         for feeds in iter_feeds(self.data, self.sim.graph, batch_size=self.batch_size):
             yield self.sim.run(feeds, outputs=names), self.sim.run_float(feeds, outputs=names)
 
-    def _inputs_and_targets(self, layer, want_target):
+    def _inputs_and_targets(self, layer, want_target, want_fp32_inputs=False):
         if self.carry:
             side = self.float_side if self.use_fp32_inputs else self.sim_side
             xs = side.tensor(layer.input)
+            fps = self.float_side.tensor(layer.input) if want_fp32_inputs else [None] * len(xs)
             ts = self.float_side.tensor(layer.output) if want_target else [None] * len(xs)
-            yield from zip(xs, ts)
+            yield from zip(xs, ts, fps)
             return
         from ..data import iter_feeds
 
         for feeds in iter_feeds(self.data, self.sim.graph, batch_size=self.batch_size):
             if self.use_fp32_inputs:
                 out = self.sim.run_float(feeds, outputs=[layer.input, layer.output])
-                yield out[layer.input], out[layer.output]
+                yield out[layer.input], out[layer.output], out[layer.input]
                 continue
             x = self.sim.run(feeds, outputs=[layer.input])[layer.input]
-            t = self.sim.run_float(feeds, outputs=[layer.output])[layer.output] if want_target else None
-            yield x, t
+            wanted = ([layer.output] if want_target else []) + ([layer.input] if want_fp32_inputs else [])
+            out = self.sim.run_float(feeds, outputs=wanted) if wanted else {}
+            yield x, out.get(layer.output), out.get(layer.input)
 
 
 class _CarriedSide:
@@ -727,11 +764,17 @@ class _Reservoir:
 
 
 class _Moments:
-    """Streaming ``H = sum cols cols^T``, ``G = sum cols R^T``, ``c = sum R^2`` (float64), ``R = t - z``."""
+    """Streaming ``H = sum cols cols^T``, ``G = sum cols R^T``, ``c = sum R^2`` (float64), ``R = t - z``;
+    with QDrop inputs also ``variance = sum q (1 - q) (a - b)^2`` per input row (:meth:`add_variance`)."""
 
     def __init__(self):
         self.h = self.g = self.c = None
+        self.variance = None
         self.count = 0
+
+    def add_variance(self, variance: np.ndarray) -> None:
+        """Add a chunk's ``sum_positions q (1 - q) (a - b)^2``, ``[G, K/G]``."""
+        self.variance = variance if self.variance is None else self.variance + variance
 
     def add(self, cols: np.ndarray, residual: np.ndarray | None) -> None:
         cols = cols.astype(np.float64)
@@ -763,7 +806,12 @@ def _bmm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 class QuadraticLoss:
     """``L(W) = sum_g tr(dW H dW^T) - 2 tr(dW G) + c`` over means, ``dW = W_mat - W_fp32``: the exact
-    ``sum_channels mean_positions (y_fp32 - y(W))^2`` of all streamed positions (no activation)."""
+    ``sum_channels mean_positions (y_fp32 - y(W))^2`` of all streamed positions (no activation).
+
+    With QDrop inputs (``cols = b`` with probability ``q`` per element, else ``a``) it is the exact expectation
+    over the masks: with ``m = (1 - q) a + q b`` and ``D = mean q (1 - q) (a - b)^2`` (a diagonal),
+    ``E ||t - W cols - bias||^2 = ||t - W m - bias||^2 + sum_k D_k sum_o W[o, k]^2``: the moments of ``m``
+    (:func:`build_objective`) plus ``D`` in ``H``, ``-W_fp32 D`` in ``G`` and ``sum W_fp32^2 D`` in ``c``."""
 
     def __init__(self, moments: _Moments, w_float: np.ndarray):
         n = max(1, moments.count)
@@ -771,6 +819,11 @@ class QuadraticLoss:
         has_residual = moments.g.shape[2] > 0
         self.g = np.ascontiguousarray((moments.g / n).transpose(0, 2, 1)) if has_residual else np.zeros_like(w_float)
         self.c = moments.c / n if has_residual else np.zeros(w_float.shape[:2])
+        if moments.variance is not None:
+            d = moments.variance / n  # [G, K/G]
+            self.h = self.h + d[:, :, None] * np.eye(d.shape[1])
+            self.g = self.g - w_float * d[:, None, :]
+            self.c = self.c + np.einsum("gmk,gk->gm", w_float * w_float, d)
         self.w = w_float
         self.count = moments.count
 
@@ -839,23 +892,27 @@ class SampledLoss:
     def __call__(self, w: np.ndarray, grad: bool = True, sample: slice | None = None, value: bool = True):
         """The loss (None unless ``value``) and, with ``grad``, ``dL/dW``."""
         part = sample if sample is not None else slice(None)
-        cols, cols_t = self.cols[:, :, part], self.cols_t[:, part]
+        return self._loss((w - self.w).astype(np.float32), self.cols[:, :, part], self.cols_t[:, part],
+                          self.z[:, :, part], self.target[:, :, part], grad, value)
+
+    def _loss(self, dw, cols, cols_t, z, target, grad, value):
+        """The loss of ``y = dw cols + z`` against ``target`` (and ``dL/dW = dL/dy cols^T``)."""
         count = cols.shape[2]
-        y = _bmm((w - self.w).astype(np.float32), cols)
+        y = _bmm(dw, cols)
         if grad and not value and not self.softmax and self.pointwise is None:  # Adam's step: float32, one pass
-            reconstruction_gradient(y, self.z[:, :, part], self.target[:, :, part], self.kind, self.lo32, self.hi32,
-                                    self.slope2d, np.float32(2.0 / count))
+            reconstruction_gradient(y, z, target, self.kind, self.lo32, self.hi32, self.slope2d,
+                                    np.float32(2.0 / count))
             return None, _bmm(y, cols_t).astype(np.float64)
-        y += self.z[:, :, part]
+        y += z
         if self.pointwise is not None:
             out, slope = self.pointwise(y, derivative=grad)
         else:
             out = self._f(y)  # a new array, except for the identity (then y itself)
         if self.softmax:  # its backward below needs its output
-            diff = out - self.target[:, :, part]
+            diff = out - target
         else:
             diff = out
-            diff -= self.target[:, :, part]
+            diff -= target
         # the value in float64 (L-BFGS's line search compares values); Adam does not ask for it
         loss = float(np.square(diff, dtype=np.float64).sum()) / count if value or not grad else None
         if not grad:
@@ -877,6 +934,63 @@ class SampledLoss:
         y = self.z + _bmm((w - self.w).astype(np.float32), self.cols)
         diff = self._f(y) - self.target
         return np.sum(np.square(diff, dtype=np.float64), axis=2) / self.count
+
+
+class MixedSampledLoss(SampledLoss):
+    """:class:`SampledLoss` on QDrop inputs (Wei et al. 2022, "QDrop: Randomly Dropping Quantization for
+    Extremely Low-bit Post-Training Quantization"): ``cols = where(mask, b, a)``, ``mask ~ Bernoulli(q)`` per
+    element, ``a`` the simulation's columns, ``b`` the FP32 model's; ``y = W cols + bias_p`` with the layer's
+    ``bias_p = z_p - W_fp32 a_p``. A gradient draws a new mask; a value (``grad=False``, :meth:`per_channel`)
+    uses one mask drawn at the start, so that roundings are compared on the same inputs. ``q`` is a multiple of
+    1/256 (:func:`qdrop_threshold`): the mask is one random byte per element below ``256 q``."""
+
+    def __init__(self, cols, cols_fp32, z, t, w_float, activation, probability: float, rng: np.random.Generator):
+        self.cols_fp32 = np.ascontiguousarray(cols_fp32)
+        self.threshold, self.rng = qdrop_threshold(probability), rng
+        super().__init__(cols, z, t, w_float, activation)
+        self.fixed_draws = self._draws(self.cols.shape)
+
+    def _draws(self, shape):
+        return np.frombuffer(self.rng.bytes(int(np.prod(shape))), dtype=np.uint8).reshape(shape)
+
+    def _store(self, cols, z, target):
+        self.cols = np.ascontiguousarray(cols)
+        self.bias = np.ascontiguousarray(z - _bmm(self.w, self.cols))
+        self.target = np.ascontiguousarray(target)
+
+    def shuffle(self, rng: np.random.Generator) -> None:
+        order = rng.permutation(self.count)
+        self.cols, self.cols_fp32, self.bias, self.target, self.fixed_draws = (
+            np.ascontiguousarray(np.take(a, order, axis=2))
+            for a in (self.cols, self.cols_fp32, self.bias, self.target, self.fixed_draws))
+
+    def _mixed(self, part: slice, fixed: bool):
+        """The mixed columns of positions ``part`` (a slice), ``[G, K, B]``."""
+        start, stop, _ = part.indices(self.count)
+        shape = self.cols.shape[:2] + (stop - start,)
+        out = np.empty(shape, dtype=np.float32)
+        if fixed:
+            mix_columns(self.cols, self.cols_fp32, self.fixed_draws, start, self.threshold, start, stop, out)
+        else:
+            mix_columns(self.cols, self.cols_fp32, self._draws(shape), 0, self.threshold, start, stop, out)
+        return out
+
+    def __call__(self, w: np.ndarray, grad: bool = True, sample: slice | None = None, value: bool = True):
+        part = sample if sample is not None else slice(None)
+        cols = self._mixed(part, fixed=not grad)
+        # the transposed view: NumPy's matmul hands it to BLAS as is (measured no slower than a contiguous copy)
+        return self._loss(w.astype(np.float32), cols, cols.transpose(0, 2, 1), self.bias[:, :, part],
+                          self.target[:, :, part], grad, value)
+
+    def per_channel(self, w: np.ndarray) -> np.ndarray:
+        y = self.bias + _bmm(w.astype(np.float32), self._mixed(slice(None), fixed=True))
+        diff = self._f(y) - self.target
+        return np.sum(np.square(diff, dtype=np.float64), axis=2) / self.count
+
+
+def qdrop_threshold(probability: float) -> int:
+    """``round(256 q)``: QDrop's mask takes the FP32 input where a random byte is below it."""
+    return int(round(256 * probability))
 
 
 # ======================================================================================= rounding
@@ -1145,7 +1259,7 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
              optimizer: str = "adam", *, include_activation: bool | str = True, quantize_activations: bool = False,
              num_columns: int | None = None, columns_per_iteration: int | None = None, finish: str = "threshold",
              cache_activations: bool = True, threads: int | str | None = "auto", seed: int = 0,
-             report: list | None = None):
+             qdrop: float = 0.0, report: list | None = None):
     """AdaRound every Conv, ConvTranspose, Gemm and MatMul of ``sim`` with a constant weight and an
     enabled integer weight quantizer, in graph order (see the module docstring for the formulas).
 
@@ -1171,7 +1285,9 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
     Relu, Clip, PRelu, Softmax, Sigmoid, Tanh or SiLU (``pointwise.IN_LOSS_BY_DEFAULT``); "all": also any
     other elementwise subgraph (:mod:`refquant.ptq.pointwise`: HardSwish, GELU...); False: none.
     ``quantize_activations``: layer inputs with the activation quantizers on (default off, as AIMET intends;
-    aimet-onnx 2.42.0 in fact samples them on: module docstring).
+    aimet-onnx 2.42.0 in fact samples them on: module docstring). ``qdrop``: the probability (in [0, 1), a
+    multiple of 1/256) that an element of a layer's input is the FP32 model's instead of the simulation's, drawn
+    anew at each step (QDrop, with ``quantize_activations=True``; 0: off, the default; module docstring).
     ``num_columns``: cached positions per layer for the sampled loss; ``columns_per_iteration``:
     Adam's minibatch of them. Default (None): a layer whose positions x weights < 2^27 (and cache < 64 MB) is fitted
     on all its positions with full-batch Adam, so its result does not depend on ``seed`` (MTCNN R-Net W4A8, 1000
@@ -1198,6 +1314,8 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
         raise RefquantError(f"adaround: include_activation must be True, False or 'all', got {include_activation!r}")
     if num_iterations < 0 or not 0 <= warm_start <= 1:
         raise RefquantError("adaround: num_iterations must be >= 0 and warm_start in [0, 1]")
+    if not 0 <= qdrop < 1:
+        raise RefquantError(f"adaround: qdrop must be in [0, 1), got {qdrop!r}")
     layers, skipped = find_layers(sim, LAYER_OPS)
     if skipped:
         warnings.warn(f"adaround: layers not optimized: {', '.join(skipped)}", stacklevel=2)
@@ -1215,7 +1333,7 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
                                     beta_range=beta_range, warm_start=warm_start, optimizer=optimizer,
                                     include_activation=include_activation, num_columns=num_columns,
                                     columns_per_iteration=columns_per_iteration, finish=finish, threads=threads,
-                                    rng=rng)
+                                    rng=rng, qdrop=qdrop)
             if report is not None:
                 report.append(result)
     return sim
@@ -1224,12 +1342,12 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
 def adaround_layer(sim, layer: LinearLayer, inputs: LayerInputs, *, num_iterations=10000, reg_param=0.01,
                    beta_range=(20, 2), warm_start=0.2, optimizer="adam", include_activation=True, num_columns=None,
                    columns_per_iteration=None, finish="threshold", threads: int | str | None = "auto",
-                   rng=None) -> AdaroundLayerReport:
+                   rng=None, qdrop: float = 0.0) -> AdaroundLayerReport:
     """AdaRound one layer of ``sim`` (its weight encoding must exist) and fix its rounding in ``sim``."""
     start = time.perf_counter()
     rng = rng if rng is not None else np.random.default_rng(0)
     objective, form, columns = build_objective(sim, layer, inputs, reg_param, include_activation, num_columns, rng,
-                                               None if threads == "auto" else threads)
+                                               None if threads == "auto" else threads, qdrop)
     rounding = objective.rounding
     v = rounding.v0.copy()
     nearest = rounding.up(v)
@@ -1258,9 +1376,11 @@ def adaround_layer(sim, layer: LinearLayer, inputs: LayerInputs, *, num_iteratio
 
 
 def build_objective(sim, layer: LinearLayer, inputs: LayerInputs, reg_param=0.01, include_activation=True,
-                    num_columns=None, rng=None, threads: int | None = None):
+                    num_columns=None, rng=None, threads: int | None = None, qdrop: float = 0.0):
     """Go through the layer's data once: ``(Objective, "quadratic" | "sampled", positions used)``.
-    ``num_columns`` None: every position when they fit the full-batch budget, else a sample of 8,192."""
+    ``num_columns`` None: every position when they fit the full-batch budget, else a sample of 8,192.
+    ``qdrop`` > 0 (and the inputs from the simulation): each input element is the FP32 model's with that
+    probability (:class:`MixedSampledLoss`; the quadratic form takes the expectation, :class:`QuadraticLoss`)."""
     rng = rng if rng is not None else np.random.default_rng(0)
     w = np.asarray(sim.graph.initializers[layer.weight], dtype=np.float32)
     scale, offset = grid_arrays(sim.encoding_of(layer.weight), w.shape)
@@ -1269,17 +1389,28 @@ def build_objective(sim, layer: LinearLayer, inputs: LayerInputs, reg_param=0.01
     rounding = SoftRounding(w_mat, layer.to_matrix(scale), layer.to_matrix(offset), layer.to_matrix(offset) + steps)
     activation = (layer.activation_all if include_activation == "all" else layer.activation) \
         if include_activation else None
-    reservoir = _Reservoir(num_columns or max(SAMPLED_COLUMNS, _full_batch_positions(w_mat)), rng)
+    mixed = qdrop > 0 and not inputs.use_fp32_inputs
+    qdrop = qdrop_threshold(qdrop) / 256  # the probability the sampled loss's byte masks have
+    reservoir = _Reservoir(num_columns or max(SAMPLED_COLUMNS, _full_batch_positions(w_mat, mixed)), rng)
     groups, _, per_in = w_mat.shape
     moments = None if activation is not None or groups * per_in * per_in > MOMENTS_BUDGET else _Moments()
-    for x, z, t in inputs.batches(layer):
+    for batch in inputs.batches(layer, fp32_inputs=mixed):
+        x, z, t = batch[:3]
         with _blas_threads(threads):  # the simulation's forward passes above keep their own threads
             columns = layer.columns(x)
-            reservoir.offer(layer, columns, z, t)
-            if moments is not None:
-                for positions in position_chunks(columns):
-                    residual = None if z is t else layer.output_matrix(t, positions) - layer.output_matrix(z, positions)
-                    moments.add(columns.take(positions), residual)
+            fp32_columns = layer.columns(batch[3]) if mixed else None
+            reservoir.offer(layer, _PairedColumns(columns, fp32_columns) if mixed else columns, z, t)
+            if moments is None:
+                continue
+            for positions in position_chunks(columns):
+                cols = columns.take(positions)
+                residual = None if z is t else layer.output_matrix(t, positions) - layer.output_matrix(z, positions)
+                if mixed:  # the mean input m = (1 - q) a + q b, its residual t - z_m = (1 - q) (t - z)
+                    fp32_cols = fp32_columns.take(positions)
+                    moments.add_variance(qdrop * (1 - qdrop) * np.square(cols - fp32_cols, dtype=np.float64).sum(2))
+                    cols = (1 - qdrop) * cols + qdrop * fp32_cols
+                    residual = (1 - qdrop) * residual
+                moments.add(cols, residual)
     if reservoir.rows is None:
         raise RefquantError("adaround: the data set is empty: no batch was produced")
     if num_columns is None and not reservoir.complete:
@@ -1287,20 +1418,25 @@ def build_objective(sim, layer: LinearLayer, inputs: LayerInputs, reg_param=0.01
     # the quadratic form costs M K^2 per evaluation, the sampled loss ~4 M K B: use the exact cheaper one
     kg = rounding.base.shape[2]
     if moments is None or (reservoir.complete and 2 * reservoir.seen < kg):
-        loss = SampledLoss(*reservoir.arrays(), w_mat, activation)
+        cols, z, t = reservoir.arrays()
+        if mixed:
+            loss = MixedSampledLoss(cols[:, :kg], cols[:, kg:], z, t, w_mat, activation, qdrop, rng)
+        else:
+            loss = SampledLoss(cols, z, t, w_mat, activation)
         # every position kept, and an iteration over all of them within budget: Adam takes them all at each step
-        loss.full_batch = reservoir.complete and reservoir.filled <= _full_batch_positions(w_mat)
+        loss.full_batch = reservoir.complete and reservoir.filled <= _full_batch_positions(w_mat, mixed)
         return Objective(rounding, loss, reg_param), "sampled", reservoir.filled
     return Objective(rounding, QuadraticLoss(moments, w_mat), reg_param), "quadratic", \
         moments.count
 
 
-def _full_batch_positions(w_mat: np.ndarray) -> int:
+def _full_batch_positions(w_mat: np.ndarray, mixed: bool = False) -> int:
     """Positions a layer may keep for a full-batch fit: positions x weights <= FULL_BATCH_MACS (an iteration's
-    cost) and positions x (inputs + 2 outputs per position) <= FULL_BATCH_FLOATS (the cache)."""
+    cost) and positions x (inputs + 2 outputs per position) <= FULL_BATCH_FLOATS (the cache; QDrop inputs: two
+    sets of inputs and a mask)."""
     groups, out_per_group, in_per_group = w_mat.shape
-    per_position = groups * (in_per_group + 2 * out_per_group)
-    return max(1, min(FULL_BATCH_MACS // w_mat.size, FULL_BATCH_FLOATS // per_position))
+    per_position = groups * ((2.25 if mixed else 1) * in_per_group + 2 * out_per_group)
+    return max(1, min(FULL_BATCH_MACS // w_mat.size, int(FULL_BATCH_FLOATS // per_position)))
 
 
 def full_batch(objective: "Objective") -> bool:

@@ -14,10 +14,12 @@ encodings) whose score is the best so far:
 5. ``cle``: cross-layer equalization with high-bias absorption (:func:`~refquant.ptq.cle.equalize`).
 6. ``bias_correction`` (not in the default steps): empirical bias correction.
 7. ``seq_mse`` (not in the default steps): sequential MSE weight-range search.
-8. ``adaround``: adaptive rounding (``adaround_iterations`` per layer), two trials unless
-   ``adaround_options`` sets ``quantize_activations``: the layer inputs without and with the activation
-   quantizers (which suits a model is not known beforehand: NudeNet's YOLOv8n gains 2.3 dB from the
-   second, MTCNN R-Net loses 7 dB; :mod:`refquant.ptq.adaround`); the better score wins.
+8. ``adaround``: adaptive rounding (``adaround_iterations`` per layer), three trials unless
+   ``adaround_options`` sets ``quantize_activations`` or ``qdrop``: the layer inputs without the activation
+   quantizers, with them, and QDrop's mix of those with the FP32 model's (``qdrop=0.5``). Which suits a model
+   is not known beforehand (:mod:`refquant.ptq.adaround`, 1000 iterations: NudeNet's YOLOv8n gains 2.3 dB from
+   the second, MTCNN R-Net loses 7 dB; the third is best on the convnet sample and MTCNN O-Net/P-Net, worst
+   on MobileNetV2); the best score wins.
 
 Each step builds a *candidate* from the current state and scores it; the candidate becomes the current
 state only if its score is strictly higher (a tie keeps the simpler model). Steps run in this order
@@ -78,6 +80,8 @@ DEFAULT_STEPS = ("prepare", "bn_fold", "quant_scheme", "cle", "adaround")  # AIM
 GRAPH_STEPS = ("prepare", "bn_fold", "cle")
 SIM_TECHNIQUES = ("bias_correction", "seq_mse", "adaround")
 ADAROUND_QUANTIZED_INPUTS = "adaround, quantized inputs"  # the key of AutoQuant's second AdaRound trial
+ADAROUND_QDROP = "adaround, qdrop"  # ... and of its third: QDrop inputs (refquant.ptq.adaround)
+QDROP_PROBABILITY = 0.5  # QDrop's (Wei et al. 2022) default
 # (weight scheme, activation scheme): AIMET tries tf/tf_enhanced weights x tf/tf_enhanced/percentile
 # activations; refquant's MSE and entropy observers are added (for activations: weights keep min-max)
 DEFAULT_SCHEMES = (("min_max", "min_max"), ("min_max", "tf_enhanced"), ("tf_enhanced", "tf_enhanced"),
@@ -581,9 +585,10 @@ def autoquant(graph, data, eval_fn="sqnr", allowed_drop: float | None = None, *,
             else:
                 options = _technique_options(step, adaround_iterations, adaround_options, seq_mse_candidates)
                 variants = {step: options}
-                if step == "adaround" and "quantize_activations" not in options:
-                    # which layer inputs suit AdaRound depends on the model (refquant.ptq.adaround): try both
+                if step == "adaround" and not {"quantize_activations", "qdrop"} & set(options):
+                    # which layer inputs suit AdaRound depends on the model (refquant.ptq.adaround): try all three
                     variants[ADAROUND_QUANTIZED_INPUTS] = {**options, "quantize_activations": True}
+                    variants[ADAROUND_QDROP] = {**options, "quantize_activations": True, "qdrop": QDROP_PROBABILITY}
                 trials = [Trial(key, state.graph, state.spec, technique=step, options=o, quantizers=state.quantizers,
                                 progress=progress and executor is None, **common) for key, o in variants.items()]
                 results = run_trials(trials, executor)

@@ -38,6 +38,10 @@ def _common_arguments(p) -> None:
     p.add_argument("--adaround-quantized-inputs", action="store_true",
                    help="AdaRound's layer inputs with the activation quantizers on (as aimet-onnx runs it; helps some "
                         "detectors, hurts other models: see refquant.ptq.adaround). autoquant without it tries both")
+    p.add_argument("--adaround-qdrop", type=float, default=None, metavar="Q",
+                   help="QDrop (Wei et al. 2022): AdaRound's layer inputs with the activation quantizers on, each "
+                        "element replaced by the FP32 model's with probability Q (the paper: 0.5). autoquant "
+                        "without it or --adaround-quantized-inputs tries the plain, quantized and QDrop (0.5) inputs")
     p.add_argument("--adaround-activation", default="default", choices=["default", "all", "none"],
                    help="activation after a layer in AdaRound's loss: default = Relu, Clip, PRelu, Softmax, Sigmoid, "
                         "Tanh, SiLU; all = also any other elementwise subgraph (HardSwish, GELU...); none")
@@ -162,6 +166,17 @@ def format_steps(records, metric_name: str) -> str:
     return "\n".join(lines)
 
 
+def adaround_input_options(args, explicit_only: bool = False) -> dict:
+    """AdaRound's input options from ``--adaround-quantized-inputs`` and ``--adaround-qdrop`` (QDrop mixes the
+    quantized inputs with the FP32 ones). ``explicit_only``: nothing for flags not given (autoquant then tries
+    each kind of input)."""
+    if args.adaround_qdrop is not None:
+        return {"quantize_activations": True, "qdrop": args.adaround_qdrop}
+    if args.adaround_quantized_inputs or not explicit_only:
+        return {"quantize_activations": args.adaround_quantized_inputs}
+    return {}
+
+
 def cli_ptq(args) -> int:
     from ..analysis.report import readable
     from ..fileio import atomic_path
@@ -171,7 +186,7 @@ def cli_ptq(args) -> int:
     graph, metric, spec, preprocess = _setup(args)
     options = {"adaround": {"num_iterations": args.adaround_iterations, "optimizer": args.adaround_optimizer,
                             "include_activation": ACTIVATION_CHOICES[args.adaround_activation],
-                            "quantize_activations": args.adaround_quantized_inputs},
+                            **adaround_input_options(args)},
                "seq_mse": {"num_candidates": args.seq_mse_candidates},
                "bias_correction": {"analytical": args.analytical} if args.analytical else {}}
     records, graph, quantizers = run_ptq(graph, args.data, techniques, metric, spec, batch_size=args.batch_size,
@@ -243,8 +258,7 @@ def cli_autoquant(args) -> int:
                            schemes=parse_schemes(args.schemes), adaround_iterations=args.adaround_iterations,
                            adaround_options={"optimizer": args.adaround_optimizer,
                                              "include_activation": ACTIVATION_CHOICES[args.adaround_activation],
-                                             **({"quantize_activations": True} if args.adaround_quantized_inputs
-                                                else {})},
+                                             **adaround_input_options(args, explicit_only=True)},
                            seq_mse_candidates=args.seq_mse_candidates, replace_relu6=args.replace_relu6,
                            batch_size=args.batch_size, preprocess=preprocess, executor=executor,
                            output_dir=args.output_dir, prefix=args.prefix or Path(args.model).stem,
