@@ -517,7 +517,9 @@ def test_random_draws_have_the_written_distribution():
     got = refquant.Session(refquant.load(model)).run({"p": np.full(n, 0.3, np.float32), "logits": logits})
     se = 5 / np.sqrt(n)
     assert abs(got["normal"].mean() + 2.0) < 3.0 * se and abs(got["normal"].std() - 3.0) < 3.0 * 2 * se
-    assert got["uniform"].min() >= 1.0 and got["uniform"].max() < 5.0
+    # <= high: the reference's float64 draw in [0, 1) cast to float32 rounds to 1.0 once in 2^25 draws, and
+    # low + (high - low) u rounds up to high in float32 too: measured 1e-7 per draw for [1, 5), so ~2 % of runs
+    assert got["uniform"].min() >= 1.0 and got["uniform"].max() <= 5.0
     assert abs(got["uniform"].mean() - 3.0) < (4 / np.sqrt(12)) * se
     assert abs(got["coin"].mean() - 0.3) < np.sqrt(0.3 * 0.7) * se and set(np.unique(got["coin"])) == {0, 1}
     assert got["draws"].shape == (2, n) and got["draws"].dtype == np.int64

@@ -37,6 +37,8 @@ def _normal(shape, dtype, mean, scale, seed):
 
 
 def _uniform(shape, dtype, low, high, seed):
+    # the reference's arithmetic: a float64 draw in [0, 1) cast to the output type can round to 1, and the scaling
+    # rounds in that type, so a float32 or float16 value can equal high (float32, [1, 5): measured 1e-7 per draw)
     values = _state(seed).rand(*shape).astype(dtype)
     values *= high - low
     values += low
@@ -60,7 +62,8 @@ def random_normal(*, shape, dtype=1, mean=0.0, scale=1.0, seed=None):
 @register("RandomUniform", since=1,
           infer=lambda *a, dtype=1, shape, **k: TensorInfo(_dtype(dtype), tuple(shape)))
 def random_uniform(*, shape, dtype=1, low=0.0, high=1.0, seed=None):
-    """y ~ U[low, high), of ``shape`` and ``dtype`` (float by default)."""
+    """y ~ U[low, high) in float64, rounded to ``dtype`` (float by default; so high itself is possible), of
+    ``shape``."""
     target = _float_only(_dtype(dtype), "RandomUniform")
     return _uniform(shape, target, low, high, seed)
 
@@ -78,7 +81,7 @@ def random_normal_like(x, *, dtype=None, mean=0.0, scale=1.0, seed=None):
 
 @register("RandomUniformLike", since=1, infer=_like_rule)
 def random_uniform_like(x, *, dtype=None, low=0.0, high=1.0, seed=None):
-    """y ~ U[low, high) with x's shape, and x's type unless ``dtype`` is given."""
+    """y ~ U[low, high) in float64, rounded to x's type unless ``dtype`` is given, with x's shape."""
     target = _float_only(_dtype(dtype, x), "RandomUniformLike")
     return _uniform(x.shape, target, low, high, seed)
 
