@@ -261,3 +261,13 @@ def test_adaround_tries_each_kind_of_layer_input_and_keeps_the_best():
                        adaround_options={"quantize_activations": False}, progress=False)
     single_step = next(s for s in single.steps if s.step == "adaround")
     assert single_step.trials == [] and single_step.score == pytest.approx(expected["adaround"], abs=1e-9)
+
+
+def test_adaround_with_lbfgs_has_no_qdrop_trial():
+    """L-BFGS cannot take QDrop's random masks (adaround raises): AutoQuant leaves that trial out."""
+    graph = refquant.load(conv_bn_relu_conv())
+    x = feeds(32)
+    result = autoquant(graph, x, "sqnr", target=1000, steps=("adaround",), adaround_iterations=10,
+                       precision="w4a8", adaround_options={"optimizer": "lbfgs"}, progress=False)
+    step = next(s for s in result.steps if s.step == "adaround")
+    assert [t[0] for t in step.trials] == ["adaround", "adaround, quantized inputs"]

@@ -170,3 +170,9 @@ def test_a_qdrop_probability_outside_0_to_1_is_an_error(q):
     sim, x, _ = gemm_sim(relu=True)
     with pytest.raises(RefquantError, match="qdrop"):
         A.adaround(sim, x, num_iterations=5, qdrop=q, progress=False)
+
+
+def test_qdrop_with_lbfgs_is_an_error_not_a_noisy_line_search():
+    sim, x, _ = gemm_sim(relu=True)
+    with pytest.raises(RefquantError, match="L-BFGS"):
+        A.adaround(sim, x, num_iterations=5, qdrop=0.5, optimizer="lbfgs", progress=False)

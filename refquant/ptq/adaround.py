@@ -1317,6 +1317,9 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
         raise RefquantError("adaround: num_iterations must be >= 0 and warm_start in [0, 1]")
     if not 0 <= qdrop < 1:
         raise RefquantError(f"adaround: qdrop must be in [0, 1), got {qdrop!r}")
+    if qdrop and optimizer == "lbfgs":  # its line searches compare values: a new mask per evaluation breaks them
+        raise RefquantError("adaround: qdrop draws a new input mask per step, which L-BFGS cannot take; "
+                            "use optimizer='adam'")
     layers, skipped = find_layers(sim, LAYER_OPS)
     if skipped:
         warnings.warn(f"adaround: layers not optimized: {', '.join(skipped)}", stacklevel=2)

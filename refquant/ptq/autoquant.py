@@ -19,7 +19,7 @@ encodings) whose score is the best so far:
    quantizers, with them, and QDrop's mix of those with the FP32 model's (``qdrop=0.5``). Which suits a model
    is not known beforehand (:mod:`refquant.ptq.adaround`, 1000 iterations: NudeNet's YOLOv8n gains 2.3 dB from
    the second, MTCNN R-Net loses 7 dB; the third is best on the convnet sample and MTCNN O-Net/P-Net, worst
-   on MobileNetV2); the best score wins.
+   on MobileNetV2; not with the L-BFGS optimizer); the best score wins.
 
 Each step builds a *candidate* from the current state and scores it; the candidate becomes the current
 state only if its score is strictly higher (a tie keeps the simpler model). Steps run in this order
@@ -588,7 +588,9 @@ def autoquant(graph, data, eval_fn="sqnr", allowed_drop: float | None = None, *,
                 if step == "adaround" and not {"quantize_activations", "qdrop"} & set(options):
                     # which layer inputs suit AdaRound depends on the model (refquant.ptq.adaround): try all three
                     variants[ADAROUND_QUANTIZED_INPUTS] = {**options, "quantize_activations": True}
-                    variants[ADAROUND_QDROP] = {**options, "quantize_activations": True, "qdrop": QDROP_PROBABILITY}
+                    if options.get("optimizer", "adam") == "adam":  # L-BFGS cannot take QDrop's random masks
+                        variants[ADAROUND_QDROP] = {**options, "quantize_activations": True,
+                                                    "qdrop": QDROP_PROBABILITY}
                 trials = [Trial(key, state.graph, state.spec, technique=step, options=o, quantizers=state.quantizers,
                                 progress=progress and executor is None, **common) for key, o in variants.items()]
                 results = run_trials(trials, executor)
