@@ -1,0 +1,106 @@
+"""AdaRound, refquant beside aimet-onnx, over several calibration sets: each model's calibration samples less one
+of K equal parts (K sets), the same evaluation set. A single AdaRound run on these small models moves by several
+dB with the samples (MTCNN O-Net W4A8 1000 its: 35.5-47.0 dB over four such sets), so a comparison is only firm
+on the mean of several sets; this prints each set's SQNR of the primary output and the mean with its standard
+error.
+
+    python bench/adaround_subsets.py --dump /tmp/rq/subsets --models mtcnn_rnet mtcnn_onet --subsets 4
+    /tmp/aimet-venv/bin/python bench/aimet_models.py --data /tmp/rq/subsets --out /tmp/rq/subsets_aimet --rows \
+        --adaround 200 1000 --models mtcnn_rnet_q0 mtcnn_rnet_q1 ...      # every <model>_q<k> folder
+    python bench/adaround_subsets.py --data /tmp/rq/subsets --aimet /tmp/rq/subsets_aimet \
+        --models mtcnn_rnet mtcnn_onet --subsets 4 --iterations 200 1000 \
+        [--adaround-options '{"qdrop": 0.5, "quantize_activations": true}']
+
+refquant's rows are bench/ptq_vs_aimet_models.py's ``w4a8_adaround_N`` (seed 0) on each set. Last results:
+bench/results_ptq_vs_aimet_models.txt (2026-11-26, seventh session). Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import ptq_vs_aimet_models as models  # noqa: E402
+
+
+def subset_indices(count: int, parts: int, k: int) -> np.ndarray:
+    """The samples ``0..count-1`` less the ``k``-th of ``parts`` equal parts (the last part takes the rest)."""
+    size = count // parts
+    stop = count if k == parts - 1 else (k + 1) * size
+    return np.r_[0:k * size, stop:count]
+
+
+def dump(folder: Path, names, parts: int) -> None:
+    """``folder/<model>_q<k>``: calib.npy (the subset), eval.npy and meta.json as ptq_vs_aimet_models.py --dump."""
+    for name in names:
+        models.dump(folder / "_full", [name])
+        full = folder / "_full" / name
+        calib = np.load(full / "calib.npy")
+        for k in range(parts):
+            out = folder / f"{name}_q{k}"
+            out.mkdir(parents=True, exist_ok=True)
+            np.save(out / "calib.npy", calib[subset_indices(len(calib), parts, k)])
+            for file in ("eval.npy", "meta.json"):
+                shutil.copy(full / file, out / file)
+            print(f"{name}_q{k}: calibration {len(subset_indices(len(calib), parts, k))} of {len(calib)} -> {out}")
+
+
+def compare(name: str, data: Path, aimet: Path, parts: int, iterations, options: dict) -> None:
+    from refquant import load
+    from refquant.ptq.adaround import adaround
+    from refquant.quant import QuantSim
+
+    spec = models.model_spec(name)
+    ref = models.fp32_reference(spec)
+    for its in iterations:
+        ours, theirs = [], []
+        for k in range(parts):
+            calib = {spec["input"]: np.load(data / f"{name}_q{k}" / "calib.npy")}
+            sim = QuantSim(load(spec["ours_model"]), precision="w4a8", config="per_channel",
+                           **models.sim_options(name))
+            sim.compute_encodings(calib, batch_size=models.BATCH, progress=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                adaround(sim, calib, num_iterations=its, batch_size=models.BATCH, progress=False, seed=0, **options)
+            sim.compute_encodings(calib, batch_size=models.BATCH, progress=False)
+            ours.append(models.metrics(name, spec, ref, models.sim_outputs(sim, spec))["sqnr"])
+            saved = aimet / f"{name}_q{k}" / f"w4a8_adaround_{its}.npz"
+            theirs.append(models.metrics(name, spec, ref, dict(np.load(saved)))["sqnr"] if saved.exists()
+                          else float("nan"))
+        for who, values in (("refquant", ours), ("AIMET", theirs)):
+            v = np.asarray(values)
+            error = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+            print(f"{name:<12} {its:>5} its {who:<8} " + " ".join(f"{x:6.2f}" for x in v)
+                  + f" | mean {v.mean():6.2f} +- {error:.2f}", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dump", type=Path, help="write the calibration subsets here for bench/aimet_models.py")
+    parser.add_argument("--data", type=Path, default=Path("/tmp/rq/subsets"))
+    parser.add_argument("--aimet", type=Path, default=Path("/tmp/rq/subsets_aimet"))
+    parser.add_argument("--models", nargs="+", required=True)
+    parser.add_argument("--subsets", type=int, default=4, help="K: K sets, each without one K-th of the samples")
+    parser.add_argument("--iterations", nargs="+", type=int, default=[200, 1000])
+    parser.add_argument("--adaround-options", type=json.loads, default={},
+                        help="JSON keyword arguments for refquant's adaround() (e.g. qdrop, quantize_activations)")
+    args = parser.parse_args(argv)
+    if args.subsets < 2:
+        parser.error("--subsets must be at least 2")
+    if args.dump:
+        dump(args.dump, args.models, args.subsets)
+        return 0
+    for name in args.models:
+        compare(name, args.data, args.aimet, args.subsets, args.iterations, args.adaround_options)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
