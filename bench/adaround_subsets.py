@@ -54,23 +54,19 @@ def dump(folder: Path, names, parts: int) -> None:
 
 def compare(name: str, data: Path, aimet: Path, parts: int, iterations, options: dict) -> None:
     from refquant import load
-    from refquant.ptq.adaround import adaround
-    from refquant.quant import QuantSim
 
     spec = models.model_spec(name)
     ref = models.fp32_reference(spec)
+    graphs = {"ours": load(spec["ours_model"])}
+    models.ADAROUND_OPTIONS.update(options)
     for its in iterations:
         ours, theirs = [], []
         for k in range(parts):
-            calib = {spec["input"]: np.load(data / f"{name}_q{k}" / "calib.npy")}
-            sim = QuantSim(load(spec["ours_model"]), precision="w4a8", config="per_channel",
-                           **models.sim_options(name))
-            sim.compute_encodings(calib, batch_size=models.BATCH, progress=False)
+            subset = dict(spec, calib=np.load(data / f"{name}_q{k}" / "calib.npy"))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                adaround(sim, calib, num_iterations=its, batch_size=models.BATCH, progress=False, seed=0, **options)
-            sim.compute_encodings(calib, batch_size=models.BATCH, progress=False)
-            ours.append(models.metrics(name, spec, ref, models.sim_outputs(sim, spec))["sqnr"])
+                out, _ = models.ours(name, f"w4a8_adaround_{its}", subset, graphs, seed=0)
+            ours.append(models.metrics(name, spec, ref, out)["sqnr"])
             saved = aimet / f"{name}_q{k}" / f"w4a8_adaround_{its}.npz"
             theirs.append(models.metrics(name, spec, ref, dict(np.load(saved)))["sqnr"] if saved.exists()
                           else float("nan"))
