@@ -1,8 +1,8 @@
 """AdaRound, refquant beside aimet-onnx, over several calibration sets: each model's calibration samples less one
 of K equal parts (K sets), the same evaluation set. A single AdaRound run on these small models moves by several
 dB with the samples (MTCNN O-Net W4A8 1000 its: 35.5-47.0 dB over four such sets), so a comparison is only firm
-on the mean of several sets; this prints each set's SQNR of the primary output and the mean with its standard
-error.
+on the mean of several sets; this prints each set's SQNR of the primary output, refquant's minus AIMET's, and the
+means with their standard errors (the paired difference's is the one that decides).
 
     python bench/adaround_subsets.py --dump /tmp/rq/subsets --models mtcnn_rnet mtcnn_onet --subsets 4
     /tmp/aimet-venv/bin/python bench/aimet_models.py --data /tmp/rq/subsets --out /tmp/rq/subsets_aimet --rows \
@@ -11,7 +11,8 @@ error.
         --models mtcnn_rnet mtcnn_onet --subsets 4 --iterations 200 1000 \
         [--adaround-options '{"qdrop": 0.5, "quantize_activations": true}']
 
-refquant's rows are bench/ptq_vs_aimet_models.py's ``w4a8_adaround_N`` (seed 0) on each set. Last results:
+refquant's rows are bench/ptq_vs_aimet_models.py's ``w4a8_adaround_N`` on each set (seed 0, or with ``--seeds N``
+the mean over seeds 0..N-1; aimet-onnx's AdaRound is deterministic on these models). Last results:
 bench/results_ptq_vs_aimet_models.txt (2026-11-26, seventh session). Asserts nothing.
 """
 
@@ -52,7 +53,7 @@ def dump(folder: Path, names, parts: int) -> None:
             print(f"{name}_q{k}: calibration {len(subset_indices(len(calib), parts, k))} of {len(calib)} -> {out}")
 
 
-def compare(name: str, data: Path, aimet: Path, parts: int, iterations, options: dict) -> None:
+def compare(name: str, data: Path, aimet: Path, parts: int, iterations, options: dict, seeds: int = 1) -> None:
     from refquant import load
 
     spec = models.model_spec(name)
@@ -63,18 +64,29 @@ def compare(name: str, data: Path, aimet: Path, parts: int, iterations, options:
         ours, theirs = [], []
         for k in range(parts):
             subset = dict(spec, calib=np.load(data / f"{name}_q{k}" / "calib.npy"))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out, _ = models.ours(name, f"w4a8_adaround_{its}", subset, graphs, seed=0)
-            ours.append(models.metrics(name, spec, ref, out)["sqnr"])
+            values = []
+            for seed in range(seeds):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    out, _ = models.ours(name, f"w4a8_adaround_{its}", subset, graphs, seed=seed)
+                values.append(models.metrics(name, spec, ref, out)["sqnr"])
+            ours.append(float(np.mean(values)))
             saved = aimet / f"{name}_q{k}" / f"w4a8_adaround_{its}.npz"
             theirs.append(models.metrics(name, spec, ref, dict(np.load(saved)))["sqnr"] if saved.exists()
                           else float("nan"))
-        for who, values in (("refquant", ours), ("AIMET", theirs)):
-            v = np.asarray(values)
-            error = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
-            print(f"{name:<12} {its:>5} its {who:<8} " + " ".join(f"{x:6.2f}" for x in v)
-                  + f" | mean {v.mean():6.2f} +- {error:.2f}", flush=True)
+        label = "refquant" if seeds == 1 else f"ours x{seeds}"
+        difference = np.asarray(ours) - np.asarray(theirs)
+        for who, values in ((label, ours), ("AIMET", theirs), ("diff", difference)):
+            print(f"{name:<12} {its:>5} its {who:<8} " + " ".join(f"{x:6.2f}" for x in values)
+                  + f" | mean {mean_and_error(values)}", flush=True)
+
+
+def mean_and_error(values) -> str:
+    """``mean +- standard error of the mean``; the paired differences' error is the one that decides a comparison
+    (a set that is hard for one tool tends to be hard for the other)."""
+    v = np.asarray(values, dtype=np.float64)
+    error = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return f"{v.mean():6.2f} +- {error:.2f}"
 
 
 def main(argv=None) -> int:
@@ -87,6 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", nargs="+", type=int, default=[200, 1000])
     parser.add_argument("--adaround-options", type=json.loads, default={},
                         help="JSON keyword arguments for refquant's adaround() (e.g. qdrop, quantize_activations)")
+    parser.add_argument("--seeds", type=int, default=1, help="refquant: the mean over AdaRound seeds 0..N-1 per set")
     args = parser.parse_args(argv)
     if args.subsets < 2:
         parser.error("--subsets must be at least 2")
@@ -94,7 +107,7 @@ def main(argv=None) -> int:
         dump(args.dump, args.models, args.subsets)
         return 0
     for name in args.models:
-        compare(name, args.data, args.aimet, args.subsets, args.iterations, args.adaround_options)
+        compare(name, args.data, args.aimet, args.subsets, args.iterations, args.adaround_options, args.seeds)
     return 0
 
 
