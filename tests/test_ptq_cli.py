@@ -179,6 +179,35 @@ def test_ptq_adaround_options_reach_adaround(data, tmp_path, monkeypatch, choice
     assert code == 0 and seen == [expected]
 
 
+@pytest.mark.parametrize("command", ["ptq", "autoquant"])
+@pytest.mark.parametrize("flags, expected", [([], 0.0), (["--adaround-shrinkage", "auto"], "auto"),
+                                             (["--adaround-shrinkage", "0.4"], 0.4)])
+def test_adaround_shrinkage_reaches_adaround(data, tmp_path, monkeypatch, command, flags, expected):
+    import refquant.ptq.adaround as adaround_module
+
+    seen = []
+    real = adaround_module.adaround
+
+    def spy(sim, data, **options):
+        seen.append(options.get("shrinkage"))
+        return real(sim, data, **options)
+
+    monkeypatch.setattr(adaround_module, "adaround", spy)
+    extra = ["--technique", "adaround"] if command == "ptq" else ["--target", "80", "--steps", "adaround"]
+    main([command, str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--precision", "w4a8",
+          "--adaround-iterations", "2", "--no-progress", "-o", str(tmp_path / "out")] + extra + flags)
+    assert seen and all(value == expected for value in seen)
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "some"])
+def test_a_bad_adaround_shrinkage_exits_2(data, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ptq", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--technique", "adaround",
+              "--adaround-shrinkage", value, "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "--adaround-shrinkage" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag, expected", [([], [(None, None), (True, None), (True, 0.5)]),
                                            (["--adaround-quantized-inputs"], [(True, None)]),
                                            (["--adaround-qdrop", "0.3"], [(True, 0.3)])])

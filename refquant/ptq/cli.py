@@ -9,7 +9,9 @@ or ``--eval top1`` (agreement with FP32 in %, or accuracy in % with ``--labels``
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -42,6 +44,10 @@ def _common_arguments(p) -> None:
                    help="QDrop (Wei et al. 2022): AdaRound's layer inputs with the activation quantizers on, each "
                         "element replaced by the FP32 model's with probability Q (the paper: 0.5). autoquant "
                         "without it or --adaround-quantized-inputs tries the plain, quantized and QDrop (0.5) inputs")
+    p.add_argument("--adaround-shrinkage", type=_shrinkage, default=0.0, metavar="auto|ALPHA",
+                   help="shrink AdaRound's loss toward uncorrelated layer inputs by ALPHA in [0, 1] (default 0: off), "
+                        "or by Schaefer & Strimmer's intensity estimated from the data (auto; helps some models, "
+                        "hurts others: see refquant.ptq.adaround)")
     p.add_argument("--adaround-activation", default="default", choices=["default", "all", "none"],
                    help="activation after a layer in AdaRound's loss: default = Relu, Clip, PRelu, Softmax, Sigmoid, "
                         "Tanh, SiLU; all = also any other elementwise subgraph (HardSwish, GELU...); none")
@@ -166,6 +172,19 @@ def format_steps(records, metric_name: str) -> str:
     return "\n".join(lines)
 
 
+def _shrinkage(text: str) -> float | str:
+    """``--adaround-shrinkage``: "auto" or a number in [0, 1]."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'auto' or a number in [0, 1]")
+    return value
+
+
 def adaround_input_options(args, explicit_only: bool = False) -> dict:
     """AdaRound's input options from ``--adaround-quantized-inputs`` and ``--adaround-qdrop`` (QDrop mixes the
     quantized inputs with the FP32 ones). ``explicit_only``: nothing for flags not given (autoquant then tries
@@ -186,7 +205,7 @@ def cli_ptq(args) -> int:
     graph, metric, spec, preprocess = _setup(args)
     options = {"adaround": {"num_iterations": args.adaround_iterations, "optimizer": args.adaround_optimizer,
                             "include_activation": ACTIVATION_CHOICES[args.adaround_activation],
-                            **adaround_input_options(args)},
+                            "shrinkage": args.adaround_shrinkage, **adaround_input_options(args)},
                "seq_mse": {"num_candidates": args.seq_mse_candidates},
                "bias_correction": {"analytical": args.analytical} if args.analytical else {}}
     records, graph, quantizers = run_ptq(graph, args.data, techniques, metric, spec, batch_size=args.batch_size,
@@ -258,6 +277,7 @@ def cli_autoquant(args) -> int:
                            schemes=parse_schemes(args.schemes), adaround_iterations=args.adaround_iterations,
                            adaround_options={"optimizer": args.adaround_optimizer,
                                              "include_activation": ACTIVATION_CHOICES[args.adaround_activation],
+                                             "shrinkage": args.adaround_shrinkage,
                                              **adaround_input_options(args, explicit_only=True)},
                            seq_mse_candidates=args.seq_mse_candidates, replace_relu6=args.replace_relu6,
                            batch_size=args.batch_size, preprocess=preprocess, executor=executor,
