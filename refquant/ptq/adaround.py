@@ -951,7 +951,7 @@ class SampledLoss:
         self.alpha = np.asarray(alpha, dtype=np.float64)
         self.diagonal = np.mean(np.square(self.cols, dtype=np.float64), axis=2)[:, None, :]  # [G, 1, K/G]
 
-    def _mixed_loss(self, dw, group_loss, grad):
+    def _shrunk_loss(self, dw, group_loss, grad):
         """``(1 - alpha) L + alpha ridge`` from :meth:`_loss`'s per-group loss (or None) and gradient."""
         if grad:
             group_loss, gradient = group_loss
@@ -992,7 +992,7 @@ class SampledLoss:
         """The loss (None unless ``value``) and, with ``grad``, ``dL/dW``."""
         part = sample if sample is not None else slice(None)
         dw = (w - self.w).astype(np.float32)
-        return self._mixed_loss(w - self.w, self._loss(dw, self.cols[:, :, part], self.cols_t[:, part],
+        return self._shrunk_loss(w - self.w, self._loss(dw, self.cols[:, :, part], self.cols_t[:, part],
                                                        self.z[:, :, part], self.target[:, :, part], grad, value), grad)
 
     def _loss(self, dw, cols, cols_t, z, target, grad, value):
@@ -1033,9 +1033,9 @@ class SampledLoss:
         depends on every channel's weights)."""
         y = self.z + _bmm((w - self.w).astype(np.float32), self.cols)
         diff = self._f(y) - self.target
-        return self._mixed_channels(w, np.sum(np.square(diff, dtype=np.float64), axis=2) / self.count)
+        return self._shrunk_channels(w, np.sum(np.square(diff, dtype=np.float64), axis=2) / self.count)
 
-    def _mixed_channels(self, w, channel_loss):
+    def _shrunk_channels(self, w, channel_loss):
         """:meth:`per_channel` after :meth:`shrink`: each channel's ``(1 - alpha) L_o + alpha ridge_o``."""
         if self.alpha is None:
             return channel_loss
@@ -1086,14 +1086,14 @@ class MixedSampledLoss(SampledLoss):
         part = sample if sample is not None else slice(None)
         cols = self._mixed(part, fixed=not grad)
         # the transposed view: NumPy's matmul hands it to BLAS as is (measured no slower than a contiguous copy)
-        return self._mixed_loss(w - self.w, self._loss(w.astype(np.float32), cols, cols.transpose(0, 2, 1),
+        return self._shrunk_loss(w - self.w, self._loss(w.astype(np.float32), cols, cols.transpose(0, 2, 1),
                                                        self.bias[:, :, part], self.target[:, :, part], grad, value),
                                 grad)
 
     def per_channel(self, w: np.ndarray) -> np.ndarray:
         y = self.bias + _bmm(w.astype(np.float32), self._mixed(slice(None), fixed=True))
         diff = self._f(y) - self.target
-        return self._mixed_channels(w, np.sum(np.square(diff, dtype=np.float64), axis=2) / self.count)
+        return self._shrunk_channels(w, np.sum(np.square(diff, dtype=np.float64), axis=2) / self.count)
 
 
 def qdrop_threshold(probability: float) -> int:
