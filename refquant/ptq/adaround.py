@@ -169,6 +169,7 @@ SAMPLED_COLUMNS, MINIBATCH = 8192, 512  # the sampled loss's cache and Adam's mi
 FULL_BATCH_MACS = 1 << 27  # a layer whose positions x weights stay below this is fitted on all of them, full batch
 THREADED_MACS = 1 << 22  # an optimizer step's GEMM work from which all BLAS threads pay (step_threads)
 FULL_BATCH_FLOATS = 1 << 24  # ... and whose cached columns and outputs take at most this many floats (64 MB)
+INTENSITY_FLOPS = 1e10  # work of a layer's masked shrinkage intensity; above it, on a sample of its inputs
 SOFTMAX = "softmax"  # LinearLayer.activation of a layer whose output only a Softmax over its channels reads
 
 
@@ -857,6 +858,60 @@ def shrinkage_intensity(h: np.ndarray, fourth: tuple[np.ndarray, np.ndarray], co
     return np.clip(alpha, 0.0, 1.0)
 
 
+def masked_shrinkage_intensity(cols: np.ndarray, weights: np.ndarray, rng: np.random.Generator,
+                               budget: float = INTENSITY_FLOPS) -> np.ndarray:
+    """Schaefer & Strimmer's intensity per output channel for the loss's Gauss-Newton Hessian
+    ``H_o = mean_p u_op x_p x_p^T`` (``u = f'(t)^2`` at the FP32 target): :func:`shrinkage_intensity` of the
+    samples ``u_op x_p x_p^T``, ``alpha_o = sum_{i != j} Var(H_oij) / sum_{i != j} H_oij^2``; ``cols`` ``[G, K, n]``,
+    ``weights`` ``u`` ``[G, M, n]``, the result ``[G, M]``. Above ``budget`` flops both sums run over the pairs of
+    ``K' < K`` inputs drawn at random (all ``n`` positions: the noise of each ``H_oij`` is the loss's own)."""
+    groups, inputs, count = cols.shape
+    outputs = weights.shape[1]
+    if count < 2:
+        return np.ones((groups, outputs))
+    sample = _intensity_inputs(groups, inputs, outputs, count, budget)
+    if sample < inputs:
+        cols = cols[:, np.sort(rng.choice(inputs, size=sample, replace=False))]
+    off_fourth, off_squares = np.empty((groups, outputs)), np.empty((groups, outputs))
+    chunk = max(1, COLUMN_BUDGET // (sample * count))  # groups at a time, for memory (a depthwise conv has many)
+    for start in range(0, groups, chunk):
+        part = slice(start, start + chunk)
+        x, u = cols[part].astype(np.float64), weights[part].astype(np.float64)
+        square = np.square(x)
+        diagonal = np.matmul(u, square.transpose(0, 2, 1)) / count  # [g, M, K]: H_okk
+        pair_fourth = np.square(square.sum(axis=1)) - np.square(square).sum(axis=1)  # sum_{i != j} x_pi^2 x_pj^2
+        off_fourth[part] = np.matmul(np.square(u), pair_fourth[:, :, None])[:, :, 0] / count
+        off_squares[part] = _masked_frobenius(x, u) - np.square(diagonal).sum(axis=2)
+    variance = np.maximum(off_fourth - off_squares, 0) / (count - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = np.where(off_squares > 0, variance / off_squares, 1.0)
+    return np.clip(alpha, 0.0, 1.0)
+
+
+def _masked_frobenius(x: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """``||H_o||_F^2`` of ``H_o = (1/n) sum_p u_op x_p x_p^T`` per group and channel, ``[G, M]``: directly
+    (``M K^2 n``) or from the Gram matrix, ``u_o^T ((X^T X) o (X^T X)) u_o / n^2`` (``(K + M) n^2``)."""
+    groups, inputs, count = x.shape
+    outputs = u.shape[1]
+    if count * (inputs + outputs) < outputs * inputs * inputs:
+        gram = np.square(np.matmul(x.transpose(0, 2, 1), x))  # [G, n, n]
+        return np.sum(np.matmul(u, gram) * u, axis=2) / (count * count)
+    out = np.empty((groups, outputs))
+    for o in range(outputs):  # batched over the groups (a depthwise conv: one channel each)
+        h = np.matmul(x * u[:, o:o + 1, :], x.transpose(0, 2, 1)) / count
+        out[:, o] = np.square(h).sum(axis=(1, 2))
+    return out
+
+
+def _intensity_inputs(groups: int, inputs: int, outputs: int, count: int, budget: float) -> int:
+    """The inputs :func:`masked_shrinkage_intensity` takes: all ``K`` when its work, ``G min(M K^2 n,
+    (K + M) n^2)`` flops, is within ``budget``; else ``K' = sqrt(budget / (G M n))`` (at least 8) by the direct
+    form."""
+    if groups * min(outputs * inputs * inputs * count, (inputs + outputs) * count * count) <= budget:
+        return inputs
+    return int(min(inputs, max(8, math.sqrt(budget / (groups * outputs * count)))))
+
+
 # ======================================================================================= losses
 def _bmm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Batched matmul over groups; one group as a plain 2-D product (BLAS on contiguous operands)."""
@@ -922,8 +977,9 @@ class SampledLoss:
     :data:`SOFTMAX` the softmax over the
     channels ``s = softmax(y)``, whose backward is ``dL/dy = s * (dL/ds - sum_channels(dL/ds * s))``;
     ``dL/dW = dY @ cols^T``. ``sample``: a slice of the cached positions (Adam's minibatch; after a
-    :meth:`shuffle`, a view rather than a gather). After :meth:`shrink`, ``(1 - alpha) L + alpha sum_{o,k}
-    mean_p x_pk^2 dW_ok^2`` per group."""
+    :meth:`shuffle`, a view rather than a gather). After :meth:`shrink`, ``sum_o (1 - alpha_o) L_o + alpha_o
+    sum_k D_ok dW_ok^2`` over the output channels (``L_o`` a channel's loss, ``D_o`` the diagonal of its
+    Hessian)."""
 
     def __init__(self, cols: np.ndarray, z: np.ndarray, t: np.ndarray, w_float: np.ndarray, activation):
         self.w = w_float.astype(np.float32)
@@ -945,26 +1001,47 @@ class SampledLoss:
         self.count = self.cols.shape[2]
         self.alpha = self.diagonal = None  # shrink()
 
-    def shrink(self, alpha: np.ndarray) -> None:
-        """Mix the loss with its uncorrelated-inputs form, by ``alpha`` per group (:func:`shrinkage_intensity`):
-        ``(1 - alpha) L + alpha sum_{o,k} H_kk dW_ok^2``, ``H_kk = mean_p x_pk^2`` over the cached positions."""
-        self.alpha = np.asarray(alpha, dtype=np.float64)
-        self.diagonal = np.mean(np.square(self.cols, dtype=np.float64), axis=2)[:, None, :]  # [G, 1, K/G]
+    def curvature_weights(self, t: np.ndarray) -> np.ndarray | None:
+        """``u = f'(t)^2`` per output and position at the FP32 target's pre-activation ``t``, ``[G, M/G, P]``: the
+        weight of ``x_p x_p^T`` in channel ``o``'s Gauss-Newton Hessian ``mean_p u_op x_p x_p^T``; None for the
+        identity (``u = 1``). A softmax couples the channels: it has no such weights (an error to ask)."""
+        if self.softmax:
+            raise RefquantError("adaround: a softmax's loss has no per-channel curvature weights")
+        if self.clipped:
+            return ((t > self.lo) & (t < self.hi)).astype(np.float32)
+        if self.slope is not None:
+            return np.where(t >= 0, np.float32(1), np.square(self.slope)).astype(np.float32)
+        if self.pointwise is not None:
+            return np.square(self.pointwise(t, derivative=True)[1]).astype(np.float32)
+        return None
 
-    def _shrunk_loss(self, dw, group_loss, grad):
-        """``(1 - alpha) L + alpha ridge`` from :meth:`_loss`'s per-group loss (or None) and gradient."""
+    def shrink(self, alpha: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Mix each channel's loss with its uncorrelated-inputs form: ``(1 - alpha_o) L_o + alpha_o sum_k D_ok
+        dW_ok^2``, ``D_ok = mean_p u_op x_pk^2`` over the cached positions (``u``: :meth:`curvature_weights`, 1
+        when None). ``alpha``: ``[G]`` or ``[G, M/G]``."""
+        groups, outputs = self.z.shape[:2]
+        self.alpha = np.broadcast_to(np.asarray(alpha, dtype=np.float64).reshape(groups, -1), (groups, outputs))
+        square = np.square(self.cols, dtype=np.float64)
+        if weights is None:
+            self.diagonal = np.mean(square, axis=2)[:, None, :]  # [G, 1, K/G]
+        else:
+            self.diagonal = np.matmul(weights.astype(np.float64), square.transpose(0, 2, 1)) / self.count
+
+    def _shrunk_loss(self, dw, channel_loss, grad):
+        """``sum_o (1 - alpha_o) L_o + alpha_o ridge_o`` from :meth:`_loss`'s per-channel loss (or None) and
+        gradient (a channel's loss depends on its own weights only: no softmax here)."""
         if grad:
-            group_loss, gradient = group_loss
+            channel_loss, gradient = channel_loss
         if self.alpha is None:
-            loss = None if group_loss is None else float(group_loss.sum())
+            loss = None if channel_loss is None else float(channel_loss.sum())
             return (loss, gradient) if grad else loss
         keep = 1 - self.alpha
         dw = np.asarray(dw, dtype=np.float64)
-        loss = None if group_loss is None else \
-            float(np.sum(keep * group_loss + self.alpha * np.sum(self.diagonal * dw * dw, axis=(1, 2))))
+        loss = None if channel_loss is None else \
+            float(np.sum(keep * channel_loss + self.alpha * np.sum(self.diagonal * dw * dw, axis=2)))
         if not grad:
             return loss
-        return loss, keep[:, None, None] * gradient + (2 * self.alpha)[:, None, None] * self.diagonal * dw
+        return loss, keep[:, :, None] * gradient + (2 * self.alpha)[:, :, None] * self.diagonal * dw
 
     def _f(self, y: np.ndarray) -> np.ndarray:
         if self.softmax:
@@ -996,7 +1073,8 @@ class SampledLoss:
                                                        self.z[:, :, part], self.target[:, :, part], grad, value), grad)
 
     def _loss(self, dw, cols, cols_t, z, target, grad, value):
-        """The loss of ``y = dw cols + z`` against ``target``, per group (``[G]``), and ``dL/dW = dL/dy cols^T``."""
+        """The loss of ``y = dw cols + z`` against ``target``, per channel (``[G, M/G]``), and
+        ``dL/dW = dL/dy cols^T``."""
         count = cols.shape[2]
         y = _bmm(dw, cols)
         if grad and not value and not self.softmax and self.pointwise is None:  # Adam's step: float32, one pass
@@ -1014,7 +1092,7 @@ class SampledLoss:
             diff = out
             diff -= target
         # the value in float64 (L-BFGS's line search compares values); Adam does not ask for it
-        loss = np.square(diff, dtype=np.float64).sum(axis=(1, 2)) / count if value or not grad else None
+        loss = np.square(diff, dtype=np.float64).sum(axis=2) / count if value or not grad else None
         if not grad:
             return loss
         diff *= np.float32(2.0 / count)  # float32 on purpose: the GEMM below is the cost
@@ -1040,7 +1118,7 @@ class SampledLoss:
         if self.alpha is None:
             return channel_loss
         dw = np.asarray(w - self.w, dtype=np.float64)
-        return (1 - self.alpha)[:, None] * channel_loss + self.alpha[:, None] * np.sum(self.diagonal * dw * dw, 2)
+        return (1 - self.alpha) * channel_loss + self.alpha * np.sum(self.diagonal * dw * dw, 2)
 
 
 class MixedSampledLoss(SampledLoss):
@@ -1543,8 +1621,9 @@ def build_objective(sim, layer: LinearLayer, inputs: LayerInputs, reg_param=0.01
             loss = MixedSampledLoss(cols[:, :kg], cols[:, kg:], z, t, w_mat, activation, qdrop, rng)
         else:
             loss = SampledLoss(cols, z, t, w_mat, activation)
-        if shrinkage:
-            loss.shrink(_cached_intensity(cols[:, :kg], shrinkage))
+        if shrinkage and not (shrinkage == "auto" and loss.softmax):  # a softmax couples its channels' losses
+            weights = None if loss.softmax else loss.curvature_weights(t)
+            loss.shrink(_cached_intensity(cols[:, :kg], weights, shrinkage, rng), weights)
         # every position kept, and an iteration over all of them within budget: Adam takes them all at each step
         loss.full_batch = reservoir.complete and reservoir.filled <= _full_batch_positions(w_mat, mixed)
         return Objective(rounding, loss, reg_param), "sampled", reservoir.filled
@@ -1555,11 +1634,14 @@ def build_objective(sim, layer: LinearLayer, inputs: LayerInputs, reg_param=0.01
     return Objective(rounding, QuadraticLoss(moments, w_mat, alpha), reg_param), "quadratic", moments.count
 
 
-def _cached_intensity(cols: np.ndarray, shrinkage: float | str) -> np.ndarray:
-    """The shrinkage intensity per group of the cached columns ``[G, K, P]``: ``shrinkage`` itself, or "auto"
-    (:func:`shrinkage_intensity` of them)."""
+def _cached_intensity(cols: np.ndarray, weights: np.ndarray | None, shrinkage: float | str,
+                      rng: np.random.Generator) -> np.ndarray:
+    """The shrinkage intensity of the cached columns ``[G, K, P]``: ``shrinkage`` itself, or "auto", per group
+    without curvature weights (:func:`shrinkage_intensity`), else per channel (:func:`masked_shrinkage_intensity`)."""
     if shrinkage != "auto":
         return np.full(cols.shape[0], float(shrinkage))
+    if weights is not None:
+        return masked_shrinkage_intensity(cols, weights, rng)
     cols = cols.astype(np.float64)
     h = np.matmul(cols, cols.transpose(0, 2, 1)) / max(1, cols.shape[2])
     return shrinkage_intensity(h, fourth_moments(cols), cols.shape[2])
