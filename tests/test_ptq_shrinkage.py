@@ -64,8 +64,9 @@ def masked_sums_by_loops(x: np.ndarray, u: np.ndarray) -> tuple[float, float]:
     return variance, squares
 
 
-# (inputs, positions, outputs): few positions take the Gram matrix's form, many the direct one
-@pytest.mark.parametrize("inputs, samples, outputs", [(6, 5, 3), (6, 400, 3), (4, 30, 1)])
+# (inputs, positions, outputs): few positions take the Gram matrix's form, many the direct one (each channel, or
+# with more channels than inputs, all at once)
+@pytest.mark.parametrize("inputs, samples, outputs", [(6, 5, 3), (6, 400, 3), (4, 30, 1), (3, 50, 5)])
 def test_the_masked_intensity_is_schaefer_and_strimmers_per_channel(inputs, samples, outputs):
     rng = np.random.default_rng(samples)
     mixing = rng.normal(size=(inputs, inputs))

@@ -890,16 +890,23 @@ def masked_shrinkage_intensity(cols: np.ndarray, weights: np.ndarray, rng: np.ra
 
 def _masked_frobenius(x: np.ndarray, u: np.ndarray) -> np.ndarray:
     """``||H_o||_F^2`` of ``H_o = (1/n) sum_p u_op x_p x_p^T`` per group and channel, ``[G, M]``: directly
-    (``M K^2 n``) or from the Gram matrix, ``u_o^T ((X^T X) o (X^T X)) u_o / n^2`` (``(K + M) n^2``)."""
+    (``M K^2 n``; each ``H_o``, or with many channels all their row blocks at once, ``u (x_i x_j)^T``) or from
+    the Gram matrix, ``u_o^T ((X^T X) o (X^T X)) u_o / n^2`` (``(K + M) n^2``)."""
     groups, inputs, count = x.shape
     outputs = u.shape[1]
     if count * (inputs + outputs) < outputs * inputs * inputs:
         gram = np.square(np.matmul(x.transpose(0, 2, 1), x))  # [G, n, n]
         return np.sum(np.matmul(u, gram) * u, axis=2) / (count * count)
-    out = np.empty((groups, outputs))
-    for o in range(outputs):  # batched over the groups (a depthwise conv: one channel each)
-        h = np.matmul(x * u[:, o:o + 1, :], x.transpose(0, 2, 1)) / count
-        out[:, o] = np.square(h).sum(axis=(1, 2))
+    out = np.zeros((groups, outputs))
+    if outputs <= inputs:  # few channels (a depthwise conv: one per group): one H_o at a time, batched over groups
+        for o in range(outputs):
+            h = np.matmul(x * u[:, o:o + 1, :], x.transpose(0, 2, 1)) / count
+            out[:, o] = np.square(h).sum(axis=(1, 2))
+        return out
+    rows = max(1, COLUMN_BUDGET // (groups * inputs * count))
+    for start in range(0, inputs, rows):  # rows i of every H_o at once: u [M, n] @ (x_i x_j)_p^T [n, rows K]
+        products = (x[:, start:start + rows, None, :] * x[:, None, :, :]).reshape(groups, -1, count)
+        out += np.square(np.matmul(u, products.transpose(0, 2, 1)) / count).sum(axis=2)
     return out
 
 
