@@ -180,7 +180,7 @@ def test_ptq_adaround_options_reach_adaround(data, tmp_path, monkeypatch, choice
 
 
 @pytest.mark.parametrize("command", ["ptq", "autoquant"])
-@pytest.mark.parametrize("flags, expected", [([], 0.0), (["--adaround-shrinkage", "auto"], "auto"),
+@pytest.mark.parametrize("flags, expected", [([], "auto"), (["--adaround-shrinkage", "0"], 0.0),
                                              (["--adaround-shrinkage", "0.4"], 0.4)])
 def test_adaround_shrinkage_reaches_adaround(data, tmp_path, monkeypatch, command, flags, expected):
     import refquant.ptq.adaround as adaround_module

@@ -40,7 +40,7 @@ def gemm_sim(relu: bool, samples: int = 3, features: int = 2, outputs: int = 2, 
 def objective_of(sim, x, qdrop, seed=0):
     layer = A.find_layers(sim)[0][0]
     inputs = A.LayerInputs(sim, x, 16)
-    return A.build_objective(sim, layer, inputs, qdrop=qdrop, rng=np.random.default_rng(seed))
+    return A.build_objective(sim, layer, inputs, qdrop=qdrop, rng=np.random.default_rng(seed), shrinkage=0)
 
 
 def every_mask_expectation(sim, x, inits, w_soft, q, relu):

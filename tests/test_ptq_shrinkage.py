@@ -284,10 +284,10 @@ def test_auto_shrinks_few_independent_samples_and_not_many_correlated_ones(relu)
     """Through adaround: the quadratic form's intensity (no activation) and the masked one (ReLU)."""
     sim, x, _ = shrink_sim(6, relu)
     report = []
-    refquant.adaround(sim, x, num_iterations=10, progress=False, report=report)
-    assert report[0].shrinkage == 0  # off by default
+    refquant.adaround(sim, x, num_iterations=10, shrinkage=0, progress=False, report=report)
+    assert report[0].shrinkage == 0
     report = []
-    refquant.adaround(sim, x, num_iterations=10, shrinkage="auto", progress=False, report=report)
+    refquant.adaround(sim, x, num_iterations=10, progress=False, report=report)  # "auto" is the default
     assert report[0].shrinkage > 0.5
     rng = np.random.default_rng(4)
     sim, _, _ = shrink_sim(6, relu)

@@ -105,36 +105,41 @@ both counts but the worst on R-Net at 1000 (43.32 against the default's 45.63): 
 the samples. AutoQuant tries all three (:mod:`refquant.ptq.autoquant`). Each step draws a random byte
 per input element and mixes (:func:`refquant.kernels.adaround.mix_columns`): about 2.4x the default's time
 (MobileNetV2 1000 its 306 s against 129 s, MTCNN R-Net 13 s against 6; idle).
-Shrinkage (``shrinkage="auto"`` or a number; off by default; not in the paper or AIMET). The loss sees the layer
-inputs through their second moment ``H = mean_p x_p x_p^T`` over the calibration positions. With few positions per
-input (a Gemm on 64 samples has 64 of them for its K inputs) the off-diagonal entries of ``H`` are mostly sampling
-noise, and AdaRound can fit its rounding to that noise: better on the calibration data, worse on new data (the mlp
-sample, W4A8: 0.4 dB below AIMET at 1000 its over eight calibration sets, and below refquant's own 200 its). The
-option shrinks the loss toward its uncorrelated-inputs form, ``(1 - alpha) L + alpha sum_{o,k} H_kk dW_ok^2`` per
-group (for the quadratic form: the second moment of (input, residual) shrunk toward its diagonal); "auto" takes
-Schaefer & Strimmer's (2005) intensity, the estimated variance of the off-diagonal entries of ``H`` over their
-squares (:func:`shrinkage_intensity`). ``alpha = 1`` makes nearest rounding the minimum. Why it is not the default:
-on a layer with an activation in the loss the loss's Hessian is ``mean_p f'(y_p)^2 x_p x_p^T`` per output channel,
-not ``H``, and a ReLU's mask makes it far from diagonal even where ``H`` is diagonal. The convnet sample's first conv
-(N(0, 1) inputs, 57,000 positions, ReLU) gets ``alpha = 0.8`` and loses 0.9 dB at 1000 its; the mlp's gain comes
-from the same estimate on its ReLU Gemms (shrinking only its last, activation-free Gemm: no gain). Measured over eight
-calibration sets against AIMET (means over the sets of three seeds each; paired differences refquant - AIMET with
-their standard errors; bench/adaround_subsets.py --seeds 3; W4A8; MTCNN figures without shrinkage are seed 0):
+Shrinkage (``shrinkage="auto"`` or a number; not in the paper or AIMET). The loss sees the layer inputs through
+its Hessian: ``H = mean_p x_p x_p^T`` over the calibration positions without an activation, and per output channel
+the Gauss-Newton ``H_o = mean_p f'(t_op)^2 x_p x_p^T`` with one (``t`` the FP32 pre-activation: a ReLU's mask, a
+PRelu's slope squared). With few positions per input (a Gemm on 64 samples has 64 of them for its K inputs) the
+off-diagonal entries are mostly sampling noise, and AdaRound can fit its rounding to that noise: better on the
+calibration data, worse on new data (the mlp sample, W4A8: 0.4 dB below AIMET at 1000 its over eight calibration
+sets, and below refquant's own 200 its). The option shrinks each channel's loss toward its uncorrelated-inputs
+form, ``(1 - alpha_o) L_o + alpha_o sum_k H_okk dW_ok^2`` (for the quadratic form: the second moment of (input,
+residual) shrunk toward its diagonal); "auto" takes Schaefer & Strimmer's (2005) intensity, the estimated variance
+of the off-diagonal entries over their squares, per group for ``H`` (:func:`shrinkage_intensity`, streamed) and per
+channel for ``H_o`` (:func:`masked_shrinkage_intensity`, on the cached positions; a softmax couples the channels'
+losses and keeps alpha 0). ``alpha = 1`` makes nearest rounding the minimum. The mask matters: the convnet
+sample's first conv sees N(0, 1) noise over 57,000 positions, so ``H`` is diagonal (its intensity 0.8), but its
+ReLU's ``H_o`` is not; shrinking by ``H``'s intensity cost it 0.9 dB at 1000 its, by ``H_o``'s nothing. Measured
+over eight calibration sets against AIMET (means over the sets of three seeds each; paired differences refquant -
+AIMET with their standard errors; bench/adaround_subsets.py --seeds 3; W4A8):
 
-    row            shrinkage 0             "auto"                  AIMET
-    mlp 200        23.59 (-0.05 +- 0.05)   23.56 (-0.09 +- 0.04)   23.65
-    mlp 1000       23.23 (-0.41 +- 0.09)   24.01 (+0.37 +- 0.07)   23.64
-    convnet 200    21.88 (+0.40 +- 0.04)   21.88 (+0.40 +- 0.04)   21.48
-    convnet 1000   27.14 (+1.02 +- 0.68)   26.22 (+0.10 +- 0.85)   26.12
-    P-Net 200 / 1000                       17.05 / 20.70           16.28 / 20.23
-    R-Net 200      43.71 (+2.54 +- 1.15)   42.75 (+1.57 +- 0.84)   41.17
-    R-Net 1000     45.39 (+2.95 +- 1.11)   44.41 (+1.97 +- 1.59)   42.44
-    O-Net 200      33.91 (+0.63 +- 0.61)   34.25 (+0.97 +- 0.49)   33.28
-    O-Net 1000     38.26 (-0.50 +- 0.38)   38.29 (-0.47 +- 0.44)   38.76
-    MobileNetV2 1000 its (64 crops): 11.64 dB / 78.9 % -> 12.03 dB / 78.1 %; NudeNet 1000 its 25.45 -> 25.70 dB
+    row            shrinkage 0             "auto" (the default)    AIMET    "auto" - 0
+    mlp 200        23.59 (-0.05 +- 0.05)   23.59 (-0.06 +- 0.05)   23.65    +0.00
+    mlp 1000       23.23 (-0.41 +- 0.09)   23.96 (+0.31 +- 0.09)   23.64    +0.73
+    convnet 200    21.88 (+0.40 +- 0.04)   21.88 (+0.40 +- 0.04)   21.48    +0.00
+    convnet 1000   27.14 (+1.02 +- 0.68)   27.10 (+0.98 +- 0.83)   26.12    -0.04
+    P-Net 200      17.05 (+0.77 +- 0.10)   17.05 (+0.77 +- 0.10)   16.28    +0.00
+    P-Net 1000     20.90 (+0.67 +- 0.27)   20.77 (+0.54 +- 0.33)   20.23    -0.13 +- 0.10
+    R-Net 200      43.71 (+2.54 +- 1.15)   43.99 (+2.82 +- 1.14)   41.17    +0.28 +- 0.16
+    R-Net 1000     45.39 (+2.95 +- 1.11)   44.01 (+1.56 +- 1.53)   42.44    -1.38 +- 1.21 (chaotic: below)
+    O-Net 200      34.39 (+1.11 +- 0.48)   34.16 (+0.89 +- 0.32)   33.28    -0.23 +- 0.20
+    O-Net 1000     38.06 (-0.70 +- 0.64)   38.17 (-0.59 +- 0.62)   38.76    +0.11 +- 0.41
+    MobileNetV2 1000 its (64 crops): 11.64 dB / 78.9 % -> 11.91 dB / 82.8 %; NudeNet 1000 its 25.45 -> 25.53 dB
 
-``alpha`` comes out 0-0.05 on the MTCNN nets and 0-0.13 on MobileNetV2 (mean 0.009; its classifier Gemm on 64
-samples, whose inputs are strongly correlated, 0.01). Left open: the intensity of the masked Hessian per channel.
+R-Net at 1000 its is chaotic: ``shrinkage=0.001`` (no real change) moves its eight sets by -2.8 to +5.6 dB against
+shrinkage 0 (mean +0.79 +- 1.17), as much as "auto" does. With "auto" no row is below AIMET beyond its noise; with
+shrinkage 0 the mlp at 1000 its is. ``alpha`` comes out near 0 on real data (MTCNN, MobileNetV2: correlated inputs)
+and near 1 on few positions of independent inputs; its cost, ``G min(M K^2 n, (K + M) n^2)`` flops per layer
+(``n`` cached positions), is capped at :data:`INTENSITY_FLOPS` by a sample of the inputs.
 The inputs are carried forward from layer to layer (:class:`LayerInputs`), so the data goes through the graph once. Call
 ``sim.compute_encodings`` afterwards: activation ranges are then calibrated with the AdaRounded
 weights (frozen weight encodings and their fixed values are kept).
@@ -1026,7 +1031,7 @@ class SampledLoss:
         """Mix each channel's loss with its uncorrelated-inputs form: ``(1 - alpha_o) L_o + alpha_o sum_k D_ok
         dW_ok^2``, ``D_ok = mean_p u_op x_pk^2`` over the cached positions (``u``: :meth:`curvature_weights`, 1
         when None). ``alpha``: ``[G]`` or ``[G, M/G]``."""
-        groups, outputs = self.z.shape[:2]
+        groups, outputs = self.target.shape[:2]
         self.alpha = np.broadcast_to(np.asarray(alpha, dtype=np.float64).reshape(groups, -1), (groups, outputs))
         square = np.square(self.cols, dtype=np.float64)
         if weights is None:
@@ -1445,7 +1450,7 @@ class AdaroundLayerReport:
     seconds: float
     columns: int = 0  # positions the loss was computed on
     kept_nearest: bool = False  # AdaRound did not beat nearest rounding: nearest was kept
-    shrinkage: float = 0.0  # the loss's shrinkage intensity toward uncorrelated inputs (mean over groups)
+    shrinkage: float = 0.0  # the loss's shrinkage intensity toward uncorrelated inputs (mean over channels)
 
 
 def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, beta_range=(20, 2),
@@ -1453,7 +1458,7 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
              optimizer: str = "adam", *, include_activation: bool | str = True, quantize_activations: bool = False,
              num_columns: int | None = None, columns_per_iteration: int | None = None, finish: str = "threshold",
              cache_activations: bool = True, threads: int | str | None = "auto", seed: int = 0,
-             qdrop: float = 0.0, shrinkage: float | str = 0.0, report: list | None = None):
+             qdrop: float = 0.0, shrinkage: float | str = "auto", report: list | None = None):
     """AdaRound every Conv, ConvTranspose, Gemm and MatMul of ``sim`` with a constant weight and an
     enabled integer weight quantizer, in graph order (see the module docstring for the formulas).
 
@@ -1495,9 +1500,10 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
     memory). ``threads``: BLAS threads while optimizing (None: unchanged; "auto":
     unchanged for a layer whose optimizer step multiplies at least 2^22 weight x position pairs, else 1; see
     :func:`step_threads`).
-    ``shrinkage``: 0 (default) is AdaRound's loss as written; "auto" shrinks each layer's loss toward uncorrelated
-    inputs by Schaefer & Strimmer's intensity estimated from its data; a number in [0, 1] uses that intensity
-    everywhere (module docstring, *Shrinkage*: it helps the mlp sample, hurts the convnet sample).
+    ``shrinkage``: "auto" (default) shrinks each output channel's loss toward uncorrelated inputs by Schaefer &
+    Strimmer's intensity estimated from its data (near 0 where the data holds the correlations, near 1 where they are
+    noise); 0 is AdaRound's loss as written; a number in [0, 1] uses that intensity everywhere (module docstring,
+    *Shrinkage*).
     ``report``: a list that receives one :class:`AdaroundLayerReport` per layer.
     On any error or Ctrl-C the sim is left exactly as it was. Returns ``sim``.
     """
@@ -1544,7 +1550,7 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
 def adaround_layer(sim, layer: LinearLayer, inputs: LayerInputs, *, num_iterations=10000, reg_param=0.01,
                    beta_range=(20, 2), warm_start=0.2, optimizer="adam", include_activation=True, num_columns=None,
                    columns_per_iteration=None, finish="threshold", threads: int | str | None = "auto",
-                   rng=None, qdrop: float = 0.0, shrinkage: float | str = 0.0) -> AdaroundLayerReport:
+                   rng=None, qdrop: float = 0.0, shrinkage: float | str = "auto") -> AdaroundLayerReport:
     """AdaRound one layer of ``sim`` (its weight encoding must exist) and fix its rounding in ``sim``."""
     start = time.perf_counter()
     rng = rng if rng is not None else np.random.default_rng(0)
@@ -1580,7 +1586,7 @@ def adaround_layer(sim, layer: LinearLayer, inputs: LayerInputs, *, num_iteratio
 
 def build_objective(sim, layer: LinearLayer, inputs: LayerInputs, reg_param=0.01, include_activation=True,
                     num_columns=None, rng=None, threads: int | None = None, qdrop: float = 0.0,
-                    shrinkage: float | str = 0.0):
+                    shrinkage: float | str = "auto"):
     """Go through the layer's data once: ``(Objective, "quadratic" | "sampled", positions used)``.
     ``num_columns`` None: every position when they fit the full-batch budget, else a sample of 8,192.
     ``qdrop`` > 0 (and the inputs from the simulation): each input element is the FP32 model's with that

@@ -44,10 +44,10 @@ def _common_arguments(p) -> None:
                    help="QDrop (Wei et al. 2022): AdaRound's layer inputs with the activation quantizers on, each "
                         "element replaced by the FP32 model's with probability Q (the paper: 0.5). autoquant "
                         "without it or --adaround-quantized-inputs tries the plain, quantized and QDrop (0.5) inputs")
-    p.add_argument("--adaround-shrinkage", type=_shrinkage, default=0.0, metavar="auto|ALPHA",
-                   help="shrink AdaRound's loss toward uncorrelated layer inputs by ALPHA in [0, 1] (default 0: off), "
-                        "or by Schaefer & Strimmer's intensity estimated from the data (auto; helps some models, "
-                        "hurts others: see refquant.ptq.adaround)")
+    p.add_argument("--adaround-shrinkage", type=_shrinkage, default="auto", metavar="auto|ALPHA",
+                   help="shrink AdaRound's loss toward uncorrelated layer inputs by Schaefer & Strimmer's intensity "
+                        "estimated from the data per output channel (auto, the default), or by ALPHA in [0, 1] (0: "
+                        "AdaRound's loss as written; see refquant.ptq.adaround)")
     p.add_argument("--adaround-activation", default="default", choices=["default", "all", "none"],
                    help="activation after a layer in AdaRound's loss: default = Relu, Clip, PRelu, Softmax, Sigmoid, "
                         "Tanh, SiLU; all = also any other elementwise subgraph (HardSwish, GELU...); none")
