@@ -1011,7 +1011,8 @@ class SampledLoss:
                         else np.ones(z.shape[:2], dtype=np.float32))
         self._store(cols, z, self._f(t))
         self.count = self.cols.shape[2]
-        self.alpha = self.diagonal = None  # shrink()
+        self.alpha = None  # shrink(): the intensity per channel, [G, M/G]
+        self.keep = self.ridge = None  # ... and while any is > 0: 1 - alpha [G, M/G, 1], alpha D [G, M/G, K/G]
 
     def curvature_weights(self, t: np.ndarray) -> np.ndarray | None:
         """``u = f'(t)^2`` per output and position at the FP32 target's pre-activation ``t``, ``[G, M/G, P]``: the
@@ -1033,27 +1034,33 @@ class SampledLoss:
         when None). ``alpha``: ``[G]`` or ``[G, M/G]``."""
         groups, outputs = self.target.shape[:2]
         self.alpha = np.broadcast_to(np.asarray(alpha, dtype=np.float64).reshape(groups, -1), (groups, outputs))
+        if not np.any(self.alpha):
+            self.keep = self.ridge = None
+            return
         square = np.square(self.cols, dtype=np.float64)
         if weights is None:
-            self.diagonal = np.mean(square, axis=2)[:, None, :]  # [G, 1, K/G]
+            diagonal = np.mean(square, axis=2)[:, None, :]  # [G, 1, K/G]
         else:
-            self.diagonal = np.matmul(weights.astype(np.float64), square.transpose(0, 2, 1)) / self.count
+            diagonal = np.matmul(weights.astype(np.float64), square.transpose(0, 2, 1)) / self.count
+        # both precomputed: an optimizer step then adds two passes over the weights
+        self.keep = (1 - self.alpha)[:, :, None]
+        self.ridge = np.ascontiguousarray(self.alpha[:, :, None] * diagonal)
 
     def _shrunk_loss(self, dw, channel_loss, grad):
         """``sum_o (1 - alpha_o) L_o + alpha_o ridge_o`` from :meth:`_loss`'s per-channel loss (or None) and
         gradient (a channel's loss depends on its own weights only: no softmax here)."""
         if grad:
             channel_loss, gradient = channel_loss
-        if self.alpha is None:
+        if self.ridge is None:
             loss = None if channel_loss is None else float(channel_loss.sum())
             return (loss, gradient) if grad else loss
-        keep = 1 - self.alpha
-        dw = np.asarray(dw, dtype=np.float64)
         loss = None if channel_loss is None else \
-            float(np.sum(keep * channel_loss + self.alpha * np.sum(self.diagonal * dw * dw, axis=2)))
+            float(np.sum(self.keep[:, :, 0] * channel_loss) + np.sum(self.ridge * dw * dw))
         if not grad:
             return loss
-        return loss, keep[:, :, None] * gradient + (2 * self.alpha)[:, :, None] * self.diagonal * dw
+        gradient *= self.keep  # a new float64 array from _loss: updated in place
+        gradient += 2 * self.ridge * dw
+        return loss, gradient
 
     def _f(self, y: np.ndarray) -> np.ndarray:
         if self.softmax:
@@ -1080,9 +1087,9 @@ class SampledLoss:
     def __call__(self, w: np.ndarray, grad: bool = True, sample: slice | None = None, value: bool = True):
         """The loss (None unless ``value``) and, with ``grad``, ``dL/dW``."""
         part = sample if sample is not None else slice(None)
-        dw = (w - self.w).astype(np.float32)
-        return self._shrunk_loss(w - self.w, self._loss(dw, self.cols[:, :, part], self.cols_t[:, part],
-                                                       self.z[:, :, part], self.target[:, :, part], grad, value), grad)
+        dw = w - self.w
+        return self._shrunk_loss(dw, self._loss(dw.astype(np.float32), self.cols[:, :, part], self.cols_t[:, part],
+                                                self.z[:, :, part], self.target[:, :, part], grad, value), grad)
 
     def _loss(self, dw, cols, cols_t, z, target, grad, value):
         """The loss of ``y = dw cols + z`` against ``target``, per channel (``[G, M/G]``), and
@@ -1127,10 +1134,10 @@ class SampledLoss:
 
     def _shrunk_channels(self, w, channel_loss):
         """:meth:`per_channel` after :meth:`shrink`: each channel's ``(1 - alpha) L_o + alpha ridge_o``."""
-        if self.alpha is None:
+        if self.ridge is None:
             return channel_loss
         dw = np.asarray(w - self.w, dtype=np.float64)
-        return (1 - self.alpha) * channel_loss + self.alpha * np.sum(self.diagonal * dw * dw, 2)
+        return self.keep[:, :, 0] * channel_loss + np.sum(self.ridge * dw * dw, axis=2)
 
 
 class MixedSampledLoss(SampledLoss):
