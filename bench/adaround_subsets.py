@@ -13,7 +13,7 @@ means with their standard errors (the paired difference's is the one that decide
 
 refquant's rows are bench/ptq_vs_aimet_models.py's ``w4a8_adaround_N`` on each set (seed 0, or with ``--seeds N``
 the mean over seeds 0..N-1; aimet-onnx's AdaRound is deterministic on these models). Last results:
-bench/results_ptq_vs_aimet_models.txt (2026-11-26, seventh session). Asserts nothing.
+bench/results_ptq_vs_aimet_models.txt (2026-11-26, ninth session). Asserts nothing.
 """
 
 from __future__ import annotations
