@@ -187,6 +187,17 @@ def per_group_loss(cols, z, t, dw, f):
     return np.sum((f(t.astype(np.float64)) - f(y)) ** 2, axis=(1, 2)) / cols.shape[2]
 
 
+def assert_gradient_is_the_values_slope(loss, w):
+    """The loss's gradient against central differences of its value (float32 outputs: 1e-3 of the largest entry)."""
+    _, grad = loss(w)
+    numeric = np.zeros_like(w)
+    for i in np.ndindex(w.shape):
+        step = np.zeros_like(w)
+        step[i] = 1e-3
+        numeric[i] = (loss(w + step, grad=False) - loss(w - step, grad=False)) / 2e-3
+    assert np.abs(grad - numeric).max() <= 1e-3 * np.abs(numeric).max()
+
+
 @pytest.mark.parametrize("activation", [None, (0.0, np.inf)])
 def test_the_shrunk_sampled_loss_is_the_mixture(activation):
     w, cols, z, t, rng = problem(activation)
@@ -200,14 +211,7 @@ def test_the_shrunk_sampled_loss_is_the_mixture(activation):
     # float32 layer outputs in the loss: relative 1e-5
     assert loss(w_new, grad=False) == pytest.approx(expected.sum(), rel=1e-5)
     np.testing.assert_allclose(loss.per_channel(w_new).sum(axis=1), expected, rtol=1e-5)
-    # the gradient: central differences of that value (float32 outputs: 1e-3 of the largest entry)
-    _, grad = loss(w_new)
-    numeric = np.zeros_like(w_new)
-    for i in np.ndindex(w_new.shape):
-        step = np.zeros_like(w_new)
-        step[i] = 1e-3
-        numeric[i] = (loss(w_new + step, grad=False) - loss(w_new - step, grad=False)) / 2e-3
-    assert np.abs(grad - numeric).max() <= 1e-3 * np.abs(numeric).max()
+    assert_gradient_is_the_values_slope(loss, w_new)
 
 
 @pytest.mark.parametrize("activation", [None, (0.0, np.inf)])
@@ -229,13 +233,7 @@ def test_the_per_channel_shrunk_loss_is_the_mixture(activation):
     # float32 layer outputs in the loss: relative 1e-5
     assert loss(w_new, grad=False) == pytest.approx(expected.sum(), rel=1e-5)
     np.testing.assert_allclose(loss.per_channel(w_new), expected, rtol=1e-5)
-    _, grad = loss(w_new)
-    numeric = np.zeros_like(w_new)
-    for i in np.ndindex(w_new.shape):
-        step = np.zeros_like(w_new)
-        step[i] = 1e-3
-        numeric[i] = (loss(w_new + step, grad=False) - loss(w_new - step, grad=False)) / 2e-3
-    assert np.abs(grad - numeric).max() <= 1e-3 * np.abs(numeric).max()  # float32 outputs
+    assert_gradient_is_the_values_slope(loss, w_new)
 
 
 def test_the_shrunk_quadratic_form_is_the_mixture():
