@@ -84,6 +84,18 @@ def test_the_masked_intensity_is_schaefer_and_strimmers_per_channel(inputs, samp
     np.testing.assert_allclose(alpha[:, -1], A.shrinkage_intensity(h, A.fourth_moments(cols), samples), rtol=1e-9)
 
 
+def test_the_gram_form_is_capped_in_memory(monkeypatch):
+    """2,200 positions of 70 inputs and 70 channels: the Gram form is the cheaper, but its 2,200^2 matrix is over
+    the memory budget, so the direct form runs; with a larger budget the Gram form gives the same intensities."""
+    rng = np.random.default_rng(9)
+    cols = 0.3 * rng.normal(size=(1, 1, 2200)) + rng.normal(size=(1, 70, 2200))
+    weights = (rng.random((1, 70, 2200)) < 0.5).astype(np.float32)
+    assert 2200 * 140 < 70 * 70 * 70 and 2200 * 2200 > A.COLUMN_BUDGET
+    direct = A.masked_shrinkage_intensity(cols, weights, rng)
+    monkeypatch.setattr(A, "COLUMN_BUDGET", 1 << 24)
+    np.testing.assert_allclose(A.masked_shrinkage_intensity(cols, weights, rng), direct, rtol=1e-9)
+
+
 def test_the_masked_intensity_from_a_sample_of_inputs():
     """Over budget, both sums run over the pairs of K' inputs drawn at random, on every position: the formula on
     the drawn inputs, and near the intensity from all of them."""

@@ -896,11 +896,12 @@ def masked_shrinkage_intensity(cols: np.ndarray, weights: np.ndarray, rng: np.ra
 def _masked_frobenius(x: np.ndarray, u: np.ndarray) -> np.ndarray:
     """``||H_o||_F^2`` of ``H_o = (1/n) sum_p u_op x_p x_p^T`` per group and channel, ``[G, M]``: directly
     (``M K^2 n``; each ``H_o``, or with many channels all their row blocks at once, ``u (x_i x_j)^T``) or from
-    the Gram matrix, ``u_o^T ((X^T X) o (X^T X)) u_o / n^2`` (``(K + M) n^2``)."""
+    the Gram matrix, ``u_o^T ((X^T X) o (X^T X)) u_o / n^2`` (``(K + M) n^2``; while ``G n^2`` fits
+    :data:`COLUMN_BUDGET`)."""
     groups, inputs, count = x.shape
     outputs = u.shape[1]
-    if count * (inputs + outputs) < outputs * inputs * inputs:
-        gram = np.square(np.matmul(x.transpose(0, 2, 1), x))  # [G, n, n]
+    if count * (inputs + outputs) < outputs * inputs * inputs and groups * count * count <= COLUMN_BUDGET:
+        gram = np.square(np.matmul(x.transpose(0, 2, 1), x))  # [G, n, n]: memory-capped
         return np.sum(np.matmul(u, gram) * u, axis=2) / (count * count)
     out = np.zeros((groups, outputs))
     if outputs <= inputs:  # few channels (a depthwise conv: one per group): one H_o at a time, batched over groups
@@ -917,9 +918,10 @@ def _masked_frobenius(x: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 def _intensity_inputs(groups: int, inputs: int, outputs: int, count: int, budget: float) -> int:
     """The inputs :func:`masked_shrinkage_intensity` takes: all ``K`` when its work, ``G min(M K^2 n,
-    (K + M) n^2)`` flops, is within ``budget``; else ``K' = sqrt(budget / (G M n))`` (at least 8) by the direct
-    form."""
-    if groups * min(outputs * inputs * inputs * count, (inputs + outputs) * count * count) <= budget:
+    (K + M) n^2)`` flops (the second only while ``n^2`` fits :data:`COLUMN_BUDGET`), is within ``budget``; else
+    ``K' = sqrt(budget / (G M n))`` (at least 8) by the direct form."""
+    gram = (inputs + outputs) * count * count if count * count <= COLUMN_BUDGET else math.inf
+    if groups * min(outputs * inputs * inputs * count, gram) <= budget:
         return inputs
     return int(min(inputs, max(8, math.sqrt(budget / (groups * outputs * count)))))
 
