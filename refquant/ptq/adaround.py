@@ -857,6 +857,12 @@ def shrinkage_intensity(h: np.ndarray, fourth: tuple[np.ndarray, np.ndarray], co
     diagonal = np.diagonal(h, axis1=1, axis2=2)
     off_squares = np.square(h).sum(axis=(1, 2)) - np.square(diagonal).sum(axis=1)
     off_fourth = (fourth[0] - fourth[1].sum(axis=1)) / count  # sum_{i != j} mean_p x_pi^2 x_pj^2
+    return _intensity(off_fourth, off_squares, count)
+
+
+def _intensity(off_fourth: np.ndarray, off_squares: np.ndarray, count: int) -> np.ndarray:
+    """``clip(V / S, 0, 1)``: ``S = sum_{i != j} H_ij^2``, ``V = (sum_{i != j} mean_p w_pij^2 - S) / (n - 1)`` the
+    summed variance of the ``H_ij = mean_p w_pij`` (1 where ``S`` is 0: nothing to keep)."""
     variance = np.maximum(off_fourth - off_squares, 0) / (count - 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         alpha = np.where(off_squares > 0, variance / off_squares, 1.0)
@@ -887,10 +893,7 @@ def masked_shrinkage_intensity(cols: np.ndarray, weights: np.ndarray, rng: np.ra
         pair_fourth = np.square(square.sum(axis=1)) - np.square(square).sum(axis=1)  # sum_{i != j} x_pi^2 x_pj^2
         off_fourth[part] = np.matmul(np.square(u), pair_fourth[:, :, None])[:, :, 0] / count
         off_squares[part] = _masked_frobenius(x, u) - np.square(diagonal).sum(axis=2)
-    variance = np.maximum(off_fourth - off_squares, 0) / (count - 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        alpha = np.where(off_squares > 0, variance / off_squares, 1.0)
-    return np.clip(alpha, 0.0, 1.0)
+    return _intensity(off_fourth, off_squares, count)
 
 
 def _masked_frobenius(x: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -1658,15 +1661,13 @@ def build_objective(sim, layer: LinearLayer, inputs: LayerInputs, reg_param=0.01
 
 def _cached_intensity(cols: np.ndarray, weights: np.ndarray | None, shrinkage: float | str,
                       rng: np.random.Generator) -> np.ndarray:
-    """The shrinkage intensity of the cached columns ``[G, K, P]``: ``shrinkage`` itself, or "auto", per group
-    without curvature weights (:func:`shrinkage_intensity`), else per channel (:func:`masked_shrinkage_intensity`)."""
+    """The shrinkage intensity of the cached columns ``[G, K, P]``: ``shrinkage`` itself, or "auto"
+    (:func:`masked_shrinkage_intensity`: per channel, or per group without curvature weights, ``u = 1``)."""
     if shrinkage != "auto":
         return np.full(cols.shape[0], float(shrinkage))
-    if weights is not None:
-        return masked_shrinkage_intensity(cols, weights, rng)
-    cols = cols.astype(np.float64)
-    h = np.matmul(cols, cols.transpose(0, 2, 1)) / max(1, cols.shape[2])
-    return shrinkage_intensity(h, fourth_moments(cols), cols.shape[2])
+    if weights is None:
+        return masked_shrinkage_intensity(cols, np.ones((cols.shape[0], 1, cols.shape[2]), np.float32), rng)[:, 0]
+    return masked_shrinkage_intensity(cols, weights, rng)
 
 
 def _full_batch_positions(w_mat: np.ndarray, mixed: bool = False) -> int:
