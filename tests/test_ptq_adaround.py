@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
 import refquant
 from refquant.errors import RefquantError
@@ -490,6 +490,31 @@ def test_bad_arguments_are_refquant_errors():
     with pytest.raises(RefquantError, match="finish"):
         adaround(sim, np.zeros(x_shape, np.float32), finish="round")
 
+
+
+def test_layers_inside_if_branches_are_named_as_not_optimized():
+    """Silero VAD keeps all its convs in If branches: AdaRound and SeqMSE work on the top-level graph only, so a
+    layer in a branch is listed among the layers not optimized, and the top-level one is still rounded."""
+    rng = np.random.default_rng(0)
+    w, v = rng.normal(size=(4, 4)).astype(np.float32), rng.normal(size=(4, 4)).astype(np.float32)
+    then = helper.make_graph([helper.make_node("MatMul", ["h", "v"], ["z"], name="inner_matmul")], "then", [],
+                             [helper.make_tensor_value_info("z", FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["h"], ["u"])], "else", [],
+                              [helper.make_tensor_value_info("u", FLOAT, None)])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="outer_matmul"),
+             helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)]
+    model = make_model(nodes, [("x", FLOAT, [8, 4]), ("c", TensorProto.BOOL, [])],
+                       [("y", FLOAT, None)], {"w": w, "v": v})
+    sim = QuantSim(refquant.load(model), precision="w4a8", prepare=False)
+    feed = {"x": rng.normal(size=(8, 4)).astype(np.float32), "c": np.array(True)}
+    layers, skipped = find_layers(sim)
+    assert [layer.node.name for layer in layers] == ["outer_matmul"]
+    assert skipped == ["1 inside If/Loop/Scan subgraphs (inner_matmul: subgraphs are simulated as given)"]
+    with pytest.warns(UserWarning, match="layers not optimized: 1 inside If/Loop/Scan subgraphs .inner_matmul"):
+        adaround(sim, [feed], num_iterations=10, progress=False)
+    sim = QuantSim(refquant.load(model), precision="w4a8", prepare=False)
+    with pytest.warns(UserWarning, match="seq_mse: layers not optimized: 1 inside If/Loop/Scan subgraphs"):
+        refquant.seq_mse(sim, [feed], num_candidates=2, progress=False)
 
 @needs_samples
 def test_layers_that_fit_the_budget_are_fitted_full_batch_and_do_not_depend_on_the_seed():

@@ -296,7 +296,17 @@ def find_layers(sim, op_types=LAYER_OPS) -> tuple[list[LinearLayer], list[str]]:
                 if layer.activation is None or isinstance(layer.activation, Pointwise):
                     layer.activation_all = trace_activation(graph, node.outputs[0], consumers, outputs)
                 layers.append(layer)
+    nested = _layers_in_subgraphs(graph, op_types)
+    if nested:
+        skipped.append(f"{len(nested)} inside If/Loop/Scan subgraphs ({', '.join(nested[:3])}"
+                       f"{', ...' if len(nested) > 3 else ''}: subgraphs are simulated as given)")
     return layers, skipped
+
+
+def _layers_in_subgraphs(graph: Graph, op_types) -> list[str]:
+    """Names of the ``op_types`` nodes inside the subgraphs of ``graph``'s nodes (not optimized)."""
+    return [n.name or n.outputs[0] for node in graph.nodes for sub in node.subgraphs() for n in sub.walk()
+            if n.op_type in op_types and not n.domain]
 
 
 def _linear_layer(node: Node, shape: tuple[int, ...]) -> LinearLayer | None:
