@@ -11,6 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from refquant.intsim.unsigned_weights import cpu_flags, onnxruntime_saturates_u8s8, unsigned_weights  # noqa: F401
+
 
 def make_model(nodes, inputs, outputs, initializers=(), opset=17, ir_version=None) -> onnx.ModelProto:
     """inputs/outputs: (name, elem_type, shape) tuples; initializers: {name: array}."""
@@ -58,16 +60,17 @@ def sample_inputs(entry, split, n=None):
     return x if n is None else x[:n]
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read): onnxruntime picks its
-    kernels (MLAS FMA3/AVX-512, VNNI dot products) by them."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def exact_ort_session(model, options=None):
+    """An onnxruntime CPU session of ``model`` (a path or a ModelProto) whose integer ops compute the exact sums the
+    ONNX operators define. Where onnxruntime's u8 x s8 kernels saturate pairs of products to int16 (x86 AVX2 without
+    VNNI), that is the same model with its int8 weights stored as uint8, w + 128 with zero point z + 128: the same
+    function, run by the u8 x u8 kernels, which are exact on every x86 CPU (refquant.intsim.unsigned_weights)."""
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    if onnxruntime_saturates_u8s8():
+        proto = unsigned_weights(proto)[0]
+    if options is None:
+        options = ort.SessionOptions()
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def litert_int8_layer(op: str, version: int, options, x, w, bias, xs, xz, ws, ys, yz, out_shape) -> bytes:

@@ -9,7 +9,7 @@ from onnx import helper
 from refquant.cli import main
 from refquant.examples import RNET
 
-from .helpers import FLOAT, make_model
+from .helpers import FLOAT, exact_ort_session, make_model
 
 
 @pytest.fixture
@@ -121,7 +121,6 @@ def test_quantize_bad_labels_path_fails_before_any_work(tmp_path, capsys):
 
 
 def test_intsim_command_exports_a_program_onnxruntime_runs_bit_exactly(tmp_path, capsys):
-    import onnxruntime as ort
     from refquant.examples import RNET, lfw_rnet_inputs
     x, _ = lfw_rnet_inputs()
     np.save(tmp_path / "x.npy", x[:32])
@@ -130,9 +129,10 @@ def test_intsim_command_exports_a_program_onnxruntime_runs_bit_exactly(tmp_path,
     assert "prob" in capsys.readouterr().out
     import refquant
     from refquant.intsim import lowering  # noqa: F401  (registers the program's own ops)
-    theirs = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x[:8]})
+    session = exact_ort_session(out)
+    theirs = session.run(None, {"input": x[:8]})
     ours = refquant.Session(refquant.load(out)).run({"input": x[:8]})
-    names = [o.name for o in ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_outputs()]
+    names = [o.name for o in session.get_outputs()]
     for name, value in zip(names, theirs):
         assert np.array_equal(ours[name], value), name
 

@@ -27,6 +27,8 @@ from refquant.quant import QuantSim
 from refquant.quant.config import load_config
 from refquant.quant.encoding import from_min_max
 
+from .helpers import exact_ort_session
+
 SHARED = Path(os.environ.get("REFQUANT_SHARED", "/work/shared"))
 SAMPLES = SHARED / "refs" / "aimet_samples"
 MOBILENET = SHARED / "models" / "mobilenet_v2_imagenet.onnx"
@@ -45,7 +47,7 @@ def ort_sessions(path):
         options = ort.SessionOptions()
         options.graph_optimization_level = level
         options.log_severity_level = 3
-        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        sessions[name] = exact_ort_session(path, options)
     return sessions
 
 

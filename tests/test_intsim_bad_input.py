@@ -23,7 +23,7 @@ from refquant.intsim.program import IntSim
 from refquant.intsim.requant import INT32_MAX
 from refquant.quant import QuantSim
 
-from .helpers import FLOAT, make_model
+from .helpers import FLOAT, exact_ort_session, make_model
 
 F32 = np.float32
 SCHEMES = ["ort", "onnx_reference", "tflite_double", "tflite_single", "exact(half_even)"]
@@ -356,12 +356,11 @@ def _int32_constants(isim) -> np.ndarray:
 
 
 def _same_as_onnxruntime(isim, tmp_path):
-    import onnxruntime as ort
 
     path = isim.export(tmp_path / "clipped.onnx")
     feeds = _feed(np.random.default_rng(5))
     feeds["x"][:] = 0.0  # x codes = zero point: acc = the clipped bias alone (any product could overflow int32)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = exact_ort_session(path)
     names = [o.name for o in session.get_outputs()]
     expected = dict(zip(names, session.run(names, feeds)))
     got = isim.run(feeds)
@@ -555,7 +554,7 @@ def test_overflow_wrap_reproduces_onnxruntimes_wraparound(tmp_path):
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
         options = ort.SessionOptions()
         options.graph_optimization_level = level
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = exact_ort_session(path, options)
         names = [o.name for o in session.get_outputs()]
         for name, value in zip(names, session.run(names, hot)):
             assert np.array_equal(value, ours[name]), (level, name)
@@ -566,7 +565,6 @@ def test_overflow_wrap_reproduces_onnxruntimes_wraparound(tmp_path):
 def test_overflow_wrap_through_a_clipped_bias_matches_onnxruntimes_qlinearconv(sim, tmp_path):
     """The clipped-bias conv of test_bias_overflowing_int32 fed x = 1 (it overflows there): with overflow="wrap"
     the integer program equals onnxruntime's QLinearConv on the exported model, bit for bit."""
-    import onnxruntime as ort
 
     _edit_scale(sim, "x", 1e-7)
     _edit_scale(sim, "w", np.full(4, 1e-4))
@@ -577,7 +575,7 @@ def test_overflow_wrap_through_a_clipped_bias_matches_onnxruntimes_qlinearconv(s
     with pytest.warns(RuntimeWarning, match="wrapped around"):
         ours = isim.run(feeds)
     path = isim.export(tmp_path / "conv_wrap.onnx")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = exact_ort_session(path)
     names = [o.name for o in session.get_outputs()]
     for name, value in zip(names, session.run(names, feeds)):
         assert np.array_equal(value, ours[name]), name

@@ -31,6 +31,7 @@ from refquant.intsim.program import IntSim
 from refquant.quant import QuantSim
 
 from .test_intsim import LEVELS, assert_bit_exact, calibrated, make_model
+from .helpers import exact_ort_session
 
 SHARED = Path(os.environ.get("REFQUANT_SHARED", "/work/shared"))
 F32 = np.float32
@@ -362,7 +363,7 @@ def test_float_fallback_weights_are_dequantized_codes(tmp_path):
     for level in LEVELS.values():
         options = ort.SessionOptions()
         options.graph_optimization_level = level
-        theirs = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        theirs = exact_ort_session(path, options).run(None, {"x": x})[0]
         # the float Conv is each runtime's own float arithmetic: its summation order may move a value across a
         # rounding boundary of the 16-bit grid, one step at most
         assert np.abs(np.rint((theirs.astype(np.float64) - ours) / step)).max() <= 1

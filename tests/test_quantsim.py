@@ -15,6 +15,8 @@ from refquant.quant.agreement import teacher_forced_agreement
 from refquant.quant.encoding import from_min_max
 from refquant.quant.quantsim import CalibrationError
 
+from .helpers import exact_ort_session
+
 SHARED = Path(os.environ.get("REFQUANT_SHARED", "/work/shared"))
 SAMPLES = SHARED / "refs" / "aimet_samples"
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"AIMET samples not found at {SAMPLES}")
@@ -176,8 +178,7 @@ def test_exported_qdq_scales_and_zero_points_are_the_encodings(entry, tmp_path):
     ev = np.load(SAMPLES / entry / "eval.npz")["input"]
     fp32 = np.load(SAMPLES / entry / "fp32_out.npz")
     ours = run_batched(sim, ev)
-    import onnxruntime as ort
-    session = ort.InferenceSession(paths["qdq"], providers=["CPUExecutionProvider"])
+    session = exact_ort_session(paths["qdq"])
     theirs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": ev})))
     for name in fp32.files:
         assert abs(sqnr_db(fp32[name], ours[name]) - sqnr_db(fp32[name], theirs[name])) < 0.5, name
@@ -507,8 +508,7 @@ def test_quantsim_prepares_the_graph_by_default_and_exports_a_model_for_the_orig
     assert np.abs(sim.run_float({"input": x})["y"] - want).max() <= 1e-5 * np.abs(want).max()
     sim.compute_encodings([{"input": x}], progress=False)
     files = sim.export(tmp_path)
-    import onnxruntime as ort
-    session = ort.InferenceSession(files["qdq"], providers=["CPUExecutionProvider"])
+    session = exact_ort_session(files["qdq"])
     assert [i.name for i in session.get_inputs()] == ["input"] and [o.name for o in session.get_outputs()] == ["y"]
     (got,) = session.run(None, {"input": x})
     # W8A8 of a 27-tap conv on N(0, 1) data: within a few output steps of FP32, far from a wrong model
