@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from .errors import RefquantError
 
@@ -79,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                                         "std=0.229,0.224,0.225' or a JSON file")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--encoding-version", default="1.0.0", choices=["1.0.0", "2.0.0"])
+    p.add_argument("--unsigned-weights", action="store_true", help="the QDQ model's int8 weights stored as uint8 "
+                   "(+128, zero point +128): the same model, which onnxruntime runs exactly on x86 CPUs without "
+                   "VNNI too (its uint8 x int8 kernels saturate there)")
     p.add_argument("--prefix", default=None, help="file name prefix (default: the model's name)")
     p.add_argument("-o", "--output-dir", required=True)
     from .scale import add_arguments as add_scale_arguments
@@ -140,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--preprocess", help="image preprocessing spec (as for quantize)")
     p.add_argument("--export", help="write the integer program as a QOperator ONNX model here")
+    p.add_argument("--unsigned-weights", action="store_true", help="--export with int8 weights stored as uint8 "
+                   "(+128, zero point +128): the same program, which onnxruntime runs exactly on x86 CPUs without "
+                   "VNNI too (its uint8 x int8 kernels saturate there)")
     p.set_defaults(func=cmd_intsim)
 
     from .intsim.cli import add_explain_parser, add_verify_parser
@@ -255,7 +260,10 @@ def cmd_quantize(args) -> int:
     print(f"calibrated {sum(q.enabled for q in sim.quantizers.values())} quantizers on {args.data} "
           f"({args.scheme}, {args.precision}) in {time.perf_counter() - start:.1f} s")
     prefix = args.prefix or Path(args.model).stem
-    paths = sim.export(args.output_dir, prefix, encoding_version=args.encoding_version)
+    paths = sim.export(args.output_dir, prefix, encoding_version=args.encoding_version,
+                       unsigned_weights=args.unsigned_weights)
+    if any(q.kind == "param" and q.enabled and q.data_type == "int" and q.bitwidth <= 8 for q in sim.quantizers.values()):
+        _note_saturating_cpu(args.unsigned_weights, "--unsigned-weights")
     eval_source = args.eval_data or args.data
     scores = evaluate(sim, iter_feeds(eval_source, graph, batch_size=args.batch_size, preprocess=preprocess),
                       labels, primary=args.primary)
@@ -329,9 +337,20 @@ def cmd_intsim(args) -> int:
         return 1
     print(qdq_gap(sim, isim, feeds))
     if args.export:
-        isim.export(args.export, overwrite=True)
+        isim.export(args.export, overwrite=True, unsigned_weights=args.unsigned_weights)
         print(f"wrote {args.export}")
+        _note_saturating_cpu(args.unsigned_weights, "--unsigned-weights")
     return 0
+
+
+def _note_saturating_cpu(unsigned: bool, flag: str) -> None:
+    """Say so when onnxruntime on this CPU would not run the exported int8 weights exactly."""
+    from .intsim.unsigned_weights import onnxruntime_saturates_u8s8
+
+    if not unsigned and onnxruntime_saturates_u8s8():
+        print(f"note: onnxruntime on this CPU (x86 AVX2 without VNNI) adds pairs of uint8 x int8 products with int16 "
+              f"saturation, so it computes the exported int8 weights inexactly; export with {flag} for a model it "
+              "runs exactly here")
 
 
 def cmd_demo(args) -> int:

@@ -251,12 +251,16 @@ def to_onnx(graph: Graph, opset: dict[str, int] | None = None) -> onnx.ModelProt
     return model
 
 
-def save(graph: Graph, path, *, opset: dict[str, int] | None = None, overwrite: bool = True) -> Path:
-    """Write ``graph`` to ``path`` as ONNX (temp file + rename; external data above 2 GB)."""
+def save(graph: Graph, path, *, opset: dict[str, int] | None = None, overwrite: bool = True,
+         rewrite=None) -> Path:
+    """Write ``graph`` to ``path`` as ONNX (temp file + rename; external data above 2 GB); ``rewrite``: a function
+    ModelProto -> ModelProto applied before writing."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     model = to_onnx(graph, opset)
+    if rewrite is not None:
+        model = rewrite(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)

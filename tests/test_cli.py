@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper
 
@@ -122,19 +123,32 @@ def test_quantize_bad_labels_path_fails_before_any_work(tmp_path, capsys):
 
 def test_intsim_command_exports_a_program_onnxruntime_runs_bit_exactly(tmp_path, capsys):
     from refquant.examples import RNET, lfw_rnet_inputs
+    from refquant.intsim.unsigned_weights import onnxruntime_saturates_u8s8
     x, _ = lfw_rnet_inputs()
     np.save(tmp_path / "x.npy", x[:32])
     out = tmp_path / "rnet_int.onnx"
     assert main(["intsim", str(RNET), "--data", str(tmp_path / "x.npy"), "--export", str(out)]) == 0
-    assert "prob" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "prob" in printed
+    # the note names the flag exactly where onnxruntime's uint8 x int8 kernels saturate
+    assert ("--unsigned-weights for a model it runs exactly here" in printed) == onnxruntime_saturates_u8s8()
+    import onnxruntime as ort
+
     import refquant
     from refquant.intsim import lowering  # noqa: F401  (registers the program's own ops)
-    session = exact_ort_session(out)
-    theirs = session.run(None, {"input": x[:8]})
-    ours = refquant.Session(refquant.load(out)).run({"input": x[:8]})
-    names = [o.name for o in session.get_outputs()]
-    for name, value in zip(names, theirs):
-        assert np.array_equal(ours[name], value), name
+    unsigned = tmp_path / "rnet_int_u8.onnx"
+    assert main(["intsim", str(RNET), "--data", str(tmp_path / "x.npy"), "--export", str(unsigned),
+                 "--unsigned-weights"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    weights = [t for t in onnx.load(unsigned).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights == []  # every int8 weight (and zero point) is uint8 now
+    for path, session in ((out, exact_ort_session(out)),  # the tests' oracle: exact on any CPU
+                          (unsigned, ort.InferenceSession(str(unsigned), providers=["CPUExecutionProvider"]))):
+        theirs = session.run(None, {"input": x[:8]})
+        ours = refquant.Session(refquant.load(path)).run({"input": x[:8]})
+        names = [o.name for o in session.get_outputs()]
+        for name, value in zip(names, theirs):
+            assert np.array_equal(ours[name], value), (path.name, name)
 
 
 def test_intsim_command_reports_an_overflowing_accumulator(tmp_path, capsys):

@@ -128,14 +128,19 @@ class IntSim:
         """The program as an ONNX ModelProto (QuantizeLinear, QLinearConv, com.microsoft QGemm..., DequantizeLinear)."""
         return to_onnx(self.graph, self.graph.opset)
 
-    def export(self, path, overwrite: bool = False) -> Path:
+    def export(self, path, overwrite: bool = False, unsigned_weights: bool = False) -> Path:
         """Write the program as a QOperator ONNX model (atomically). With a requant scheme other than "ort" the
-        model holds com.refquant Requantize nodes, which only refquant runs."""
+        model holds com.refquant Requantize nodes, which only refquant runs. ``unsigned_weights``: int8 weights
+        stored as uint8, ``w + 128`` with zero point ``z + 128`` (the same program), which onnxruntime runs
+        exactly on x86 CPUs without VNNI too (:mod:`refquant.intsim.unsigned_weights`)."""
         path = Path(path)
         if path.exists() and not overwrite:
             raise RefquantError(f"{path} exists; pass overwrite=True to replace it")
         try:
-            return save(self.graph, path, opset=self.graph.opset, overwrite=True)
+            from .unsigned_weights import unsigned_weights as to_unsigned
+
+            rewrite = (lambda model: to_unsigned(model)[0]) if unsigned_weights else None
+            return save(self.graph, path, opset=self.graph.opset, overwrite=True, rewrite=rewrite)
         except OSError as exc:
             raise RefquantError(f"cannot write {path}: {exc.strerror or exc}") from None
 

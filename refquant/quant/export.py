@@ -216,9 +216,12 @@ def _typed_tensor(name: str, values: np.ndarray, type_name: str) -> onnx.TensorP
     return helper.make_tensor(name, data_type, list(values.shape), values.astype(np.int64).ravel().tolist())
 
 
-def export(sim, directory, prefix: str = "model", encoding_version: str = "1.0.0") -> dict[str, str]:
+def export(sim, directory, prefix: str = "model", encoding_version: str = "1.0.0",
+           unsigned_weights: bool = False) -> dict[str, str]:
     """Write ``prefix.onnx`` (the FP32 graph the simulation wraps), ``prefix.encodings`` and
-    ``prefix_qdq.onnx`` into ``directory`` (created). Everything is built before anything is written."""
+    ``prefix_qdq.onnx`` into ``directory`` (created). Everything is built before anything is written.
+    ``unsigned_weights``: the QDQ model's int8 weight grids as uint8, zero point + 128 (the same values; see
+    :mod:`refquant.intsim.unsigned_weights`); the encodings file is AIMET's either way."""
     from pathlib import Path
 
     from .encodings_io import write_encodings
@@ -227,6 +230,10 @@ def export(sim, directory, prefix: str = "model", encoding_version: str = "1.0.0
         raise RefquantError(f"encoding_version {encoding_version!r}: refquant writes '1.0.0' and '2.0.0'")
     directory = Path(directory)
     qdq_model = to_qdq_onnx(sim)  # fails early (e.g. a 6-bit grid) before any file exists
+    if unsigned_weights:
+        from ..intsim.unsigned_weights import unsigned_weights as to_unsigned
+
+        qdq_model = to_unsigned(qdq_model)[0]
     activations, params, extra = encodings_for_file(sim, encoding_version)
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -507,12 +507,15 @@ class QuantSim:
         self.quantizers[name].set_encoding(encoding)
         self.quantizers[name].fixed_value = None
 
-    def export(self, directory, prefix: str = "model", encoding_version: str = "1.0.0") -> dict[str, str]:
-        """Write ``prefix.onnx``, ``prefix.encodings`` (AIMET JSON) and ``prefix_qdq.onnx`` into ``directory``."""
+    def export(self, directory, prefix: str = "model", encoding_version: str = "1.0.0",
+               unsigned_weights: bool = False) -> dict[str, str]:
+        """Write ``prefix.onnx``, ``prefix.encodings`` (AIMET JSON) and ``prefix_qdq.onnx`` into ``directory``.
+        ``unsigned_weights``: the QDQ model's int8 weights as uint8 with zero point + 128, the same values, which
+        onnxruntime runs exactly also on x86 CPUs without VNNI (:mod:`refquant.intsim.unsigned_weights`)."""
         from .export import export
 
         self._require_encodings("export")
-        return export(self, directory, prefix, encoding_version)
+        return export(self, directory, prefix, encoding_version, unsigned_weights)
 
     def to_onnx_qdq(self, derived: bool = False):
         """The simulated model as an ONNX QuantizeLinear/DequantizeLinear ModelProto; ``derived=True`` adds AIMET's
