@@ -31,6 +31,10 @@ _pool_size = 0
 
 # below this many multiply-adds a GEMM is not worth a hand-off to another thread (about 20 us of work)
 MIN_PARALLEL_FLOPS = 1 << 19
+# a split GEMM has at most this many blocks, each at least 16 rows or columns and GEMM_BLOCK_FLOPS of work (a
+# block costs ~10 us of calls: MobileNetV2 at batch 1 lost 40 % with 16 blocks of MIN_PARALLEL_FLOPS)
+MAX_GEMM_BLOCKS = 8
+GEMM_BLOCK_FLOPS = 1 << 21
 
 
 def available_cores() -> int:
@@ -143,26 +147,34 @@ def split(length: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
+def gemm_blocks(m: int, n: int, k: int) -> int:
+    """How many blocks :func:`matmul` cuts an [M, K] x [K, N] product into: a function of the shape alone, so
+    the result does not depend on the thread budget (BLAS kernels may sum a row differently in a block of
+    another shape: OpenBLAS's Haswell kernels do, by one ulp)."""
+    return max(1, min(MAX_GEMM_BLOCKS, max(m, n) // 16, m * n * k // GEMM_BLOCK_FLOPS))
+
+
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
            epilogue: Callable[[np.ndarray, slice], None] | None = None) -> np.ndarray:
-    """``out = a @ b`` for 2-D a [M, K] and b [K, N], split into row or column blocks over the thread budget.
+    """``out = a @ b`` for 2-D a [M, K] and b [K, N], split into row or column blocks shared by the threads.
 
-    The wider of M and N is cut into about 4 blocks per thread (so a slow thread holds back one small
-    block); each block is one single-threaded BLAS call writing its slice of ``out`` in place, then
-    ``epilogue(block, rows)`` (rows: the block's row slice of out) while the block is in cache.
+    The wider of M and N is cut into :func:`gemm_blocks` blocks (up to 8, so a slow thread holds back one
+    small block), whatever the thread budget, so every thread count gives the same bits; each block is one
+    single-threaded BLAS call writing its slice of ``out`` in place, then ``epilogue(block, rows)`` (rows: the
+    block's row slice of out) while the block is in cache.
     """
     m, k = a.shape
     n = b.shape[1]
     if out is None:
         out = np.empty((m, n), dtype=np.result_type(a, b))
-    threads = budget()
-    if threads <= 1 or m * n * k < MIN_PARALLEL_FLOPS * 2:
+    parts = gemm_blocks(m, n, k)
+    if parts == 1:
         np.matmul(a, b, out=out)
         if epilogue is not None:
             epilogue(out, slice(None))
         return out
     if n >= m:
-        blocks = split(n, 4 * threads if n >= 64 * threads else threads)
+        blocks = split(n, parts)
 
         def column_block(i):
             cols = slice(*blocks[i])
@@ -172,7 +184,7 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
 
         parallel_for(len(blocks), column_block)
     else:
-        blocks = split(m, 4 * threads if m >= 64 * threads else threads)
+        blocks = split(m, parts)
 
         def row_block(i):
             rows = slice(*blocks[i])
@@ -185,22 +197,50 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
 
 
 class single_threaded_blas:
-    """Context manager: BLAS uses one thread (refquant's pool parallelizes around it); restores on exit."""
+    """Context manager: BLAS uses one thread (refquant's pool parallelizes around it) while any thread is inside
+    one; the last to leave restores BLAS's thread count.
 
-    _controller = None
+    OpenBLAS's thread count is one setting for the whole process, so it is counted process-wide here.
+    threadpoolctl's ``limit`` (3.8) lets only one "controlling" Python thread change it: a Session running in
+    any other thread (an executor's worker, refquant's own pool) then ran its GEMMs with OpenBLAS's threads,
+    whose split of a GEMM changes the last bit of its sums on some CPUs (OpenBLAS 0.3.31, Haswell kernels:
+    13,109 of 131,072 elements of a 32x144 by 144x4096 product), so the same model gave other bits there."""
+
+    _lock = threading.Lock()
+    _depth = 0
+    _libraries: list | None = None
+    _saved: list = []
 
     def __enter__(self):
         cls = type(self)
-        if cls._controller is None:
-            from threadpoolctl import ThreadpoolController
+        with cls._lock:
+            if cls._libraries is None:
+                from threadpoolctl import ThreadpoolController
 
-            cls._controller = ThreadpoolController()
-        self._limits = cls._controller.limit(limits=1, user_api="blas")
+                cls._libraries = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+            if cls._depth == 0:
+                cls._saved = [lib.get_num_threads() for lib in cls._libraries]
+                for lib in cls._libraries:
+                    _set_blas_threads(lib, 1)
+            cls._depth += 1
         return self
 
     def __exit__(self, *exc):
-        self._limits.restore_original_limits()
+        cls = type(self)
+        with cls._lock:
+            cls._depth -= 1
+            if cls._depth == 0:
+                for lib, threads in zip(cls._libraries, cls._saved):
+                    if threads is not None:
+                        _set_blas_threads(lib, threads)
         return False
+
+
+def _set_blas_threads(library, threads: int) -> None:
+    """Set a BLAS library's (process-wide) thread count from any Python thread: threadpoolctl's public setter
+    ignores calls from threads other than its controlling one for OpenBLAS's own thread pool."""
+    setter = getattr(library, "_real_set_num_threads", None) or library.set_num_threads
+    setter(threads)
 
 
 # below this many elements an element-wise op is not worth a hand-off (memory-bound: ~50 us)

@@ -13,7 +13,11 @@ from onnx import helper
 import refquant
 from refquant.errors import FeedError, OpError
 
-from .helpers import FLOAT, make_model, ort_run
+from .helpers import FLOAT, SHARED, make_model, ort_run
+
+SHARED_MODELS = SHARED / "models"
+needs_shared_models = pytest.mark.skipif(not (SHARED_MODELS / "mtcnn_rnet.onnx").is_file(),
+                                         reason=f"missing external resource: the shared models at {SHARED_MODELS}")
 
 
 def _chain():
@@ -452,3 +456,44 @@ def test_small_convs_run_on_one_thread_by_their_multiply_adds():
     assert not small((1, 32, 112, 112), (32, 1, 3, 3))  # depthwise: 288 * 12544 = 3.6 M, counted 8x = 28.9 M
     assert small((1, 32, 56, 56), (32, 1, 3, 3))  # 7.2 M counted
     assert not small((1, 16, 32, 32), (32, 16, 3, 3), op="ConvTranspose")  # only Conv is judged
+
+
+def test_a_gemm_gives_the_same_bits_on_every_thread_budget():
+    """parallel.matmul cuts a GEMM by its shape alone: a BLAS kernel may sum a row differently in a block of another
+    shape (OpenBLAS 0.3.31's Haswell kernels do), so blocks that followed the thread count changed the last bits."""
+    from refquant import parallel
+
+    rng = np.random.default_rng(3)
+    for m, k, n in [(48, 300, 37), (32, 144, 4096), (600, 96, 12)]:
+        a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+        results = []
+        for threads in (1, 2, 5):
+            with parallel.thread_budget(threads), parallel.single_threaded_blas():
+                results.append(parallel.matmul(a, b))
+        assert all(np.array_equal(results[0], r) for r in results[1:]), (m, k, n)
+        np.testing.assert_allclose(results[0], a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)  # float32 sums of 300
+
+
+@needs_shared_models
+def test_a_model_gives_the_same_bits_on_every_thread_count_and_in_any_python_thread():
+    """MTCNN R-Net differed between threads=1 and 2 by refquant's GEMM blocks, and a Session run in a worker thread
+    ran its GEMMs on OpenBLAS's two threads (threadpoolctl limits BLAS from one controlling thread only)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    from refquant import parallel
+
+    graph = refquant.load(SHARED_MODELS / "mtcnn_rnet.onnx")
+    x = np.random.default_rng(0).standard_normal((48, 3, 24, 24)).astype(np.float32)
+    outs = [refquant.Session(graph, threads=t).run({"input": x}) for t in (1, 2, 3)]
+    with ThreadPoolExecutor(1) as pool:
+        outs.append(pool.submit(lambda: refquant.Session(graph, threads=2).run({"input": x})).result())
+
+        def blas_threads_inside():
+            with parallel.single_threaded_blas():
+                return threadpool_info()[0]["num_threads"]
+
+        assert pool.submit(blas_threads_inside).result() == 1
+    for out in outs[1:]:
+        assert all(np.array_equal(outs[0][k], out[k]) for k in outs[0])

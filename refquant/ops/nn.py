@@ -21,6 +21,8 @@ from .shapes import TensorInfo
 COLS_BUDGET = 1 << 23  # floats in one whole-batch im2col buffer (32 MB)
 BAND_FLOATS = 1 << 20  # floats in one row band's im2col buffer (4 MB; 1 and 2 MB bands measured no faster)
 BLOCK_FLOATS = 1 << 16  # floats in an output block that a direct kernel's epilogue finishes while in L2
+# fewer GEMMs than this in a conv: each is split by parallel.matmul instead of one thread taking each whole
+FEW_GEMMS = 4
 SMALL_IMAGE = 64  # output pixels below which a whole-batch GEMM beats one GEMM per image (7x7: yes, 14x14: no)
 
 
@@ -151,7 +153,8 @@ def conv_epilogue(x, w, b=None, *, epilogue, out=None, auto_pad="NOTSET", dilati
         threads = parallel.budget()
         # items are (group, block of images): one stacked GEMM call and one epilogue call per item, since the
         # Python cost of the calls is a good part of a small image's GEMM (ShuffleNet's 14x14 grouped convs);
-        # blocks stay in L2 for the epilogue
+        # blocks stay in L2 for the epilogue. A stacked matmul is one GEMM per image whatever the block, so
+        # the blocks (which follow the thread budget) do not change the result.
         per_item = max(1, min(n, BLOCK_FLOATS // max(1, mg * positions)))
         if threads > 1:
             per_item = min(per_item, max(1, n * group // (2 * threads)))
@@ -163,9 +166,9 @@ def conv_epilogue(x, w, b=None, *, epilogue, out=None, auto_pad="NOTSET", dilati
             np.matmul(wg[g], xg[a:b, g], out=y[a:b, g])
             finish(y[a:b, g], slice(g * mg, (g + 1) * mg))
 
-        if len(items) >= 2 * threads or threads == 1:
+        if n * group >= FEW_GEMMS:
             parallel.parallel_for(len(items), pointwise)
-        else:  # few GEMMs: split each one's columns instead
+        else:  # few GEMMs (whatever the thread budget, for the same bits): split each one's columns instead
             for i in range(n * group):
                 image, g = divmod(i, group)
                 parallel.matmul(wg[g], xg[image, g], out=y[image, g],
@@ -376,7 +379,7 @@ def _im2col_conv(x3, w3, group, stride3, dilation3, begin3, end3, out3, finish, 
     band = max(1, min(out3[1], BAND_FLOATS // max(1, k_rows * ow)))  # output rows per GEMM
     items = [(i, g, a, r0) for i in range(n) for g in range(group) for a in range(out3[0])
              for r0 in range(0, out3[1], band)]
-    if threads > 1 and len(items) < 2 * threads:
+    if len(items) < FEW_GEMMS:  # whatever the thread budget, so that every thread count gives the same bits
         # too few GEMMs to give each thread its own (batch 1): each GEMM is split by parallel.matmul along
         # its larger side, so a small image's channel-heavy GEMM (7x7: M=512, N=49) is cut into blocks of
         # weight rows rather than into bands of a few output pixels that each pack all the weights again;
