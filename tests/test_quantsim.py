@@ -645,5 +645,5 @@ def test_bn_reestimation_on_a_quantsim_whose_preparation_folded_the_bns_says_to_
         reestimate_batchnorm(sim, data, progress=False)
     sim = QuantSim(graph, prepare=False)
     sim.compute_encodings(data, progress=False)
-    folded = reestimate_batchnorm(sim, data, progress=False)
+    folded = reestimate_batchnorm(sim, data, progress=False).graph
     assert [n.op_type for n in folded.nodes] == ["Conv"]

@@ -77,12 +77,14 @@ class ChannelMoments:
 
 
 def reestimate_batchnorm(sim, data, batch_size: int = 16, progress: bool = True, fold: bool = True,
-                         observe_folded: bool = True) -> Graph:
+                         observe_folded: bool = True):
     """Recompute every BatchNormalization's running mean and variance from ``data`` as it flows
     through the quantized simulation ``sim`` (population statistics over the batch and spatial
     axes, see the module docstring), set them with ``sim.set_parameter`` (the simulation and its FP32
-    reference both use them from then on), and return a copy of ``sim.graph`` with the BNs folded by
-    :func:`refquant.ptq.bn_fold.fold_batchnorms` (those it can fold; ``fold=False``: a plain copy).
+    reference both use them from then on), then fold the BNs into their layers in ``sim`` itself
+    (:func:`refquant.ptq.bn_fold.fold_batchnorms`, those it can fold; :meth:`QuantSim.rebuild`: the folded
+    layers get weight encodings of their folded weights, every other quantizer keeps its state). Returns
+    ``sim``; ``sim.graph`` is the folded graph. ``fold=False`` keeps the BNs, with their new statistics.
     If anything fails or is interrupted, the old statistics are restored.
 
     ``observe_folded`` (default): the model is observed as it will be once folded. A BN that reads a
@@ -95,8 +97,8 @@ def reestimate_batchnorm(sim, data, batch_size: int = 16, progress: bool = True,
     against its FP32 instead of 17.
 
     A graph without inference-mode BatchNormalization nodes warns and comes back unchanged. The
-    simulation's activation encodings are not recomputed: build a QuantSim on the returned graph
-    (or call ``sim.compute_encodings`` again) to calibrate for the new statistics.
+    simulation's activation encodings are not recomputed: call ``sim.compute_encodings`` again to calibrate for
+    the new statistics.
     """
     from ..progress import iterate
     from .bias_correction import _restored_on_error
@@ -111,7 +113,7 @@ def reestimate_batchnorm(sim, data, batch_size: int = 16, progress: bool = True,
     if not bns:
         warnings.warn(f"reestimate_batchnorm: graph {graph.name!r} has no BatchNormalization with "
                       "initializer statistics: nothing to re-estimate", stacklevel=2)
-        return graph.copy()
+        return sim
     names = [name for bn in bns for name in bn.inputs[3:5]]
     bypassed = prefold_quantizers(sim, bns) if observe_folded else []
     with _restored_on_error(sim, names), _quantizers_bypassed(bypassed):
@@ -119,11 +121,11 @@ def reestimate_batchnorm(sim, data, batch_size: int = 16, progress: bool = True,
             moments = input_moments(sim, bn, data, batch_size)
             sim.set_parameter(bn.inputs[3], moments.mean)
             sim.set_parameter(bn.inputs[4], moments.variance)
-    if not fold:
-        return graph.copy()
-    from .bn_fold import fold_batchnorms
+    if fold:
+        from .bn_fold import fold_batchnorms_info
 
-    return fold_batchnorms(graph)  # a folded copy: the simulation's graph keeps its BNs
+        sim.rebuild(fold_batchnorms_info(graph, warn=False)[0])
+    return sim
 
 
 def prefold_quantizers(sim, bns: list[Node]) -> list:

@@ -173,6 +173,10 @@ class QuantSim:
         self.scheme_options = dict(scheme_options or {})
         self.rounding = rounding
         self.param_bw, self.output_bw = param_bw, output_bw
+        # what rebuild() needs to simulate a rewritten graph the same way (preparation is not repeated)
+        self._settings = dict(param_bw=param_bw, output_bw=output_bw, quant_scheme=quant_scheme, config=self.config,
+                              rounding=rounding, threads=threads, scheme_options=scheme_options,
+                              param_scheme=param_scheme, constant_inputs=constant_inputs)
         self.quantizers: dict[str, Quantizer] = {}
         for name, spec in place_quantizers(graph, self.config, constant_inputs).items():
             kind = spec.kind
@@ -310,6 +314,11 @@ class QuantSim:
             quantizer.encoding = self._encoding_from_observer(quantizer, observer)
         self._disable_unused(unused, members)
         self._calibrated = set(members)
+        self._derived_encodings()
+
+    def _derived_encodings(self) -> None:
+        """What follows from the activation and weight encodings: fixed ranges, AIMET's weight-scale guard, the
+        int32 bias grids, and the quantized constants."""
         self._apply_fixed_ranges()
         self.adjusted_weight_scales = adjust_weight_scales(self)
         self._compute_bias_encodings()
@@ -471,6 +480,38 @@ class QuantSim:
         self._float_session.set_constant(name, array)
         self._state = None  # the simulation session re-quantizes its constants on the next run
 
+    def rebuild(self, graph: Graph) -> None:
+        """Simulate ``graph`` instead of ``self.graph``, in place, with the same settings: ``graph`` is a rewrite
+        of it with the same inputs and outputs (BatchNormalizations folded, say). A quantizer whose tensor is in
+        both and is placed alike (enabled or not, axis, symmetry, tied group) keeps its state (encoding, bitwidth,
+        frozen, a technique's fixed values) unless it is a parameter or constant whose value changed; the others
+        are as the new graph's placement makes them, and parameter encodings are computed
+        at once when the simulation had encodings, so ``run`` works; activations keep theirs until the next
+        ``compute_encodings``."""
+        old = self.quantizers
+        had_encodings = bool(self._calibrated) or any(q.encoding is not None for q in old.values())
+        new = QuantSim(graph, prepare=False, outlier_bw=None, **self._settings)
+        for name, quantizer in new.quantizers.items():
+            previous = old.get(name)
+            if previous is None or (previous.kind, previous.tied_to, previous.axis, previous.symmetric) != (
+                    quantizer.kind, quantizer.tied_to, quantizer.axis, quantizer.symmetric):
+                continue
+            if previous.enabled != quantizer.enabled:  # placed otherwise in the new graph (a Conv + Relu now)
+                continue
+            if quantizer.kind != "activation" and not _same_array(self.graph.initializers.get(name),
+                                                                  new.graph.initializers.get(name)):
+                continue
+            new.quantizers[name] = previous
+        new.source_graph, new.prepare_report = self.source_graph, self.prepare_report
+        new.widened = {n: why for n, why in self.widened.items() if n in new.quantizers}
+        new.unused_quantizers = [n for n in self.unused_quantizers if n in new.quantizers]
+        new._calibrated = {n for n in self._calibrated if n in new.quantizers}
+        if had_encodings:
+            new._compute_param_encodings()
+            new._derived_encodings()
+        self.__dict__.clear()
+        self.__dict__.update(new.__dict__)
+
     def graph_for_export(self):
         """A copy of the graph whose parameters with a fixed quantized value (AdaRound) carry that value,
         so that quantizing them again in any runtime gives exactly the simulated weights."""
@@ -573,6 +614,10 @@ class QuantSim:
             lines.append(f"weight scales raised so that int32 biases and requantization scales stay representable "
                          f"(AIMET's guard): {', '.join(self.adjusted_weight_scales)}")
         return "\n".join(lines)
+
+
+def _same_array(a, b) -> bool:
+    return a is not None and b is not None and a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
 
 
 def _with_axis(encoding: Encoding, axis: int) -> Encoding:

@@ -183,7 +183,10 @@ def qat(sim, data, loss="distill", epochs: int = 1, lr: float = 1e-4, optimizer:
     if bn_training and _has_batchnorm(sim.graph):
         from ..ptq.bn_reestimation import reestimate_batchnorm
 
-        result.folded_graph = reestimate_batchnorm(sim, data, batch_size=batch_size, progress=progress)
+        from ..ptq.bn_fold import fold_batchnorms
+
+        reestimate_batchnorm(sim, data, batch_size=batch_size, progress=progress, fold=False)
+        result.folded_graph = fold_batchnorms(sim.graph)  # the trained sim keeps its BNs and learned ranges
     return result
 
 
