@@ -623,7 +623,9 @@ def test_quantsim_warns_and_simulates_the_graph_as_given_when_preparation_cannot
         QuantSim(graph, prepare="fold_batchnorm,no_such_pass")
 
 
-def test_bn_reestimation_on_a_quantsim_whose_preparation_folded_the_bns_says_to_use_prepare_false():
+def test_bn_reestimation_on_a_quantsim_whose_preparation_folded_the_bns_brings_them_back_and_folds_them_again():
+    """QuantSim(graph) folds the BN in its preparation: re-estimation rebuilds the sim on the model prepared without
+    that pass, re-estimates and folds again, and ends where a prepare=False sim ends, bit for bit."""
     from onnx import TensorProto, helper, numpy_helper
 
     from refquant.ptq.bn_reestimation import reestimate_batchnorm
@@ -641,9 +643,26 @@ def test_bn_reestimation_on_a_quantsim_whose_preparation_folded_the_bns_says_to_
     sim = QuantSim(graph)
     assert [n.op_type for n in sim.graph.nodes] == ["Conv"]
     sim.compute_encodings(data, progress=False)
-    with pytest.raises(RefquantError, match="prepare=False"):
-        reestimate_batchnorm(sim, data, progress=False)
-    sim = QuantSim(graph, prepare=False)
-    sim.compute_encodings(data, progress=False)
-    folded = reestimate_batchnorm(sim, data, progress=False).graph
+    assert reestimate_batchnorm(sim, data, progress=False) is sim and [n.op_type for n in sim.graph.nodes] == ["Conv"]
+    plain = QuantSim(graph, prepare=False)
+    plain.compute_encodings(data, progress=False)
+    folded = reestimate_batchnorm(plain, data, progress=False).graph
     assert [n.op_type for n in folded.nodes] == ["Conv"]
+    assert all(np.array_equal(folded.initializers[k], sim.graph.initializers[k]) for k in folded.initializers)
+    assert not np.array_equal(folded.initializers["w"], QuantSim(graph).graph.initializers["w"])  # new statistics
+    for each in (sim, plain):  # the activations calibrated for the new statistics
+        each.compute_encodings(data, progress=False)
+    np.testing.assert_array_equal(sim.run(data[0])["y"], plain.run(data[0])["y"])
+
+    interrupted = QuantSim(graph)
+    interrupted.compute_encodings(data, progress=False)
+    prepared_graph, out_before = interrupted.graph, interrupted.run(data[0])["y"]
+
+    def stop():
+        raise KeyboardInterrupt
+        yield
+
+    with pytest.raises(KeyboardInterrupt):
+        reestimate_batchnorm(interrupted, stop, progress=False)
+    assert interrupted.graph is prepared_graph  # the simulation as it was given
+    np.testing.assert_array_equal(interrupted.run(data[0])["y"], out_before)

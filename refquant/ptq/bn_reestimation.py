@@ -85,7 +85,9 @@ def reestimate_batchnorm(sim, data, batch_size: int = 16, progress: bool = True,
     (:func:`refquant.ptq.bn_fold.fold_batchnorms`, those it can fold; :meth:`QuantSim.rebuild`: the folded
     layers get weight encodings of their folded weights, every other quantizer keeps its state). Returns
     ``sim``; ``sim.graph`` is the folded graph. ``fold=False`` keeps the BNs, with their new statistics.
-    If anything fails or is interrupted, the old statistics are restored.
+    When the QuantSim's preparation folded the BNs, the sim is first rebuilt on the model prepared by the same
+    passes but BN folding, so they are there to re-estimate. If anything fails or is interrupted, the sim is left
+    as it was given.
 
     ``observe_folded`` (default): the model is observed as it will be once folded. A BN that reads a
     Conv/ConvTranspose/Gemm/MatMul output nothing else reads folds into that layer, and the activation
@@ -103,29 +105,53 @@ def reestimate_batchnorm(sim, data, batch_size: int = 16, progress: bool = True,
     from ..progress import iterate
     from .bias_correction import _restored_on_error
 
-    graph = sim.graph
-    bns = batchnorms(graph)
-    report = getattr(sim, "prepare_report", None)
-    if not bns and report is not None and report.pass_record("fold_batchnorm") is not None \
-            and report.pass_record("fold_batchnorm").status == "applied":
-        raise RefquantError("reestimate_batchnorm: the QuantSim's preparation folded the BatchNormalization "
-                            "nodes; build it with QuantSim(graph, ..., prepare=False) to re-estimate them")
-    if not bns:
-        warnings.warn(f"reestimate_batchnorm: graph {graph.name!r} has no BatchNormalization with "
-                      "initializer statistics: nothing to re-estimate", stacklevel=2)
-        return sim
-    names = [name for bn in bns for name in bn.inputs[3:5]]
-    bypassed = prefold_quantizers(sim, bns) if observe_folded else []
-    with _restored_on_error(sim, names), _quantizers_bypassed(bypassed):
-        for bn in iterate(bns, progress, "BN re-estimation", unit="layer"):
-            moments = input_moments(sim, bn, data, batch_size)
-            sim.set_parameter(bn.inputs[3], moments.mean)
-            sim.set_parameter(bn.inputs[4], moments.variance)
+    given = dict(sim.__dict__)  # the simulation as given, put back if anything below fails
+    try:
+        if not batchnorms(sim.graph) and _preparation_folded_batchnorms(sim):
+            _rebuild_with_batchnorms(sim)
+        graph = sim.graph
+        bns = batchnorms(graph)
+        if not bns:
+            warnings.warn(f"reestimate_batchnorm: graph {graph.name!r} has no BatchNormalization with "
+                          "initializer statistics: nothing to re-estimate", stacklevel=2)
+            return sim
+        names = [name for bn in bns for name in bn.inputs[3:5]]
+        bypassed = prefold_quantizers(sim, bns) if observe_folded else []
+        with _restored_on_error(sim, names), _quantizers_bypassed(bypassed):
+            for bn in iterate(bns, progress, "BN re-estimation", unit="layer"):
+                moments = input_moments(sim, bn, data, batch_size)
+                sim.set_parameter(bn.inputs[3], moments.mean)
+                sim.set_parameter(bn.inputs[4], moments.variance)
+    except BaseException:
+        sim.__dict__.clear()
+        sim.__dict__.update(given)
+        sim.invalidate()  # its session's constants were quantized from the statistics tried
+        raise
     if fold:
         from .bn_fold import fold_batchnorms_info
 
         sim.rebuild(fold_batchnorms_info(graph, warn=False)[0])
     return sim
+
+
+def _preparation_folded_batchnorms(sim) -> bool:
+    report = getattr(sim, "prepare_report", None)
+    record = report.pass_record("fold_batchnorm") if report is not None else None
+    return record is not None and record.status == "applied"
+
+
+def _rebuild_with_batchnorms(sim) -> None:
+    """``sim`` rebuilt on its model as given, prepared by the passes its preparation applied except BN folding:
+    the BatchNormalizations are back, to be re-estimated and folded again."""
+    from ..prepare import prepare_for_quantsim
+
+    passes = [p.name for p in sim.prepare_report.passes if p.status == "applied" and p.name != "fold_batchnorm"]
+    graph = prepare_for_quantsim(sim.source_graph, passes)[0] if passes else sim.source_graph
+    if not batchnorms(graph):
+        raise RefquantError("reestimate_batchnorm: the QuantSim's preparation folded the BatchNormalization nodes and "
+                            "they do not come back without that pass; build it with QuantSim(graph, ..., "
+                            "prepare=False) to re-estimate them")
+    sim.rebuild(graph)
 
 
 def prefold_quantizers(sim, bns: list[Node]) -> list:

@@ -104,8 +104,8 @@ class QuantSim:
     ``sim.prepare_report`` says what changed. Graph inputs and outputs keep their names; tensors a pass
     removed (a folded BatchNormalization's output...) have no quantizer. Use ``prepare=False`` to
     simulate the graph exactly as given: to compare quantizer placement with AIMET's (whose QuantSim
-    does not prepare), to load encodings written for the unprepared graph, or when a technique needs
-    what preparation removes (BN re-estimation needs the BatchNormalization nodes).
+    does not prepare), or to load encodings written for the unprepared graph. (BN re-estimation, which needs the
+    BatchNormalization nodes, brings them back itself: :func:`refquant.ptq.bn_reestimation.reestimate_batchnorm`.)
 
     Two rules give some activations ``outlier_bw`` bits (16) instead of ``output_bw``, both part of the
     preparation (none with ``prepare=False``, AIMET's behaviour). ``sim.widened`` lists every widened tensor
