@@ -32,9 +32,10 @@ _pool_size = 0
 # below this many multiply-adds a GEMM is not worth a hand-off to another thread (about 20 us of work)
 MIN_PARALLEL_FLOPS = 1 << 19
 # a split GEMM has at most this many blocks, each at least 16 rows or columns and GEMM_BLOCK_FLOPS of work (a
-# block costs ~10 us of calls: MobileNetV2 at batch 1 lost 40 % with 16 blocks of MIN_PARALLEL_FLOPS)
+# block costs ~10 us of calls: MobileNetV2 at batch 1 lost 40 % with 16 blocks of MIN_PARALLEL_FLOPS, 8 % with 8 of
+# 2^21, nothing measurable with 8 of 2^22)
 MAX_GEMM_BLOCKS = 8
-GEMM_BLOCK_FLOPS = 1 << 21
+GEMM_BLOCK_FLOPS = 1 << 22
 
 
 def available_cores() -> int:
