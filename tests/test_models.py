@@ -58,10 +58,44 @@ def test_matches_onnxruntime_golden_outputs(name):
     with np.errstate(all="ignore"):
         ours = refquant.Session(graph).run(inputs)
     assert set(ours) == set(expected)
+    producers = graph.producers()
     for out_name, want in expected.items():
         got = ours[out_name]
         assert got.dtype == want.dtype and got.shape == want.shape, out_name
+        logits = _ill_conditioned_softmax_input(graph, producers, out_name, inputs)
+        if logits is not None:
+            # one ulp of these logits moves the probabilities by more than the bound: the float32 summation order
+            # alone decides them (light_squeezenet: logits 6.8e9, ulp 512, all equal in onnxruntime's order, two
+            # values in ours). Hold the logits to the bound against onnxruntime instead, and the output to a softmax.
+            got_logits, want_logits = logits
+            assert difference(out_name, got_logits, want_logits).max_rel <= 1e-4, out_name
+            np.testing.assert_allclose(_softmax_sums(got, producers[out_name], graph.opset.get("", 17)), 1, rtol=1e-5)
+            continue
         assert difference(out_name, got, want).max_rel <= 1e-4, out_name
+
+
+def _softmax_sums(probabilities, node, opset):
+    """The sums a Softmax's output makes 1: over its axis (opset >= 13), or over the axes from it on (before)."""
+    if opset >= 13:
+        return probabilities.sum(axis=node.attrs.get("axis", -1))
+    axis = node.attrs.get("axis", 1) % probabilities.ndim
+    return probabilities.reshape(int(np.prod(probabilities.shape[:axis])), -1).sum(axis=1)
+
+
+def _ill_conditioned_softmax_input(graph, producers, name, inputs):
+    """For an output a Softmax makes from logits whose float32 ulp exceeds 1e-3 (so a 1-ulp change moves its
+    probabilities by more than 1e-4 of their maximum): (ours, onnxruntime's) logits; else None."""
+    node = producers.get(name)
+    if node is None or node.op_type != "Softmax":
+        return None
+    with np.errstate(all="ignore"):
+        ours = refquant.Session(graph).run(inputs, outputs=[node.inputs[0]])[node.inputs[0]]
+    if np.spacing(np.float32(np.abs(ours).max())) <= 1e-3:
+        return None
+    from refquant.compare import onnxruntime_outputs
+
+    theirs = onnxruntime_outputs(refquant.to_onnx(graph), inputs, names=[node.inputs[0]], graph=graph)
+    return ours, theirs[node.inputs[0]]
 
 
 @pytest.mark.parametrize("name", MODELS)
