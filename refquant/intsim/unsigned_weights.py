@@ -83,19 +83,21 @@ def unsigned_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         while len(node.input) <= z_index:
             node.input.append("")
         node.input[w_index], node.input[z_index] = rewritten[key]
-    count = len(rewritten) + _unsigned_weight_pairs(graph, initializers, taken, rewritten)
-    originals = {name for key in rewritten for name in key if name}
+    pairs, zero_points = _unsigned_weight_pairs(graph, initializers, taken)
+    originals = {name for key in rewritten for name in key if name} | set(zero_points)
     read = _names_read(graph) | {o.name for o in graph.output}
     for tensor in [t for t in graph.initializer if t.name in originals and t.name not in read]:
         graph.initializer.remove(tensor)  # the int8 originals nothing reads any more
-    return model, count
+    return model, len(rewritten) + pairs
 
 
-def _unsigned_weight_pairs(graph, initializers, taken, rewritten) -> int:
+def _unsigned_weight_pairs(graph, initializers, taken) -> tuple[int, dict[str, str]]:
     """QDQ weights kept in float: ``DequantizeLinear(QuantizeLinear(w, s, z), s, z)`` with a constant ``w`` and
     int8 ``z`` gets ``z + 128`` as uint8 on both nodes; the codes become ``clamp(round(w / s) + z + 128, 0, 255)``,
-    the int8 codes plus 128, so the pair computes the same values. Returns the number of pairs rewritten."""
+    the int8 codes plus 128, so the pair computes the same values. Returns the number of pairs rewritten and the
+    zero points replaced (int8 name -> uint8 name)."""
     producers = {name: node for node in graph.node for name in node.output}
+    replaced: dict[str, str] = {}
     count = 0
     for dq in graph.node:
         q = producers.get(dq.input[0]) if dq.op_type == "DequantizeLinear" and dq.input else None
@@ -107,14 +109,12 @@ def _unsigned_weight_pairs(graph, initializers, taken, rewritten) -> int:
         if any(zero.dtype != np.int8 for zero in zeros) or not np.array_equal(*zeros):
             continue
         for node in (q, dq):
-            key = (node.input[2], "")
-            if key not in rewritten:
-                name = _unique(f"{node.input[2]}_uint8", taken)
-                graph.initializer.append(numpy_helper.from_array(_shifted(zeros[0]), name))
-                rewritten[key] = (name, "")
-            node.input[2] = rewritten[key][0]
+            if node.input[2] not in replaced:
+                replaced[node.input[2]] = _unique(f"{node.input[2]}_uint8", taken)
+                graph.initializer.append(numpy_helper.from_array(_shifted(zeros[0]), replaced[node.input[2]]))
+            node.input[2] = replaced[node.input[2]]
         count += 1
-    return count
+    return count, replaced
 
 
 def _names_read(graph: onnx.GraphProto) -> set[str]:
