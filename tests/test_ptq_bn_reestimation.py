@@ -232,3 +232,24 @@ def test_interrupt_midway_restores_the_statistics_in_the_simulation_and_its_fp32
     assert all(np.array_equal(sim.graph.initializers[name], array) for name, array in old.items())
     np.testing.assert_array_equal(sim.run({"input": x})["logits"], out_before)
     np.testing.assert_array_equal(sim.run_float({"input": x})["logits"], float_before)
+
+
+@needs_samples
+def test_a_failing_fold_leaves_the_simulation_as_it_was_given(monkeypatch):
+    """The statistics are set before the fold: an error in the fold puts them back too."""
+    from refquant.ptq import bn_fold
+
+    sim, calib = convnet_sim()
+    names = [name for bn in batchnorms(sim.graph) for name in bn.inputs[3:5]]
+    old = {name: sim.graph.initializers[name].copy() for name in names}
+    x = calib[:8]
+    out_before = sim.run({"input": x})["logits"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("fold failed")
+
+    monkeypatch.setattr(bn_fold, "fold_batchnorms_info", broken)
+    with pytest.raises(RuntimeError, match="fold failed"):
+        reestimate_batchnorm(sim, calib, progress=False)
+    assert all(np.array_equal(sim.graph.initializers[name], array) for name, array in old.items())
+    np.testing.assert_array_equal(sim.run({"input": x})["logits"], out_before)

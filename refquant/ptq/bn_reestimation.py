@@ -117,20 +117,21 @@ def reestimate_batchnorm(sim, data, batch_size: int = 16, progress: bool = True,
             return sim
         names = [name for bn in bns for name in bn.inputs[3:5]]
         bypassed = prefold_quantizers(sim, bns) if observe_folded else []
-        with _restored_on_error(sim, names), _quantizers_bypassed(bypassed):
-            for bn in iterate(bns, progress, "BN re-estimation", unit="layer"):
-                moments = input_moments(sim, bn, data, batch_size)
-                sim.set_parameter(bn.inputs[3], moments.mean)
-                sim.set_parameter(bn.inputs[4], moments.variance)
+        with _restored_on_error(sim, names):
+            with _quantizers_bypassed(bypassed):
+                for bn in iterate(bns, progress, "BN re-estimation", unit="layer"):
+                    moments = input_moments(sim, bn, data, batch_size)
+                    sim.set_parameter(bn.inputs[3], moments.mean)
+                    sim.set_parameter(bn.inputs[4], moments.variance)
+            if fold:
+                from .bn_fold import fold_batchnorms_info
+
+                sim.rebuild(fold_batchnorms_info(graph, warn=False)[0])  # swaps the sim's state only once built
     except BaseException:
         sim.__dict__.clear()
         sim.__dict__.update(given)
         sim.invalidate()  # its session's constants were quantized from the statistics tried
         raise
-    if fold:
-        from .bn_fold import fold_batchnorms_info
-
-        sim.rebuild(fold_batchnorms_info(graph, warn=False)[0])
     return sim
 
 
