@@ -77,9 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                                         "std=0.229,0.224,0.225' or a JSON file")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--encoding-version", default="1.0.0", choices=["1.0.0", "2.0.0"])
-    p.add_argument("--unsigned-weights", action="store_true", help="the QDQ model's int8 weights stored as uint8 "
-                   "(+128, zero point +128): the same model, which onnxruntime runs exactly on x86 CPUs without "
-                   "VNNI too (its uint8 x int8 kernels saturate there)")
+    from .intsim import unsigned_weights
+
+    unsigned_weights.add_argument(p)
     p.add_argument("--prefix", default=None, help="file name prefix (default: the model's name)")
     p.add_argument("-o", "--output-dir", required=True)
     from .scale import add_arguments as add_scale_arguments
@@ -141,9 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--preprocess", help="image preprocessing spec (as for quantize)")
     p.add_argument("--export", help="write the integer program as a QOperator ONNX model here")
-    p.add_argument("--unsigned-weights", action="store_true", help="--export with int8 weights stored as uint8 "
-                   "(+128, zero point +128): the same program, which onnxruntime runs exactly on x86 CPUs without "
-                   "VNNI too (its uint8 x int8 kernels saturate there)")
+    unsigned_weights.add_argument(p, "--export with int8 weights")
     p.set_defaults(func=cmd_intsim)
 
     from .intsim.cli import add_explain_parser, add_verify_parser
@@ -261,8 +259,9 @@ def cmd_quantize(args) -> int:
     prefix = args.prefix or Path(args.model).stem
     paths = sim.export(args.output_dir, prefix, encoding_version=args.encoding_version,
                        unsigned_weights=args.unsigned_weights)
-    if any(q.kind == "param" and q.enabled and q.data_type == "int" and q.bitwidth <= 8 for q in sim.quantizers.values()):
-        _note_saturating_cpu(args.unsigned_weights, "--unsigned-weights")
+    from .intsim import unsigned_weights
+
+    unsigned_weights.note(args.unsigned_weights, sim)
     eval_source = args.eval_data or args.data
     scores = evaluate(sim, iter_feeds(eval_source, graph, batch_size=args.batch_size, preprocess=preprocess),
                       labels, primary=args.primary)
@@ -338,18 +337,10 @@ def cmd_intsim(args) -> int:
     if args.export:
         isim.export(args.export, overwrite=True, unsigned_weights=args.unsigned_weights)
         print(f"wrote {args.export}")
-        _note_saturating_cpu(args.unsigned_weights, "--unsigned-weights")
+        from .intsim import unsigned_weights
+
+        unsigned_weights.note(args.unsigned_weights)
     return 0
-
-
-def _note_saturating_cpu(unsigned: bool, flag: str) -> None:
-    """Say so when onnxruntime on this CPU would not run the exported int8 weights exactly."""
-    from .intsim.unsigned_weights import onnxruntime_saturates_u8s8
-
-    if not unsigned and onnxruntime_saturates_u8s8():
-        print(f"note: onnxruntime on this CPU (x86 AVX2 without VNNI) adds pairs of uint8 x int8 products with int16 "
-              f"saturation, so it computes the exported int8 weights inexactly; export with {flag} for a model it "
-              "runs exactly here")
 
 
 def cmd_demo(args) -> int:

@@ -117,6 +117,28 @@ def test_ptq_not_applicable_technique_is_reported(data, tmp_path, capsys):
     assert rows["bn_fold"] == rows["calibrated"]
 
 
+
+@pytest.mark.parametrize("command", ["ptq", "autoquant"])
+def test_unsigned_weights_reach_the_exported_qdq_model(data, tmp_path, capsys, command):
+    """--unsigned-weights: the QDQ model's weight grids are uint8 (zero point + 128); without it, int8."""
+    from refquant.intsim.unsigned_weights import onnxruntime_saturates_u8s8
+
+    zero_point_types = {}
+    for flag in ([], ["--unsigned-weights"]):
+        out = tmp_path / ("u8" if flag else "s8")
+        goal = ["--technique", "bn_fold"] if command == "ptq" else ["--target", "0", "--steps", "bn_fold"]
+        main([command, str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--no-progress", "-o", str(out),
+              "--prefix", "m", *goal, *flag])
+        printed = capsys.readouterr().out
+        assert ("export with --unsigned-weights" in printed) == (onnxruntime_saturates_u8s8() and not flag)
+        model = onnx.load(out / "m_qdq.onnx")
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        weight_codes = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits}
+        zero_point_types[bool(flag)] = {inits[n.input[2]].dtype for n in model.graph.node
+                                        if n.op_type == "DequantizeLinear" and n.input[0] in weight_codes}
+    # the int8 weight grids become uint8 (constants quantized as activations were uint8 already)
+    assert np.dtype(np.int8) in zero_point_types[False] and zero_point_types[True] == {np.dtype(np.uint8)}
+
 def test_autoquant_command(data, tmp_path, capsys):
     args = ["autoquant", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--eval-data", data["eval_path"],
             "--precision", "w4a8", "--per-tensor", "--no-progress"]

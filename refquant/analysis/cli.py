@@ -87,6 +87,9 @@ def add_amp_parser(subparsers) -> None:
     _sim_arguments(p)
     _scale_arguments(p, "the candidate evaluations")
     p.add_argument("--prefix", default=None, help="file name prefix of the export (default: the model's name)")
+    from ..intsim import unsigned_weights
+
+    unsigned_weights.add_argument(p)
     p.add_argument("-o", "--output-dir", required=True)
     p.set_defaults(func=cli_amp)
 
@@ -132,7 +135,10 @@ def cli_amp(args) -> int:
                                  calib_data=args.data, preprocess=preprocess)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = sim.export(out, args.prefix or Path(args.model).stem)
+    paths = sim.export(out, args.prefix or Path(args.model).stem, unsigned_weights=args.unsigned_weights)
+    from ..intsim import unsigned_weights
+
+    unsigned_weights.note(args.unsigned_weights, sim)
     paths["amp"] = result.save(out / "amp.json")
     paths["pareto"] = result.plot(out / "pareto.png")
     print(result.format())

@@ -150,4 +150,23 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-__all__ = ["cpu_flags", "onnxruntime_saturates_u8s8", "unsigned_weights"]
+# --------------------------------------------------------------------------- the commands that export a model
+def add_argument(parser, what: str = "the QDQ model's int8 weights") -> None:
+    """``--unsigned-weights`` for a command that exports a model."""
+    parser.add_argument("--unsigned-weights", action="store_true",
+                        help=f"{what} stored as uint8 (+128, zero point +128): the same model, which onnxruntime runs "
+                             "exactly on x86 CPUs without VNNI too (its uint8 x int8 kernels saturate there)")
+
+
+def note(unsigned: bool, sim=None) -> None:
+    """Print a note when onnxruntime on this CPU would not run the exported int8 weights exactly (``sim``: only if
+    it has 8-bit or narrower integer weights)."""
+    narrow = sim is None or any(q.kind == "param" and q.enabled and q.data_type == "int" and q.bitwidth <= 8
+                                for q in sim.quantizers.values())
+    if not unsigned and narrow and onnxruntime_saturates_u8s8():
+        print("note: onnxruntime on this CPU (x86 AVX2 without VNNI) adds pairs of uint8 x int8 products with int16 "
+              "saturation, so it computes the exported int8 weights inexactly; export with --unsigned-weights for a "
+              "model it runs exactly here")
+
+
+__all__ = ["add_argument", "cpu_flags", "note", "onnxruntime_saturates_u8s8", "unsigned_weights"]

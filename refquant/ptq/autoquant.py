@@ -447,7 +447,7 @@ def autoquant(graph, data, eval_fn="sqnr", allowed_drop: float | None = None, *,
               steps=DEFAULT_STEPS, schemes=DEFAULT_SCHEMES, adaround_iterations: int = 1000,
               adaround_options: dict | None = None, seq_mse_candidates: int = 20, replace_relu6: bool = False,
               batch_size: int = 16, preprocess=None, executor: Executor | None = None, output_dir=None,
-              prefix: str = "model", progress: bool = True) -> AutoQuantResult:
+              prefix: str = "model", progress: bool = True, unsigned_weights: bool = False) -> AutoQuantResult:
     """Find the best PTQ recipe for ``graph`` (a Graph or a model path) by the flow of the module docstring.
 
     ``data``: calibration data (anything :func:`refquant.data.iter_feeds` accepts), also used by the
@@ -625,7 +625,7 @@ def autoquant(graph, data, eval_fn="sqnr", allowed_drop: float | None = None, *,
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        outcome.paths.update(sim.export(out, prefix))
+        outcome.paths.update(sim.export(out, prefix, unsigned_weights=unsigned_weights))
         outcome.paths.update(outcome.save(out))
     return outcome
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import RefquantError
+from ..intsim import unsigned_weights
 
 PTQ_TECHNIQUES = ("prepare", "bn_fold", "cle", "bias_correction", "adaround", "seq_mse")
 GRAPH_TECHNIQUES = ("prepare", "bn_fold", "cle")
@@ -55,6 +56,7 @@ def _common_arguments(p) -> None:
     p.add_argument("--replace-relu6", action="store_true", help="CLE: replace Clip(0, 6) by Relu (AIMET; changes FP32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--prefix", default=None, help="file name prefix of the export (default: the model's name)")
+    unsigned_weights.add_argument(p)
     p.add_argument("-o", "--output-dir", required=True)
 
 
@@ -214,7 +216,8 @@ def cli_ptq(args) -> int:
     sim = _sim_of(spec, graph, quantizers)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = sim.export(out, args.prefix or Path(args.model).stem)
+    paths = sim.export(out, args.prefix or Path(args.model).stem, unsigned_weights=args.unsigned_weights)
+    unsigned_weights.note(args.unsigned_weights, sim)
     report = {"metric": metric.description, "techniques": techniques, "precision": spec.precision,
               "scheme": spec.scheme,
               "steps": [{"step": r.step, "status": r.status, "metric": _num(r.score), "seconds": round(r.seconds, 4),
@@ -282,7 +285,8 @@ def cli_autoquant(args) -> int:
                            seq_mse_candidates=args.seq_mse_candidates, replace_relu6=args.replace_relu6,
                            batch_size=args.batch_size, preprocess=preprocess, executor=executor,
                            output_dir=args.output_dir, prefix=args.prefix or Path(args.model).stem,
-                           progress=not args.no_progress)
+                           unsigned_weights=args.unsigned_weights, progress=not args.no_progress)
+    unsigned_weights.note(args.unsigned_weights, result.sim)
     print(result.format())
     for kind, path in result.paths.items():
         print(f"wrote {kind:<10} {path}")

@@ -30,6 +30,9 @@ def add_qat_parser(subparsers) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
     _sim_arguments(p)
     p.add_argument("--prefix", default=None, help="file name prefix of the export (default: the model's name)")
+    from ..intsim import unsigned_weights
+
+    unsigned_weights.add_argument(p)
     p.add_argument("-o", "--output-dir", required=True)
     p.set_defaults(func=cli_qat)
 
@@ -58,7 +61,10 @@ def cli_qat(args) -> int:
                  lr_schedule=args.lr_schedule, range_lr=args.range_lr,
                  checkpoint_dir=args.checkpoint_dir or out / "checkpoint", checkpoint_every=args.checkpoint_every)
     after = fp32_sqnr(sim, reference, args.data, args.batch_size, preprocess)
-    paths = sim.export(out, args.prefix or Path(args.model).stem)
+    paths = sim.export(out, args.prefix or Path(args.model).stem, unsigned_weights=args.unsigned_weights)
+    from ..intsim import unsigned_weights
+
+    unsigned_weights.note(args.unsigned_weights, sim)
     summary = {"steps": result.steps, "resumed_from": result.resumed_from, "losses": result.losses,
                "sqnr_db_before": before, "sqnr_db_after": after,
                "seconds_forward": result.forward_seconds, "seconds_backward": result.backward_seconds,
