@@ -131,7 +131,7 @@ def test_intsim_command_exports_a_program_onnxruntime_runs_bit_exactly(tmp_path,
     printed = capsys.readouterr().out
     assert "prob" in printed
     # the note names the flag exactly where onnxruntime's uint8 x int8 kernels saturate
-    assert ("--unsigned-weights for a model it runs exactly here" in printed) == onnxruntime_saturates_u8s8()
+    assert ("export with --unsigned-weights" in printed) == onnxruntime_saturates_u8s8()
     import onnxruntime as ort
 
     import refquant

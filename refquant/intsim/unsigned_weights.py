@@ -165,8 +165,8 @@ def note(unsigned: bool, sim=None) -> None:
                                 for q in sim.quantizers.values())
     if not unsigned and narrow and onnxruntime_saturates_u8s8():
         print("note: onnxruntime on this CPU (x86 AVX2 without VNNI) adds pairs of uint8 x int8 products with int16 "
-              "saturation, so it computes the exported int8 weights inexactly; export with --unsigned-weights for a "
-              "model it runs exactly here")
+              "saturation, so it computes the exported int8 weights inexactly; export with --unsigned-weights "
+              "(unsigned_weights=True in Python) for a model it runs exactly here")
 
 
 __all__ = ["add_argument", "cpu_flags", "note", "onnxruntime_saturates_u8s8", "unsigned_weights"]
