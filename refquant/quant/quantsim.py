@@ -503,7 +503,7 @@ class QuantSim:
                 continue
             new.quantizers[name] = previous
         new.source_graph, new.prepare_report = self.source_graph, self.prepare_report
-        new.widened = {n: why for n, why in self.widened.items() if n in new.quantizers}
+        new.widened = {n: why for n, why in self.widened.items() if new.quantizers.get(n) is old.get(n)}  # carried
         new.unused_quantizers = [n for n in self.unused_quantizers if n in new.quantizers]
         new._calibrated = {n for n in self._calibrated if n in new.quantizers}
         if had_encodings:
