@@ -459,7 +459,8 @@ def autoquant(graph, data, eval_fn="sqnr", allowed_drop: float | None = None, *,
     scheme) or (weight, activation, {options}). ``adaround_iterations`` (and ``adaround_options``, e.g.
     ``{"optimizer": "lbfgs"}``), ``seq_mse_candidates``, ``replace_relu6`` (CLE): the techniques' settings.
     ``executor``: where independent trials run (None: serially here). ``output_dir``: export the best sim
-    and write the reports there (``prefix`` names the model files). Returns an :class:`AutoQuantResult`.
+    and write the reports there (``prefix`` names the model files; ``unsigned_weights``: the QDQ model's int8
+    weights as uint8, see :meth:`QuantSim.export`). Returns an :class:`AutoQuantResult`.
     """
     from ..onnx_io import load
     from ..runtime import Session
