@@ -4,9 +4,11 @@ calibration samples (two random splits), both input kinds; logits/probability SQ
 quarter and on the evaluation set. A pick is right when the held-out ranking is the evaluation's.
 
     python bench/adaround_input_choice.py --models mtcnn_rnet convnet mtcnn_onet mlp mtcnn_pnet [--iterations 1000]
+    python bench/adaround_input_choice.py --models nudenet_320n mobilenet_v2      # about 40 minutes on 2 cores
 
-Data: bench/ptq_vs_aimet_models.py's (the AIMET samples' calib/eval, the LFW faces for MTCNN). Asserts nothing;
-last run: bench/results_ptq_vs_aimet_models.txt (top).
+Data: bench/ptq_vs_aimet_models.py's (the AIMET samples' calib/eval, the LFW faces for MTCNN, photo crops).
+Asserts nothing; last runs: bench/results_ptq_vs_aimet_models.txt (top). The implementation is
+``adaround(quantize_activations="choose")`` (refquant.ptq.input_choice), which scores all outputs, not the primary.
 """
 
 from __future__ import annotations

@@ -37,6 +37,8 @@ Data (``MODELS``):
   the natural photos (``photo_crops``, RGB / 255): calibration seed 1 (64), evaluation seed 2 (128). SQNR of
   ``output0`` (boxes and class scores, [N, 4 + 18, 2100]); top-1 agreement of the class of each anchor whose FP32
   class score passes 0.25.
+* mobilenet_v2 (bench/adaround_input_choice.py only; no AIMET rows here, see bench/ptq_vs_aimet.py): bench/ptq.py's
+  default crops, ``crops("resize248", "photos", 64, 0)`` and ``(128, 1)``.
 * ppocr_cls: PP-OCR's text direction classifier (rapidocr-onnxruntime 1.4.4, MobileNetV3-small with BatchNorms and
   HardSwish), the same crops cut to its [b,3,48,192] input: calibration ``text_crops(64, seed=1)``, evaluation
   ``text_crops(128, seed=2)``. Top-1 agreement of the two-way 0/180 degree decision.
@@ -135,6 +137,13 @@ def model_spec(name: str) -> dict:
         return dict(model=model, cle_model=model, ours_model=model, input="images", outputs=["output0"],
                     primary="output0", calib=photo_crops(64, seed=1, size=320), eval=photo_crops(128, seed=2, size=320),
                     labels=None)
+    if name == "mobilenet_v2":  # bench/ptq.py's default crops (resize248, the 10 photos, seed pair 0)
+        from bench.ptq_data import crops
+
+        model = str(MODELS_DIR / "mobilenet_v2_imagenet.onnx")
+        return dict(model=model, cle_model=model, ours_model=model, input="input", outputs=["logits"],
+                    primary="logits", calib=crops("resize248", "photos", 64, 0),
+                    eval=crops("resize248", "photos", 128, 1), labels=None)
     raise ValueError(name)
 
 

@@ -201,6 +201,24 @@ def test_ptq_adaround_options_reach_adaround(data, tmp_path, monkeypatch, choice
     assert code == 0 and seen == [expected]
 
 
+def test_ptq_adaround_choose_inputs_names_the_choice_in_the_step_table(data, tmp_path, capsys):
+    code = main(["ptq", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--technique", "adaround",
+                 "--precision", "w4a8", "--adaround-iterations", "2", "--adaround-choose-inputs", "--no-progress",
+                 "-o", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("adaround"))
+    assert "quantize_activations=choose; inputs chosen: " in line and "held-out SQNR" in line
+
+
+def test_adaround_input_flags_exclude_each_other(data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ptq", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--technique", "adaround",
+              "--adaround-choose-inputs", "--adaround-quantized-inputs", "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["ptq", "autoquant"])
 @pytest.mark.parametrize("flags, expected", [([], "auto"), (["--adaround-shrinkage", "0"], 0.0),
                                              (["--adaround-shrinkage", "0.4"], 0.4)])
@@ -232,7 +250,10 @@ def test_a_bad_adaround_shrinkage_exits_2(data, tmp_path, capsys, value):
 
 @pytest.mark.parametrize("flag, expected", [([], [(None, None), (True, None), (True, 0.5)]),
                                            (["--adaround-quantized-inputs"], [(True, None)]),
-                                           (["--adaround-qdrop", "0.3"], [(True, 0.3)])])
+                                           (["--adaround-qdrop", "0.3"], [(True, 0.3)]),
+                                           # "choose" runs its two held-out trials through adaround itself
+                                           (["--adaround-choose-inputs"], [("choose", None), (False, None),
+                                                                            (True, None)])])
 def test_autoquant_tries_each_adaround_input_unless_told(data, tmp_path, monkeypatch, flag, expected):
     import refquant.ptq.adaround as adaround_module
 

@@ -1477,8 +1477,9 @@ class AdaroundLayerReport:
 
 def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, beta_range=(20, 2),
              warm_start: float = 0.2, batch_size: int = 16, use_fp32_inputs: bool = False, progress: bool = True,
-             optimizer: str = "adam", *, include_activation: bool | str = True, quantize_activations: bool = False,
-             num_columns: int | None = None, columns_per_iteration: int | None = None, finish: str = "threshold",
+             optimizer: str = "adam", *, include_activation: bool | str = True,
+             quantize_activations: bool | str = False, num_columns: int | None = None,
+             columns_per_iteration: int | None = None, finish: str = "threshold",
              cache_activations: bool = True, threads: int | str | None = "auto", seed: int = 0,
              qdrop: float = 0.0, shrinkage: float | str = "auto", report: list | None = None):
     """AdaRound every Conv, ConvTranspose, Gemm and MatMul of ``sim`` with a constant weight and an
@@ -1506,7 +1507,11 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
     Relu, Clip, PRelu, Softmax, Sigmoid, Tanh or SiLU (``pointwise.IN_LOSS_BY_DEFAULT``); "all": also any
     other elementwise subgraph (:mod:`refquant.ptq.pointwise`: HardSwish, GELU...); False: none.
     ``quantize_activations``: layer inputs with the activation quantizers on (default off, as AIMET intends;
-    aimet-onnx 2.42.0 in fact samples them on: module docstring). ``qdrop``: the probability (in [0, 1), a
+    aimet-onnx 2.42.0 in fact samples them on: module docstring); "choose": whichever of the two scores better on a
+    held-out quarter of ``data`` after fitting on the rest (:mod:`refquant.ptq.input_choice`; about 2.5x the time,
+    ``data`` read into memory; ``report`` receives the :class:`~refquant.ptq.input_choice.InputChoice` first). With
+    the quantized inputs, a simulation whose activations are not calibrated is calibrated on ``data`` first.
+    ``qdrop``: the probability (in [0, 1), a
     multiple of 1/256) that an element of a layer's input is the FP32 model's instead of the simulation's, drawn
     anew at each step (QDrop, with ``quantize_activations=True``; 0: off, the default; module docstring).
     ``num_columns``: cached positions per layer for the sampled loss; ``columns_per_iteration``:
@@ -1543,6 +1548,12 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
         raise RefquantError(f"adaround: qdrop must be in [0, 1), got {qdrop!r}")
     if not (shrinkage == "auto" or (isinstance(shrinkage, (int, float)) and 0 <= shrinkage <= 1)):
         raise RefquantError(f"adaround: shrinkage must be 'auto' or a number in [0, 1], got {shrinkage!r}")
+    if quantize_activations not in (True, False, "choose"):
+        raise RefquantError("adaround: quantize_activations must be True, False or 'choose', "
+                            f"got {quantize_activations!r}")
+    if quantize_activations == "choose" and (qdrop or use_fp32_inputs):
+        raise RefquantError("adaround: quantize_activations='choose' chooses between the simulation's inputs with and "
+                            "without activation quantizers; it does not combine with qdrop or use_fp32_inputs")
     if qdrop and optimizer == "lbfgs":  # its line searches compare values: a new mask per evaluation breaks them
         raise RefquantError("adaround: qdrop draws a new input mask per step, which L-BFGS cannot take; "
                             "use optimizer='adam'")
@@ -1552,6 +1563,25 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
     if not layers:
         warnings.warn(f"adaround: graph {sim.graph.name!r} has no layer to AdaRound", stacklevel=2)
         return sim
+    if quantize_activations == "choose":
+        quantize_activations = False
+        if any(q.enabled and q.kind != "param" for q in sim.quantizers.values()):  # else both kinds are the same
+            from .input_choice import choose_inputs
+
+            options = dict(num_iterations=num_iterations, reg_param=reg_param, beta_range=beta_range,
+                           warm_start=warm_start, optimizer=optimizer, include_activation=include_activation,
+                           num_columns=num_columns, columns_per_iteration=columns_per_iteration, finish=finish,
+                           cache_activations=cache_activations, threads=threads, shrinkage=shrinkage)
+            data, choice = choose_inputs(sim, data, batch_size, seed, progress, options)
+            quantize_activations = choice.quantize_activations
+            if report is not None:
+                report.append(choice)
+    if quantize_activations and any(q.enabled and q.kind == "activation" and sim.encoding_of(n) is None
+                                    for n, q in sim.quantizers.items()):
+        from ..data import reusable
+
+        data = reusable(data, sim.graph, batch_size)  # an uncalibrated quantizer would pass its input unquantized
+        sim.compute_encodings(data, batch_size=batch_size, progress=progress)
     rng = np.random.default_rng(seed)
     with SimState(sim):
         ensure_weight_encodings(sim, layers)

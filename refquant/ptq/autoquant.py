@@ -225,6 +225,7 @@ class TrialResult:
     seconds: float
     quantizers: dict
     graph: Graph | None = None
+    note: str = ""  # what the technique decided on its own (AdaRound's chosen inputs)
 
 
 @dataclass
@@ -255,14 +256,25 @@ class Trial:
             restore_quantizers(sim, self.quantizers)
         else:
             sim.compute_encodings(self.data, **calibrate)
+        note = ""
         if self.technique is not None:
+            report = [] if self.technique == "adaround" else None
+            options = dict(self.options, report=report) if report is not None else self.options
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "not optimized" lists: the step record says what applied
-                apply_technique(sim, self.technique, self.data, self.options, self.batch_size, self.progress)
+                apply_technique(sim, self.technique, self.data, options, self.batch_size, self.progress)
+            note = "; ".join(describe_choice(r) for r in report or () if not hasattr(r, "layer"))
             sim.compute_encodings(self.data, **calibrate)
         score = _as_score(self.eval_fn(sim), self.key)
         return TrialResult(self.key, score, time.perf_counter() - start, sim.quantizers,
-                           sim.graph if self.technique == "bias_correction" else None)
+                           sim.graph if self.technique == "bias_correction" else None, note)
+
+
+def describe_choice(choice) -> str:
+    """AdaRound's :class:`~refquant.ptq.input_choice.InputChoice` in a step note."""
+    picked = "quantized" if choice.quantize_activations else "FP32"
+    return (f"inputs chosen: {picked} activations (held-out SQNR {choice.sqnr_quantized_activations:.2f} dB "
+            f"quantized, {choice.sqnr_fp32_activations:.2f} dB FP32)")
 
 
 def apply_technique(sim, technique: str, data, options: dict, batch_size: int = 16, progress: bool = False):
@@ -597,6 +609,8 @@ def autoquant(graph, data, eval_fn="sqnr", allowed_drop: float | None = None, *,
                 results = run_trials(trials, executor)
                 best = max(range(len(results)), key=lambda i: results[i].score) if results else 0  # first of equals
                 note = ", ".join(f"{k}={v}" for k, v in trials[best].options.items())
+                if results and results[best].note:
+                    note += f"; {results[best].note}"
                 if len(results) > 1:
                     records_trials = [(r.key, r.score, r.seconds) for r in results]
                     results = [results[best]]

@@ -9,6 +9,7 @@ parameters and float activations while observers collect activation statistics.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import warnings
@@ -511,6 +512,19 @@ class QuantSim:
             new._derived_encodings()
         self.__dict__.clear()
         self.__dict__.update(new.__dict__)
+
+    def copy(self) -> "QuantSim":
+        """An independent simulation of the same model: a copy of every quantizer (encoding, frozen flag, fixed
+        value) and of the calibration bookkeeping. Calibrating, AdaRounding or running either leaves the other as
+        it was (trial runs: :mod:`refquant.ptq.input_choice`)."""
+        new = QuantSim(self.graph, prepare=False, outlier_bw=None, **self._settings)
+        new.quantizers = copy.deepcopy(self.quantizers)
+        new.source_graph, new.prepare_report = self.source_graph, self.prepare_report
+        new.widened = dict(self.widened)
+        new.unused_quantizers = list(self.unused_quantizers)
+        new._calibrated = set(self._calibrated)
+        new.adjusted_weight_scales = list(self.adjusted_weight_scales)
+        return new
 
     def graph_for_export(self):
         """A copy of the graph whose parameters with a fixed quantized value (AdaRound) carry that value,
