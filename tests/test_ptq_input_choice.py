@@ -194,3 +194,21 @@ def test_a_copy_of_a_sim_is_independent():
     assert not np.array_equal(twin.run({"x": x})["y"], out)
     assert np.array_equal(sim.run({"x": x})["y"], out)
     assert all(q.fixed_value is None for q in sim.quantizers.values())
+
+
+def test_an_interrupted_run_on_an_uncalibrated_sim_leaves_it_uncalibrated(monkeypatch):
+    import refquant.ptq.adaround as A
+
+    graph = two_layer_model()
+    x = np.random.default_rng(5).normal(size=(32, 8)).astype(np.float32)
+    sim = QuantSim(graph, param_bw=4, output_bw=4)
+
+    def interrupt(*args, **kwargs):
+        assert sim.encoding_of("r") is not None  # calibrated by then
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(A, "adaround_layer", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        adaround(sim, x, num_iterations=5, quantize_activations=True, progress=False)
+    assert all(sim.encoding_of(n) is None for n, q in sim.quantizers.items() if q.kind == "activation")
+    assert all(q.fixed_value is None for q in sim.quantizers.values())

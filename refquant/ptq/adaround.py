@@ -81,7 +81,9 @@ actually runs (its ``with (disable_quantizers(...) and TemporaryDirectory())`` e
 (W4A8, 1000 its, seed 0; bench/results_ptq_vs_aimet_models.txt): on NudeNet's YOLOv8n it is what AIMET's lead
 was, 25.45 -> 27.72 dB (seed 1: 25.57 -> 27.64; AIMET 27.61), also O-Net +0.6, PP-OCR cls +0.3, mlp +0.2 dB;
 but MTCNN R-Net 45.33 -> 38.39 and the convnet sample 26.94 -> 24.03 dB. The calibration-set SQNR cannot tell
-which (R-Net: 46.49 against 42.56 there, the reverse on the evaluation faces), so the default stays off.
+which (R-Net: 46.49 against 42.56 there, the reverse on the evaluation faces), so the default stays off;
+``quantize_activations="choose"`` decides per model on a held-out quarter of the data
+(:mod:`refquant.ptq.input_choice`).
 QDrop inputs (Wei et al. 2022, "QDrop: Randomly Dropping Quantization for Extremely Low-bit Post-Training
 Quantization"), ``qdrop=q`` with ``quantize_activations=True``: each element of a layer's input is the FP32 model's
 with probability ``q`` (0.5 in the paper), else the simulation's, a new mask at every optimizer step
@@ -1576,14 +1578,15 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
             quantize_activations = choice.quantize_activations
             if report is not None:
                 report.append(choice)
-    if quantize_activations and any(q.enabled and q.kind == "activation" and sim.encoding_of(n) is None
-                                    for n, q in sim.quantizers.items()):
-        from ..data import reusable
-
-        data = reusable(data, sim.graph, batch_size)  # an uncalibrated quantizer would pass its input unquantized
-        sim.compute_encodings(data, batch_size=batch_size, progress=progress)
     rng = np.random.default_rng(seed)
-    with SimState(sim):
+    with SimState(sim) as state:
+        if quantize_activations and any(q.enabled and q.kind == "activation" and sim.encoding_of(n) is None
+                                        for n, q in sim.quantizers.items()):
+            from ..data import reusable
+
+            data = reusable(data, sim.graph, batch_size)  # an uncalibrated quantizer would pass its input as it is
+            sim.compute_encodings(data, batch_size=batch_size, progress=progress)
+            state.keep_enabled()
         ensure_weight_encodings(sim, layers)
         if not quantize_activations:
             disable_activation_quantizers(sim)
@@ -1751,16 +1754,23 @@ class SimState:
     def __init__(self, sim):
         self.sim = sim
         self.saved = {name: (q.enabled, q.encoding, q.frozen, q.fixed_value) for name, q in sim.quantizers.items()}
+        self.enabled = {name: q.enabled for name, q in sim.quantizers.items()}
 
     def __enter__(self):
         return self
+
+    def keep_enabled(self) -> None:
+        """The ``enabled`` flags as they are now are the ones restored on success (after a calibration inside,
+        which disables the quantizers it never saw a value for)."""
+        self.enabled = {name: q.enabled for name, q in self.sim.quantizers.items()}
 
     def __exit__(self, kind, exc, tb):
         for name, (enabled, encoding, frozen, fixed) in self.saved.items():
             q = self.sim.quantizers[name]
             if kind is not None:
-                q.encoding, q.frozen, q.fixed_value = encoding, frozen, fixed
-            q.enabled = enabled
+                q.encoding, q.frozen, q.fixed_value, q.enabled = encoding, frozen, fixed, enabled
+            else:
+                q.enabled = self.enabled[name]
         return False
 
 

@@ -3,8 +3,8 @@
 AdaRound reconstructs each layer's FP32 output from its input in the simulation so far, either with the activation
 quantizers off (the default, what AIMET intends) or on (``quantize_activations=True``, what aimet-onnx 2.42.0
 runs). Which one gives the better model depends on the model and the data, and the calibration set cannot tell
-in sample: both fits are judged on the samples they were fitted to (MTCNN R-Net scores 46.5 dB against 42.6 on
-its calibration faces with quantized inputs, and the reverse on new faces).
+in sample: both fits are judged on the samples they were fitted to (on an AVX-512 machine MTCNN R-Net scored 46.5 dB
+against 42.6 on its calibration faces with the quantized inputs, and the reverse on new faces).
 
 So "choose" holds out one calibration sample in four (seeded), AdaRounds a copy of the simulation on the other
 three quarters with each kind of input, recalibrates the activations on them, and scores both on the held-out
@@ -13,12 +13,16 @@ quarter:
     SQNR = -10 log10(mean over outputs o of N_o / S_o),  S_o = sum ref_o^2,  N_o = sum (ref_o - out_o)^2
 
 (``ref`` the FP32 model, ``out`` the simulation; AutoQuant's "sqnr"). The quantized inputs are taken only if they
-score strictly higher; AdaRound then runs once more, on all the data, with the chosen inputs. That is about 2.5
-AdaRounds of time. Measured (W4A8, 1000 its, seven models, two random splits each, the primary output scored;
-bench/adaround_input_choice.py, bench/results_ptq_vs_aimet_models.txt): the held-out ranking was the evaluation
-set's in 12 of 14 model/split pairs, both misses picked the default (no loss), and the picks gained NudeNet's YOLOv8n
-+2.0 dB (on one split; on the other the quantized inputs do not help it), MTCNN O-Net +5.0 and +0.1, P-Net +0.9;
-MobileNetV2, the convnet and mlp samples and MTCNN R-Net kept the default.
+score strictly higher; AdaRound then runs once more, on all the data, with the chosen inputs.
+
+Measured (W4A8, 1000 iterations, each model's whole calibration set, evaluation SQNR of the primary output;
+bench/results_ptq_vs_aimet_models.txt): the default / "choose": mlp sample 24.14 / 24.40 dB, MTCNN P-Net 20.84 /
+21.12, R-Net 43.85 / 45.63, O-Net 36.10 / 38.62, NudeNet's YOLOv8n 25.5 / 27.52 (aimet-onnx 27.61), MobileNetV2
+11.91 / 11.90 (FP32 inputs chosen), but the convnet sample 26.94 / 24.17. There the trials rank right (fitted on
+three quarters, the quantized inputs are better on the evaluation set too, as on the held-out quarter); the refit on
+all the samples lands elsewhere, as this model's 1000-iteration fits move by about 1.5 dB with the samples. Time:
+2-3x the default's (MobileNetV2 995 s against 315, MTCNN P-Net 12 s against 4). Hence an option, not the default;
+AutoQuant, which has evaluation data, tries the input kinds itself (:mod:`refquant.ptq.autoquant`).
 """
 
 from __future__ import annotations
