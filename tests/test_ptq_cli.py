@@ -2,6 +2,7 @@
 per-step table agrees with its JSON and with the metric recomputed independently (onnxruntime's FP32
 outputs, NumPy's SQNR) from the techniques' own functions and from the exported files; bad input exits 2
 with one line."""
+import importlib
 import inspect
 import json
 import os
@@ -273,3 +274,55 @@ def test_autoquant_tries_each_adaround_input_unless_told(data, tmp_path, monkeyp
     trials = next(s for s in steps if s["step"] == "adaround")["trials"]
     assert [t["key"] for t in trials] == (["adaround", "adaround, quantized inputs", "adaround, qdrop"]
                                           if not flag else [])
+
+
+@pytest.mark.parametrize("command, technique", [("ptq", "adaround"), ("ptq", "seq_mse"), ("ptq", "bias_correction"),
+                                                ("ptq", "prepare"), ("autoquant", "adaround"),
+                                                ("autoquant", "prepare")])
+def test_the_techniques_read_an_image_folder_with_the_given_preprocess(tmp_path, monkeypatch, command, technique):
+    """--preprocess reached the calibration and the metric but not the techniques, which read the folder with the
+    default preprocessing: AdaRound fitted other inputs than the ones calibrated on."""
+    from onnx import helper
+    from PIL import Image
+
+    import refquant.ptq.autoquant as autoquant_module
+    from refquant.data import Preprocess, iter_feeds
+
+    from .helpers import FLOAT, make_model
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+                       [("x", FLOAT, [None, 3, 8, 8])], [("y", FLOAT, None)], {"w": weight})
+    onnx.save(model, tmp_path / "conv.onnx")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    spec = "mean=0.2,0.3,0.4;std=0.1,0.2,0.3"
+    graph = refquant.load(tmp_path / "conv.onnx")
+    expected = np.concatenate([f["x"] for f in iter_feeds(folder, graph, batch_size=4,
+                                                          preprocess=Preprocess.parse(spec))])
+    default = np.concatenate([f["x"] for f in iter_feeds(folder, graph, batch_size=4)])
+    assert not np.allclose(expected, default)  # the two preprocessings differ
+
+    seen = []
+    real = autoquant_module.apply_technique
+
+    def spy(sim, name, data, *args, **kwargs):
+        seen.append(np.concatenate([f["x"] for f in iter_feeds(data, sim.graph, batch_size=4)]))
+        return real(sim, name, data, *args, **kwargs)
+
+    prepare_module = importlib.import_module("refquant.prepare")  # the attribute refquant.prepare is the function
+    real_prepare = prepare_module.prepare
+
+    def prepare_spy(graph, passes="default", data=None, **kwargs):
+        seen.append(np.concatenate([f["x"] for f in iter_feeds(data, graph, batch_size=4)]))
+        return real_prepare(graph, passes, data, **kwargs)
+
+    monkeypatch.setattr(autoquant_module, "apply_technique", spy)
+    monkeypatch.setattr(prepare_module, "prepare", prepare_spy)
+    extra = ["--technique", technique] if command == "ptq" else ["--target", "200", "--steps", technique]
+    main([command, str(tmp_path / "conv.onnx"), "--data", str(folder), "--preprocess", spec, "--batch-size", "4",
+          "--precision", "w4a8", "--adaround-iterations", "2", "--no-progress", "-o", str(tmp_path / "out")] + extra)
+    assert seen and all(np.array_equal(x, expected) for x in seen)

@@ -58,6 +58,7 @@ every step and trial with its metric and time.
 from __future__ import annotations
 
 import copy
+import functools
 import html
 import json
 import math
@@ -260,14 +261,25 @@ class Trial:
         if self.technique is not None:
             report = [] if self.technique == "adaround" else None
             options = dict(self.options, report=report) if report is not None else self.options
+            data = bound_data(self.data, graph, self.batch_size, self.preprocess)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "not optimized" lists: the step record says what applied
-                apply_technique(sim, self.technique, self.data, options, self.batch_size, self.progress)
+                apply_technique(sim, self.technique, data, options, self.batch_size, self.progress)
             note = "; ".join(describe_choice(r) for r in report or () if not hasattr(r, "layer"))
             sim.compute_encodings(self.data, **calibrate)
         score = _as_score(self.eval_fn(sim), self.key)
         return TrialResult(self.key, score, time.perf_counter() - start, sim.quantizers,
                            sim.graph if self.technique == "bias_correction" else None, note)
+
+
+def bound_data(data, graph: Graph, batch_size: int = 16, preprocess=None):
+    """``data`` for a function that takes no ``preprocess`` (the techniques, :func:`refquant.prepare`): ``data``
+    itself without one, else a factory that reads it through ``iter_feeds`` with ``preprocess`` at every pass."""
+    if preprocess is None:
+        return data
+    from ..data import iter_feeds
+
+    return functools.partial(iter_feeds, data, graph, batch_size=batch_size, preprocess=preprocess)
 
 
 def describe_choice(choice) -> str:
@@ -544,7 +556,7 @@ def autoquant(graph, data, eval_fn="sqnr", allowed_drop: float | None = None, *,
         start = time.perf_counter()
         note, results, candidate_graph, candidate_spec, records_trials = "", [], None, state.spec, []
         if step == "prepare":
-            candidate_graph, note = prepare_graph(state.graph, data)
+            candidate_graph, note = prepare_graph(state.graph, data, batch_size, preprocess)
             if candidate_graph is not None:
                 results = [Trial(step, candidate_graph, state.spec, **common)()]
         elif step == "bn_fold":
@@ -645,12 +657,12 @@ def autoquant(graph, data, eval_fn="sqnr", allowed_drop: float | None = None, *,
     return outcome
 
 
-def prepare_graph(graph: Graph, data) -> tuple[Graph | None, str]:
+def prepare_graph(graph: Graph, data, batch_size: int = 16, preprocess=None) -> tuple[Graph | None, str]:
     """(the graph rewritten by :func:`refquant.prepare`'s default passes, what changed), or (None, why not)
-    when no pass applies. Each pass is verified on ``data`` to keep the FP32 outputs."""
+    when no pass applies. Each pass is verified on ``data`` (read with ``preprocess``) to keep the FP32 outputs."""
     from ..prepare import prepare
 
-    prepared, report = prepare(graph, "default", data)
+    prepared, report = prepare(graph, "default", bound_data(data, graph, batch_size, preprocess))
     applied = [p.name for p in report.passes if p.status == "applied"]
     if not applied:
         return None, "not applicable: no preparation pass changes the model; model unchanged"

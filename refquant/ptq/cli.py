@@ -126,7 +126,7 @@ def run_ptq(graph, data, techniques, metric, spec, *, batch_size=16, preprocess=
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if technique == "prepare":
-                    changed, note = prepare_graph(graph, data)
+                    changed, note = prepare_graph(graph, data, batch_size, preprocess)
                     note = "" if changed is None else note
                 elif technique == "bn_fold":
                     changed, folds = fold_batchnorms_info(graph, warn=False)
