@@ -75,6 +75,7 @@ import numpy as np
 from ..errors import RefquantError
 from ..ir import Graph
 from ..progress import bar as progress_bar
+from .input_choice import InputChoice
 
 STEPS = ("prepare", "bn_fold", "quant_scheme", "cle", "bias_correction", "seq_mse", "adaround")  # in run order
 DEFAULT_STEPS = ("prepare", "bn_fold", "quant_scheme", "cle", "adaround")  # AIMET's AutoQuant
@@ -265,7 +266,7 @@ class Trial:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "not optimized" lists: the step record says what applied
                 apply_technique(sim, self.technique, data, options, self.batch_size, self.progress)
-            note = "; ".join(describe_choice(r) for r in report or () if not hasattr(r, "layer"))
+            note = "; ".join(describe_choice(r) for r in report or () if isinstance(r, InputChoice))
             sim.compute_encodings(self.data, **calibrate)
         score = _as_score(self.eval_fn(sim), self.key)
         return TrialResult(self.key, score, time.perf_counter() - start, sim.quantizers,

@@ -27,7 +27,6 @@ AutoQuant, which has evaluation data, tries the input kinds itself (:mod:`refqua
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -80,18 +79,11 @@ def held_out_split(feeds: list[dict], graph, seed: int = 0) -> tuple[list[dict],
 
 
 def held_out_sqnr(sim, feeds: list[dict]) -> float:
-    """``-10 log10(mean over outputs of N_o / S_o)`` of ``sim`` against its FP32 model over ``feeds``."""
-    signal: dict[str, float] = {}
-    noise: dict[str, float] = {}
-    for feed in feeds:
-        ours = sim.run(feed)
-        for name, ref in sim.run_float(feed).items():
-            ref64 = ref.astype(np.float64)
-            signal[name] = signal.get(name, 0.0) + float(np.sum(ref64 ** 2))
-            noise[name] = noise.get(name, 0.0) + float(np.sum((ref64 - ours[name]) ** 2))
-    ratios = [noise[n] / signal[n] if signal[n] > 0 else (0.0 if noise[n] == 0 else math.inf) for n in signal]
-    mean = float(np.mean(ratios))
-    return math.inf if mean == 0 else -10.0 * math.log10(mean)
+    """AutoQuant's "sqnr" of ``sim`` over ``feeds``: ``-10 log10(mean over outputs of N_o / S_o)`` against its FP32
+    model (module docstring)."""
+    from .autoquant import BuiltinMetric
+
+    return BuiltinMetric("sqnr", sim.graph, feeds)(sim)
 
 
 def choose_inputs(sim, data, batch_size: int, seed: int, progress: bool,
