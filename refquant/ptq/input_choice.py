@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data import graph_inputs, iter_feeds
+from ..data import _fixed_batch, count_samples, graph_inputs, iter_feeds
 from ..errors import RefquantError
 
 HELD_OUT_FRACTION = 4  # one sample in this many is held out
@@ -54,8 +54,7 @@ def held_out_split(feeds: list[dict], graph, seed: int = 0) -> tuple[list[dict],
     """(fit batches, held-out batches): a seeded random quarter of the samples (at least one) held out, each batch
     cut along axis 0 into its fitted and held-out rows; whole batches when the model fixes its batch size."""
     rng = np.random.default_rng(seed)
-    fixed = any(v.shape and isinstance(v.shape[0], int) and v.shape[0] > 0 for v in graph_inputs(graph))
-    if fixed:
+    if _fixed_batch(graph_inputs(graph)) is not None:
         if len(feeds) < 2:
             raise RefquantError("adaround: quantize_activations='choose' holds out part of the calibration data; the "
                                 f"model fixes its batch size, so it needs at least 2 batches, got {len(feeds)}")
@@ -103,8 +102,8 @@ def choose_inputs(sim, data, batch_size: int, seed: int, progress: bool,
                  **options)
         trial.compute_encodings(fit, progress=False)
         scores[quantized] = held_out_sqnr(trial, held)
-    count = lambda part: sum(len(next(iter(f.values()))) for f in part)  # noqa: E731
-    choice = InputChoice(scores[False], scores[True], bool(scores[True] > scores[False]), count(fit), count(held),
+    choice = InputChoice(scores[False], scores[True], bool(scores[True] > scores[False]),
+                         count_samples(fit, sim.graph), count_samples(held, sim.graph),
                          time.perf_counter() - start)
     return feeds, choice
 
