@@ -97,6 +97,23 @@ def test_min_max_encodings_equal_aimets(entry, cfg):
 
 
 @needs_samples
+def test_calibrating_again_on_the_same_data_gives_the_same_encodings():
+    """R-Net's PRelu slopes are constant inputs that AIMET quantizes as activations: its compute_encodings runs them
+    in updateStats, in float, every time. A second calibration (as after AdaRound) must see them in float too, not
+    with the first calibration's encodings (which moved /prelu1's output scale by 1e-3 relative)."""
+    sim = sim_for("mtcnn_rnet", "w8a8_minmax")
+    sim.compute_encodings(calib_batches("mtcnn_rnet"), progress=False)
+    first = {name: sim.encoding_of(name) for name in sim.quantizers}
+    assert sim.encoding_of("onnx::PRelu_47") is not None  # the slope's quantizer is on and calibrated
+    sim.compute_encodings(calib_batches("mtcnn_rnet"), progress=False)
+    for name, enc in first.items():
+        again = sim.encoding_of(name)
+        assert (enc is None) == (again is None), name
+        if enc is not None:
+            assert np.array_equal(enc.scale, again.scale) and np.array_equal(enc.offset, again.offset), name
+
+
+@needs_samples
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_tf_enhanced_encodings_equal_aimets_within_float_rounding(entry):
     activations, params = aimet_entries(SAMPLES / entry / "w8a8_tfe" / "model.encodings")

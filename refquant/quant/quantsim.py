@@ -284,7 +284,7 @@ class QuantSim:
             if quantizer.kind == "constant" and name in members:
                 observers[members[name]].update(np.asarray(self.graph.initializers[name], dtype=np.float32))
         session = Session(self.graph, threads=self.session.threads, hooks=[observe])
-        session.set_constants(self._quantized_constants())
+        session.set_constants(self._calibration_constants())
         total = count_samples(data, self.graph)
         seen = 0
         bar = progress_bar(total, progress, "calibrating", unit="sample")
@@ -428,6 +428,13 @@ class QuantSim:
                         np.asarray(self.graph.initializers[name], dtype=np.float32), encoding, self.rounding
                     ).astype(self.graph.initializers[name].dtype, copy=False)
         return constants
+
+    def _calibration_constants(self) -> dict[str, np.ndarray]:
+        """The constants as calibration runs them: parameters quantized (AIMET's ``oneShotQuantizeDequantize``),
+        constant inputs such as a PRelu slope in float, as the activations are (AIMET's ``updateStats``, which those
+        quantizers run), so that calibrating again on the same data gives the same encodings."""
+        return {name: value for name, value in self._quantized_constants().items()
+                if self.quantizers[name].kind == "param"}
 
     def _apply_constants(self) -> None:
         """Quantize parameters into the simulation session (once per encoding change)."""

@@ -115,7 +115,7 @@ def calibrate(sim, executor, data, batch_size: int = 16, progress: bool = True, 
         observed = sim._activation_groups()
         members = {name: root for root, names in observed.items() for name in names}
         job = ShardJob(
-            graph=sim.graph, constants=sim._quantized_constants(), members=members, roots=list(observed),
+            graph=sim.graph, constants=sim._calibration_constants(), members=members, roots=list(observed),
             scheme=sim.quant_scheme, options=dict(sim.scheme_options), threads=sim.session.threads,
             outputs=sim._calibration_outputs(observed), batch_size=batch_size, preprocess=preprocess,
             observe_constants=[n for n, q in sim.quantizers.items() if q.kind == "constant" and n in members])
