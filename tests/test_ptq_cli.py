@@ -249,6 +249,35 @@ def test_a_bad_adaround_shrinkage_exits_2(data, tmp_path, capsys, value):
     assert "--adaround-shrinkage" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["ptq", "autoquant"])
+@pytest.mark.parametrize("flags, expected", [([], "absent"), (["--adaround-learning-rate", "scaled"], "scaled"),
+                                             (["--adaround-learning-rate", "0.004"], 0.004)])
+def test_adaround_learning_rate_reaches_adaround(data, tmp_path, monkeypatch, command, flags, expected):
+    import refquant.ptq.adaround as adaround_module
+
+    seen = []
+    real = adaround_module.adaround
+
+    def spy(sim, data, **options):
+        seen.append(options.get("learning_rate", "absent"))  # absent: adaround's own default applies
+        return real(sim, data, **options)
+
+    monkeypatch.setattr(adaround_module, "adaround", spy)
+    extra = ["--technique", "adaround"] if command == "ptq" else ["--target", "80", "--steps", "adaround"]
+    main([command, str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--precision", "w4a8",
+          "--adaround-iterations", "2", "--no-progress", "-o", str(tmp_path / "out")] + extra + flags)
+    assert seen and all(value == expected for value in seen)
+
+
+@pytest.mark.parametrize("value", ["0", "-0.1", "inf", "some"])
+def test_a_bad_adaround_learning_rate_exits_2(data, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ptq", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--technique", "adaround",
+              "--adaround-learning-rate", value, "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "--adaround-learning-rate" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag, expected", [([], [(None, None), (True, None), (True, 0.5)]),
                                            (["--adaround-quantized-inputs"], [(True, None)]),
                                            (["--adaround-qdrop", "0.3"], [(True, 0.3)]),

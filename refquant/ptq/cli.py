@@ -55,6 +55,10 @@ def _common_arguments(p) -> None:
                    help="shrink AdaRound's loss toward uncorrelated layer inputs by Schaefer & Strimmer's intensity "
                         "estimated from the data per output channel (auto, the default), or by ALPHA in [0, 1] (0: "
                         "AdaRound's loss as written; see refquant.ptq.adaround)")
+    p.add_argument("--adaround-learning-rate", type=_learning_rate, default=None, metavar="scaled|LR",
+                   help="Adam's step size in AdaRound: a positive number, or scaled = 1e-3 x max(1, 10000 / "
+                        "max(200, iterations)), the path length of 10,000 steps of 1e-3 (AIMET's) from 200 "
+                        "iterations on (default: scaled; see refquant.ptq.adaround)")
     p.add_argument("--adaround-activation", default="default", choices=["default", "all", "none"],
                    help="activation after a layer in AdaRound's loss: default = Relu, Clip, PRelu, Softmax, Sigmoid, "
                         "Tanh, SiLU; all = also any other elementwise subgraph (HardSwish, GELU...); none")
@@ -194,6 +198,24 @@ def _shrinkage(text: str) -> float | str:
     return value
 
 
+def _learning_rate(text: str) -> float | str:
+    """``--adaround-learning-rate``: "scaled" or a positive number."""
+    if text == "scaled":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'scaled' or a positive number")
+    return value
+
+
+def learning_rate_option(args) -> dict:
+    """``{"learning_rate": ...}`` when ``--adaround-learning-rate`` is given, else nothing (adaround's default)."""
+    return {} if args.adaround_learning_rate is None else {"learning_rate": args.adaround_learning_rate}
+
+
 def adaround_input_options(args, explicit_only: bool = False) -> dict:
     """AdaRound's input options from ``--adaround-quantized-inputs``, ``--adaround-choose-inputs`` and
     ``--adaround-qdrop`` (QDrop mixes the quantized inputs with the FP32 ones). ``explicit_only``: nothing for flags
@@ -216,7 +238,8 @@ def cli_ptq(args) -> int:
     graph, metric, spec, preprocess = _setup(args)
     options = {"adaround": {"num_iterations": args.adaround_iterations, "optimizer": args.adaround_optimizer,
                             "include_activation": ACTIVATION_CHOICES[args.adaround_activation],
-                            "shrinkage": args.adaround_shrinkage, **adaround_input_options(args)},
+                            "shrinkage": args.adaround_shrinkage, **adaround_input_options(args),
+                            **learning_rate_option(args)},
                "seq_mse": {"num_candidates": args.seq_mse_candidates},
                "bias_correction": {"analytical": args.analytical} if args.analytical else {}}
     records, graph, quantizers = run_ptq(graph, args.data, techniques, metric, spec, batch_size=args.batch_size,
@@ -289,7 +312,7 @@ def cli_autoquant(args) -> int:
                            schemes=parse_schemes(args.schemes), adaround_iterations=args.adaround_iterations,
                            adaround_options={"optimizer": args.adaround_optimizer,
                                              "include_activation": ACTIVATION_CHOICES[args.adaround_activation],
-                                             "shrinkage": args.adaround_shrinkage,
+                                             "shrinkage": args.adaround_shrinkage, **learning_rate_option(args),
                                              **adaround_input_options(args, explicit_only=True)},
                            seq_mse_candidates=args.seq_mse_candidates, replace_relu6=args.replace_relu6,
                            batch_size=args.batch_size, preprocess=preprocess, executor=executor,
