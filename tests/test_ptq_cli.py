@@ -221,16 +221,20 @@ def test_adaround_input_flags_exclude_each_other(data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["ptq", "autoquant"])
-@pytest.mark.parametrize("flags, expected", [([], "auto"), (["--adaround-shrinkage", "0"], 0.0),
-                                             (["--adaround-shrinkage", "0.4"], 0.4)])
-def test_adaround_shrinkage_reaches_adaround(data, tmp_path, monkeypatch, command, flags, expected):
+@pytest.mark.parametrize("option, flags, expected", [
+    ("shrinkage", [], "auto"), ("shrinkage", ["--adaround-shrinkage", "0"], 0.0),
+    ("shrinkage", ["--adaround-shrinkage", "0.4"], 0.4),
+    ("learning_rate", [], "absent"),  # absent: adaround's own default ("scaled") applies
+    ("learning_rate", ["--adaround-learning-rate", "scaled"], "scaled"),
+    ("learning_rate", ["--adaround-learning-rate", "0.004"], 0.004)])
+def test_adaround_options_reach_adaround(data, tmp_path, monkeypatch, command, option, flags, expected):
     import refquant.ptq.adaround as adaround_module
 
     seen = []
     real = adaround_module.adaround
 
     def spy(sim, data, **options):
-        seen.append(options.get("shrinkage"))
+        seen.append(options.get(option, "absent"))
         return real(sim, data, **options)
 
     monkeypatch.setattr(adaround_module, "adaround", spy)
@@ -240,42 +244,14 @@ def test_adaround_shrinkage_reaches_adaround(data, tmp_path, monkeypatch, comman
     assert seen and all(value == expected for value in seen)
 
 
-@pytest.mark.parametrize("value", ["1.5", "-0.1", "some"])
-def test_a_bad_adaround_shrinkage_exits_2(data, tmp_path, capsys, value):
+@pytest.mark.parametrize("flag, value", [("--adaround-shrinkage", v) for v in ("1.5", "-0.1", "some")] +
+                         [("--adaround-learning-rate", v) for v in ("0", "-0.1", "inf", "some")])
+def test_a_bad_adaround_option_value_exits_2(data, tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
         main(["ptq", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--technique", "adaround",
-              "--adaround-shrinkage", value, "-o", str(tmp_path / "out")])
+              flag, value, "-o", str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    assert "--adaround-shrinkage" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("command", ["ptq", "autoquant"])
-@pytest.mark.parametrize("flags, expected", [([], "absent"), (["--adaround-learning-rate", "scaled"], "scaled"),
-                                             (["--adaround-learning-rate", "0.004"], 0.004)])
-def test_adaround_learning_rate_reaches_adaround(data, tmp_path, monkeypatch, command, flags, expected):
-    import refquant.ptq.adaround as adaround_module
-
-    seen = []
-    real = adaround_module.adaround
-
-    def spy(sim, data, **options):
-        seen.append(options.get("learning_rate", "absent"))  # absent: adaround's own default applies
-        return real(sim, data, **options)
-
-    monkeypatch.setattr(adaround_module, "adaround", spy)
-    extra = ["--technique", "adaround"] if command == "ptq" else ["--target", "80", "--steps", "adaround"]
-    main([command, str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--precision", "w4a8",
-          "--adaround-iterations", "2", "--no-progress", "-o", str(tmp_path / "out")] + extra + flags)
-    assert seen and all(value == expected for value in seen)
-
-
-@pytest.mark.parametrize("value", ["0", "-0.1", "inf", "some"])
-def test_a_bad_adaround_learning_rate_exits_2(data, tmp_path, capsys, value):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["ptq", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--technique", "adaround",
-              "--adaround-learning-rate", value, "-o", str(tmp_path / "out")])
-    assert exit_info.value.code == 2
-    assert "--adaround-learning-rate" in capsys.readouterr().err
+    assert flag in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, expected", [([], [(None, None), (True, None), (True, 0.5)]),

@@ -185,30 +185,25 @@ def format_steps(records, metric_name: str) -> str:
     return "\n".join(lines)
 
 
-def _shrinkage(text: str) -> float | str:
-    """``--adaround-shrinkage``: "auto" or a number in [0, 1]."""
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not 'auto' or a number in [0, 1]")
-    return value
+def _word_or_number(word: str, valid, what: str):
+    """An argparse type: ``word`` as it is, or a number for which ``valid(number)`` holds (else ``what`` is named)."""
+
+    def parse(text: str) -> float | str:
+        if text == word:
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not valid(value):  # nan fails every comparison
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
 
 
-def _learning_rate(text: str) -> float | str:
-    """``--adaround-learning-rate``: "scaled" or a positive number."""
-    if text == "scaled":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not 'scaled' or a positive number")
-    return value
+_shrinkage = _word_or_number("auto", lambda v: 0 <= v <= 1, "'auto' or a number in [0, 1]")
+_learning_rate = _word_or_number("scaled", lambda v: 0 < v < math.inf, "'scaled' or a positive number")
 
 
 def learning_rate_option(args) -> dict:
