@@ -512,7 +512,7 @@ def test_bad_arguments_are_refquant_errors():
         adaround(sim, np.zeros(x_shape, np.float32), optimizer="sgd")
     with pytest.raises(RefquantError, match="finish"):
         adaround(sim, np.zeros(x_shape, np.float32), finish="round")
-    for bad in (0, -1e-3, "auto"):
+    for bad in (0, -1e-3, float("inf"), float("nan"), True, "auto"):
         with pytest.raises(RefquantError, match="learning_rate"):
             adaround(sim, np.zeros(x_shape, np.float32), learning_rate=bad)
 

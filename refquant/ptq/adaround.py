@@ -80,11 +80,12 @@ moves each ``V`` by about the step size per iteration (it normalizes each weight
 ``V`` travels a tenth of the way it does at 10,000 and at 200 a fiftieth: few weights can cross to the other
 side, and AdaRound stays near nearest rounding. ``learning_rate="scaled"`` (the default) steps by
 ``1e-3 * max(1, 10000 / max(200, num_iterations))``, the path length of 10,000 steps of 1e-3; at 10,000 iterations or
-more it is AIMET's step, and below 200 (the fewest measured) it stays 200's, 0.05. A larger step also lets weights with a weak gradient wander across: a layer whose fit then ends
-worse than nearest rounding on its own loss is fitted again at 1e-3 (measured on the convnet sample's depthwise
-conv). Measured (W4A8; eight calibration sets of 56 of the 64 samples, seed 0, SQNR of the primary output on the
-evaluation set, mean +- standard error; bench/adaround_subsets.py, the 1e-3 column with
-``--adaround-options '{"learning_rate": 0.001}'``; AIMET deterministic on the same sets):
+more it is AIMET's step, and below 200 (the fewest measured) it stays 200's, 0.05. A larger step also lets weights
+with a weak gradient wander across: a layer whose fit then ends worse than nearest rounding on its own loss is
+fitted again at 1e-3 (measured on the convnet sample's depthwise conv). Measured (W4A8; eight calibration sets of
+56 of the 64 samples, seed 0, SQNR of the primary output on the evaluation set, mean +- standard error;
+bench/adaround_subsets.py, the 1e-3 column with ``--adaround-options '{"learning_rate": 0.001}'``; AIMET
+deterministic on the same sets):
 
     row             1e-3 (AIMET's step)   "scaled"               aimet-onnx 2.42.0
     mlp 200         23.59 (3 seeds)       23.82 (+0.17 +- 0.11)  23.65
@@ -1594,7 +1595,8 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
         raise RefquantError("adaround: num_iterations must be >= 0 and warm_start in [0, 1]")
     if not 0 <= qdrop < 1:
         raise RefquantError(f"adaround: qdrop must be in [0, 1), got {qdrop!r}")
-    if not (learning_rate == "scaled" or (isinstance(learning_rate, (int, float)) and learning_rate > 0)):
+    numeric = isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool)
+    if not (learning_rate == "scaled" or (numeric and 0 < learning_rate < math.inf)):
         raise RefquantError(f"adaround: learning_rate must be 'scaled' or a positive number, got {learning_rate!r}")
     if not (shrinkage == "auto" or (isinstance(shrinkage, (int, float)) and 0 <= shrinkage <= 1)):
         raise RefquantError(f"adaround: shrinkage must be 'auto' or a number in [0, 1], got {shrinkage!r}")
