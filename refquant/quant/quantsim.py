@@ -416,12 +416,13 @@ class QuantSim:
             q.bitwidth = 32
 
     # ------------------------------------------------------------------ simulation
-    def _quantized_constants(self) -> dict[str, np.ndarray]:
+    def _quantized_constants(self, kinds=("param", "constant")) -> dict[str, np.ndarray]:
+        """The quantized value of every enabled quantizer of ``kinds`` with a fixed value or an encoding."""
         constants = {}
         for name, q in self.quantizers.items():
-            if q.kind in ("param", "constant") and q.enabled and q.fixed_value is not None:
+            if q.kind in kinds and q.enabled and q.fixed_value is not None:
                 constants[name] = q.fixed_value
-            elif q.kind in ("param", "constant") and q.enabled:
+            elif q.kind in kinds and q.enabled:
                 encoding = self.encoding_of(name)
                 if encoding is not None:
                     constants[name] = quantize_dequantize(
@@ -433,8 +434,7 @@ class QuantSim:
         """The constants as calibration runs them: parameters quantized (AIMET's ``oneShotQuantizeDequantize``),
         constant inputs such as a PRelu slope in float, as the activations are (AIMET's ``updateStats``, which those
         quantizers run), so that calibrating again on the same data gives the same encodings."""
-        return {name: value for name, value in self._quantized_constants().items()
-                if self.quantizers[name].kind == "param"}
+        return self._quantized_constants(kinds=("param",))
 
     def _apply_constants(self) -> None:
         """Quantize parameters into the simulation session (once per encoding change)."""
