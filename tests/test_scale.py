@@ -324,6 +324,46 @@ def test_killed_worker_mid_sweep_is_retried_and_nothing_counts_twice(ex, tmp_pat
     assert len((reference_dir / "log").read_text().splitlines()) == evaluations
 
 
+class _SettledFuture:
+    """What a Dask future looks like to DaskExecutor's done callback: its status and what exception() (which waits
+    while the task is recomputed) and result() then return."""
+
+    key = "refquant-task"
+
+    def __init__(self, status, error=None, value=None):
+        self.status, self.error, self.value = status, error, value
+
+    def exception(self):
+        return self.error
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+@needs_dask
+@pytest.mark.parametrize("status, error, value", [("finished", None, 42), ("lost", None, 42),
+                                                  ("error", ValueError("bad"), None)])
+def test_a_task_lost_with_its_worker_and_recomputed_gives_its_value(status, error, value):
+    """The done callback also fires when a finished task's result dies with its worker ("lost"): the value
+    after Dask's recomputation is the result; it used to be settled as None (seen as a None batch result in
+    test_worker_killed_from_outside_mid_sweep, once in a full run)."""
+    from concurrent.futures import Future as CFuture
+    from types import SimpleNamespace
+
+    from refquant.scale.cluster import DaskExecutor
+
+    result, future = CFuture(), _SettledFuture(status, error, value)
+    owner = SimpleNamespace(_lock=threading.Lock(), _pending={result: future})
+    DaskExecutor._settle(owner, future, result)
+    assert owner._pending == {}
+    if error is None:
+        assert result.result(timeout=0) == 42
+    else:
+        assert result.exception(timeout=0) is error
+
+
 @needs_dask
 def test_worker_killed_from_outside_mid_sweep(ex):
     """SIGKILL a worker while it runs a batch task of the default (SQNR) sweep: same report as serial."""

@@ -292,18 +292,18 @@ class DaskExecutor(Executor):
         return result
 
     def _settle(self, future: Future, result: CFuture) -> None:
-        with self._lock:
-            self._pending.pop(result, None)
-        if result.done():
-            return
         try:
-            if future.status == "finished":
-                value = future.result()
-                _set(result, value=value)
-            elif future.status == "cancelled":
+            if result.done():
+                return
+            if future.status == "cancelled":
                 _set(result, error=RefquantError(f"Dask task {future.key} was cancelled (lost with the cluster?)"))
+                return
+            # "lost" (its result died with a worker) also ends up here: exception() waits for Dask's recomputation,
+            # and a recomputed task that succeeded has no exception, so its value is taken, never None for it
+            error = future.exception()
+            if error is None:
+                _set(result, value=future.result())
             else:
-                error = future.exception()
                 if isinstance(error, KilledWorker):
                     error = RefquantError(
                         f"Dask task {future.key}: the workers running it died too many times "
@@ -311,6 +311,9 @@ class DaskExecutor(Executor):
                 _set(result, error=error)
         except BaseException as error:  # noqa: BLE001 - the caller sees whatever went wrong
             _set(result, error=error)
+        finally:  # only now: while a lost task is recomputed, the watchdog still fails it if the cluster is gone
+            with self._lock:
+                self._pending.pop(result, None)
 
     def _watchdog(self) -> None:
         """Fail the pending futures when the cluster has had no worker for ``lost_timeout`` seconds."""
