@@ -15,14 +15,17 @@ quarter:
 (``ref`` the FP32 model, ``out`` the simulation; AutoQuant's "sqnr"). The quantized inputs are taken only if they
 score strictly higher; AdaRound then runs once more, on all the data, with the chosen inputs.
 
-Measured (W4A8, 1000 iterations, each model's whole calibration set, evaluation SQNR of the primary output;
-bench/results_ptq_vs_aimet_models.txt): the default / "choose": mlp sample 24.14 / 24.40 dB, MTCNN P-Net 20.84 /
-21.12, R-Net 43.85 / 45.63, O-Net 36.10 / 38.62, NudeNet's YOLOv8n 25.5 / 27.52 (aimet-onnx 27.61), MobileNetV2
-11.91 / 11.90 (FP32 inputs chosen), but the convnet sample 26.94 / 24.17. There the trials rank right (fitted on
-three quarters, the quantized inputs are better on the evaluation set too, as on the held-out quarter); the refit on
-all the samples lands elsewhere, as this model's 1000-iteration fits move by about 1.5 dB with the samples. Time:
-2-3x the default's (MobileNetV2 995 s against 315, MTCNN P-Net 12 s against 4). Hence an option, not the default;
-AutoQuant, which has evaluation data, tries the input kinds itself (:mod:`refquant.ptq.autoquant`).
+Measured (W4A8, 1000 iterations, Adam step 1e-3 (before "scaled"), each model's whole calibration set, evaluation
+SQNR of the primary output; bench/results_ptq_vs_aimet_models.txt): the default / "choose": mlp sample 24.14 / 24.40
+dB, MTCNN P-Net 20.84 / 21.12, R-Net 43.85 / 45.63, O-Net 36.10 / 38.62, NudeNet's YOLOv8n 25.5 / 27.52 (aimet-onnx
+27.61), MobileNetV2 11.91 / 11.90 (FP32 inputs chosen), but the convnet sample 26.94 / 24.17. There the trials rank
+right (fitted on three quarters, the quantized inputs are better on the evaluation set too, as on the held-out
+quarter); the refit on all the samples lands elsewhere, as this model's 1000-iteration fits move by about 1.5 dB
+with the samples. Time: 2-3x the default's (MobileNetV2 995 s against 315, MTCNN P-Net 12 s against 4). Hence an
+option, not the default; AutoQuant, which has evaluation data, tries the input kinds itself
+(:mod:`refquant.ptq.autoquant`). With the "scaled" step it picks the quantized inputs on the mlp, convnet, P-Net and
+R-Net, right on two (eval SQNR choose / default: 23.85 / 23.71, 29.86 / 30.33, 23.22 / 23.96, 44.27 / 43.73;
+bench/adaround_choose.py).
 """
 
 from __future__ import annotations
