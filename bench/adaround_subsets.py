@@ -12,7 +12,9 @@ means with their standard errors (the paired difference's is the one that decide
         [--adaround-options '{"qdrop": 0.5, "quantize_activations": true}']
 
 refquant's rows are bench/ptq_vs_aimet_models.py's ``w4a8_adaround_N`` on each set (seed 0, or with ``--seeds N``
-the mean over seeds 0..N-1; aimet-onnx's AdaRound is deterministic on these models). Last results:
+the mean over seeds 0..N-1; aimet-onnx's AdaRound is deterministic on these models). The K subsets share most
+of their samples; the models whose samples are drawn at random (PP-OCR, NudeNet, MobileNetV2) can have independent
+sets instead, ``--dump DIR --fresh-seeds 10 11 12 ...`` (then ``--subsets`` is their count). Last results:
 bench/results_ptq_vs_aimet_models.txt (2026-11-26, ninth session). Asserts nothing.
 """
 
@@ -38,19 +40,26 @@ def subset_indices(count: int, parts: int, k: int) -> np.ndarray:
     return np.r_[0:k * size, stop:count]
 
 
-def dump(folder: Path, names, parts: int) -> None:
-    """``folder/<model>_q<k>``: calib.npy (the subset), eval.npy and meta.json as ptq_vs_aimet_models.py --dump."""
+def dump(folder: Path, names, parts: int, fresh_seeds=None) -> None:
+    """``folder/<model>_q<k>``: calib.npy (the subset, or with ``fresh_seeds`` the independent set drawn with the
+    k-th seed), eval.npy and meta.json as ptq_vs_aimet_models.py --dump."""
     for name in names:
         models.dump(folder / "_full", [name])
         full = folder / "_full" / name
         calib = np.load(full / "calib.npy")
-        for k in range(parts):
+        for k in range(len(fresh_seeds) if fresh_seeds else parts):
             out = folder / f"{name}_q{k}"
             out.mkdir(parents=True, exist_ok=True)
-            np.save(out / "calib.npy", calib[subset_indices(len(calib), parts, k)])
+            if fresh_seeds:
+                subset = models.calibration_samples(name, fresh_seeds[k])
+                what = f"{len(subset)} samples drawn with seed {fresh_seeds[k]}"
+            else:
+                subset = calib[subset_indices(len(calib), parts, k)]
+                what = f"{len(subset)} of {len(calib)}"
+            np.save(out / "calib.npy", subset)
             for file in ("eval.npy", "meta.json"):
                 shutil.copy(full / file, out / file)
-            print(f"{name}_q{k}: calibration {len(subset_indices(len(calib), parts, k))} of {len(calib)} -> {out}")
+            print(f"{name}_q{k}: calibration {what} -> {out}")
 
 
 def compare(name: str, data: Path, aimet: Path, parts: int, iterations, options: dict, seeds: int = 1) -> None:
@@ -96,6 +105,10 @@ def main(argv=None) -> int:
     parser.add_argument("--aimet", type=Path, default=Path("/tmp/rq/subsets_aimet"))
     parser.add_argument("--models", nargs="+", required=True)
     parser.add_argument("--subsets", type=int, default=4, help="K: K sets, each without one K-th of the samples")
+    parser.add_argument("--fresh-seeds", type=int, nargs="+",
+                        help="--dump: independent calibration sets drawn with these seeds instead of the K subsets "
+                             "(models with drawn samples: " + ", ".join(models.DRAWN_CALIBRATION) + "; then "
+                             "--subsets is their count)")
     parser.add_argument("--iterations", nargs="+", type=int, default=[200, 1000])
     parser.add_argument("--adaround-options", type=json.loads, default={},
                         help="JSON keyword arguments for refquant's adaround() (e.g. qdrop, quantize_activations)")
@@ -104,7 +117,7 @@ def main(argv=None) -> int:
     if args.subsets < 2:
         parser.error("--subsets must be at least 2")
     if args.dump:
-        dump(args.dump, args.models, args.subsets)
+        dump(args.dump, args.models, args.subsets, args.fresh_seeds)
         return 0
     for name in args.models:
         compare(name, args.data, args.aimet, args.subsets, args.iterations, args.adaround_options, args.seeds)

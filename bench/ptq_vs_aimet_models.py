@@ -119,7 +119,7 @@ def model_spec(name: str) -> dict:
 
         model = str(zoo.fetch("ppocr_rec"))
         return dict(model=model, cle_model=model, ours_model=model, input="x", outputs=["softmax_11.tmp_0"],
-                    primary="softmax_11.tmp_0", calib=text_crops(64, seed=1), eval=text_crops(128, seed=2),
+                    primary="softmax_11.tmp_0", calib=calibration_samples(name, 1), eval=text_crops(128, seed=2),
                     labels=None)
     if name == "ppocr_cls":
         from bench.prepare_targets import text_crops
@@ -128,23 +128,44 @@ def model_spec(name: str) -> dict:
         model = str(zoo.fetch("ppocr_cls"))
         output = "save_infer_model/scale_0.tmp_1"
         return dict(model=model, cle_model=model, ours_model=model, input="x", outputs=[output], primary=output,
-                    calib=np.ascontiguousarray(text_crops(64, seed=1)[..., :192]),
+                    calib=calibration_samples(name, 1),
                     eval=np.ascontiguousarray(text_crops(128, seed=2)[..., :192]), labels=None)
     if name == "nudenet_320n":
         from refquant import zoo
 
         model = str(zoo.fetch("nudenet_320n"))
         return dict(model=model, cle_model=model, ours_model=model, input="images", outputs=["output0"],
-                    primary="output0", calib=photo_crops(64, seed=1, size=320), eval=photo_crops(128, seed=2, size=320),
+                    primary="output0", calib=calibration_samples(name, 1), eval=photo_crops(128, seed=2, size=320),
                     labels=None)
     if name == "mobilenet_v2":  # bench/ptq.py's default crops (resize248, the 10 photos, seed pair 0)
         from bench.ptq_data import crops
 
         model = str(MODELS_DIR / "mobilenet_v2_imagenet.onnx")
         return dict(model=model, cle_model=model, ours_model=model, input="input", outputs=["logits"],
-                    primary="logits", calib=crops("resize248", "photos", 64, 0),
+                    primary="logits", calib=calibration_samples(name, 0),
                     eval=crops("resize248", "photos", 128, 1), labels=None)
     raise ValueError(name)
+
+
+DRAWN_CALIBRATION = ("ppocr_rec", "ppocr_cls", "nudenet_320n", "mobilenet_v2")
+
+
+def calibration_samples(name: str, seed: int) -> np.ndarray:
+    """The 64 calibration samples of a model whose samples are drawn at random (DRAWN_CALIBRATION), drawn with
+    ``seed``: model_spec's with seed 1 (MobileNetV2: 0; the evaluation sets are seed 2, MobileNetV2's 1), an
+    independent set with another (bench/adaround_subsets.py --fresh-seeds)."""
+    if name in ("ppocr_rec", "ppocr_cls"):
+        from bench.prepare_targets import text_crops
+
+        crops = text_crops(64, seed=seed)
+        return np.ascontiguousarray(crops[..., :192]) if name == "ppocr_cls" else crops
+    if name == "nudenet_320n":
+        return photo_crops(64, seed=seed, size=320)
+    if name == "mobilenet_v2":
+        from bench.ptq_data import crops
+
+        return crops("resize248", "photos", 64, seed)
+    raise ValueError(f"{name}: its calibration samples are fixed; drawn only for {', '.join(DRAWN_CALIBRATION)}")
 
 
 def photo_crops(count: int, seed: int, size: int) -> np.ndarray:
