@@ -14,8 +14,8 @@ means with their standard errors (the paired difference's is the one that decide
 refquant's rows are bench/ptq_vs_aimet_models.py's ``w4a8_adaround_N`` on each set (seed 0, or with ``--seeds N``
 the mean over seeds 0..N-1; aimet-onnx's AdaRound is deterministic on these models). The K subsets share most
 of their samples; the models whose samples are drawn at random (PP-OCR, NudeNet, MobileNetV2) can have independent
-sets instead, ``--dump DIR --fresh-seeds 10 11 12 ...`` (then ``--subsets`` is their count). Last results:
-bench/results_ptq_vs_aimet_models.txt (2026-11-26, ninth session). Asserts nothing.
+sets instead, ``--dump DIR --fresh-seeds 10 11 12 ...`` (then ``--subsets`` is their count). Results (newest
+first): bench/results_ptq_vs_aimet_models.txt. Asserts nothing.
 """
 
 from __future__ import annotations

@@ -119,13 +119,13 @@ AdaRound intends: only the weights of the layers before are quantized), so AdaRo
 calibration; ``quantize_activations=True`` keeps them, which is what aimet-onnx 2.42.0 actually runs (its ``with
 (disable_quantizers(...) and TemporaryDirectory())`` enters only the second). Measured (W4A8, 1000 its, seed 0;
 bench/results_ptq_vs_aimet_models.txt): on NudeNet's YOLOv8n it is what AIMET's lead was, 25.45 -> 27.72 dB (seed 1:
-25.57 -> 27.64; AIMET 27.61), but on that calibration set only: on three independent sets of 64 crops it gains
-nothing (1000 its 25.91 -> 25.75, 200 its 25.69 -> 25.79 dB; AIMET at 200 on the same sets below both), also
-O-Net +0.6, PP-OCR cls +0.3, mlp +0.2 dB; but MTCNN R-Net 45.33 -> 38.39 and the
-convnet sample 26.94 -> 24.03 dB (all at Adam's step 1e-3). With the "scaled" step those collapses are gone; over
-eight calibration sets the quantized inputs minus the default are then within noise on the sample models (mlp,
-convnet, P-Net, R-Net at 200 and 1000 iterations: -0.9 to +0.9 dB) except O-Net 1000 (+2.2 +- 0.6), NudeNet gains
-25.52 -> 26.64, but MobileNetV2 loses 12.08 -> 9.56 and PP-OCR cls 15.09 -> 14.12 (1000 iterations). The
+25.57 -> 27.64; AIMET 27.61), also O-Net +0.6, PP-OCR cls +0.3, mlp +0.2 dB; but MTCNN R-Net 45.33 -> 38.39 and the
+convnet sample 26.94 -> 24.03 dB (all at Adam's step 1e-3, on each model's one calibration set). With the "scaled"
+step those collapses are gone; over eight calibration sets the quantized inputs minus the default are then within
+noise on the sample models (mlp, convnet, P-Net, R-Net at 200 and 1000 iterations: -0.9 to +0.9 dB) except O-Net
+1000 (+2.2 +- 0.6). NudeNet's lead is that one set's: on three independent sets of 64 crops the quantized inputs
+gain nothing (1000 its 25.91 -> 25.75, 200 its 25.69 -> 25.79 dB; AIMET at 200 on the same sets 25.32, below both).
+Single runs on the deep models' default sets: MobileNetV2 12.08 -> 9.56, PP-OCR cls 15.09 -> 14.12 dB (1000 its). The
 calibration-set SQNR cannot tell which (R-Net at 1e-3: 46.49 against 42.56 there, the reverse on the evaluation
 faces), so the default stays off;
 ``quantize_activations="choose"`` decides per model on a held-out quarter of the data
