@@ -57,9 +57,7 @@ AIMET_ONLY_CONSTANT_INPUTS = {("Clip", 1), ("Clip", 2), ("Pow", 1), ("Gather", 0
 #   decides whether floor gives -512 or -513 (measured on MobileNetV2's features.14: AIMET -513.00000000001, refquant
 #   -511.99999999999), and the search then picks another candidate. On identical inputs refquant's tf_enhanced is
 #   AIMET's bit for bit (test_tf_enhanced_equals_aimets_on_identical_inputs).
-# * htp_v73 on PP-OCRv4 rec: AIMET's "LayerNormalization" graph pass groups its decomposed LayerNorms (not
-#   implemented in refquant; a warning says so).
-OPEN = {("mobilenet_v2", "tfe"), ("ppocr_rec", "tfe"), ("ppocr_cls", "tfe"), ("ppocr_rec", "htp_v73")}
+OPEN = {("mobilenet_v2", "tfe"), ("ppocr_rec", "tfe"), ("ppocr_cls", "tfe")}
 
 
 def load_model(name: str):
@@ -91,10 +89,8 @@ def aimet_file(model: str, cfg: str, suffix: str = "") -> dict:
 
 def make_sim(model: str, cfg: str, constant_inputs: str = "aimet") -> QuantSim:
     precision, scheme, config = CONFIGS[cfg]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # htp_v73 names two passes refquant does not apply (a warning says so)
-        return QuantSim(load_model(model), precision=precision, quant_scheme=scheme, config=config,
-                        rounding="half_up", prepare=False, residual_rule=False, constant_inputs=constant_inputs)
+    return QuantSim(load_model(model), precision=precision, quant_scheme=scheme, config=config,
+                    rounding="half_up", prepare=False, residual_rule=False, constant_inputs=constant_inputs)
 
 
 _CACHE: dict = {}
@@ -121,7 +117,7 @@ OPEN_CASES = [pytest.param(m, c, marks=pytest.mark.xfail(strict=True, reason="op
               if (m, c) in OPEN else (m, c) for m, c in CASES]
 
 
-@pytest.mark.parametrize("model,cfg", [c for c in CASES if c != ("ppocr_rec", "htp_v73")])
+@pytest.mark.parametrize("model,cfg", CASES)
 def test_enabled_quantizers_are_aimets(model, cfg):
     golden = np.load(GOLDEN / f"{model}_{cfg}.npz")
     sim = calibrated(model, cfg)
@@ -147,7 +143,7 @@ def test_default_constant_inputs_leave_only_settings_and_tables_float(model):
         assert uses and uses <= AIMET_ONLY_CONSTANT_INPUTS, (name, uses)
 
 
-@pytest.mark.parametrize("model,cfg", [c for c in CASES if c != ("ppocr_rec", "htp_v73")])
+@pytest.mark.parametrize("model,cfg", CASES)
 def test_param_encodings_equal_aimets_bit_for_bit(model, cfg):
     """Bit for bit, except the channels the weight-scale guard raised: its bounds divide by activation scales
     (s_y / s_x, |b| / s_x), which carry the float-sum differences, so those scales get SCALE_RTOL too."""

@@ -116,9 +116,9 @@ _HTP_V73 = {
     "model_input": {"is_input_quantized": "True"},
     "model_output": {},
 }
-# graph passes of "supergroup_pass_list" that refquant applies (placement.py); AIMET's "LayerNormalization" and
-# "RMSNormalization" passes (decomposed norms as one op) are not implemented: a config naming them gets a warning
-SUPERGROUP_PASSES = {"MatmulAdd"}
+# graph passes of "supergroup_pass_list" that refquant applies: MatMul + bias Add as one layer (placement.py), a
+# decomposed LayerNormalization or RMSNormalization as one op (norm_fusion.py); others get a warning
+SUPERGROUP_PASSES = {"MatmulAdd", "LayerNormalization", "RMSNormalization"}
 BUILTIN = {"default": _DEFAULT, "per_channel": _DEFAULT, "per_tensor": _PER_TENSOR, "htp_v73": _HTP_V73}
 
 

@@ -11,6 +11,8 @@
 * Supergroups (Conv+Relu, Gemm+Relu, ...): when the pattern matches a chain where each op feeds only
   the next, every output quantizer but the last is disabled. Depthwise and 3-D convs are excluded,
   as in AIMET.
+* The config's "supergroup_pass_list": MatMul + bias Add is one linear layer; a decomposed LayerNormalization or
+  RMSNormalization is one op of that type (:mod:`refquant.quant.norm_fusion`), outside every supergroup.
 * If/Loop subgraphs: their nodes get quantizers by these same rules (weights may be outer-scope
   initializers, supergroups match within one subgraph); If/Loop outputs and Loop body inputs get none.
 * Tied quantizers: the output of Relu (and Concat, AveragePool, MaxPool, Resize...) shares the
@@ -26,6 +28,7 @@ import numpy as np
 
 from ..ir import Graph, Node
 from .config import QuantsimConfig
+from .norm_fusion import NormGroup, fused_norms, pass_effects
 from .subgraphs import all_producers, ambiguous_names, scoped
 
 # outputs on their input's grid: no quantizer of their own
@@ -131,10 +134,15 @@ def place_quantizers(graph: Graph, config: QuantsimConfig, constant_inputs: str 
     if constant_inputs not in ("data", "aimet"):
         raise ValueError(f"constant_inputs {constant_inputs!r}: expected 'data' or 'aimet'")
     _place_nodes(graph, config, specs, ambiguous, constant_inputs == "aimet")
+    norms = fused_norms(graph, config.supergroup_passes)
+    _apply_fused_norms(graph, config, specs, norms)
     _apply_model_output(graph, config, specs)
     if "MatmulAdd" in config.supergroup_passes:
         _apply_matmul_add(graph, specs)
-    _apply_supergroups(graph, config, specs)
+    effects = pass_effects(graph, config.supergroup_passes, norms)
+    for name in effects.disabled & specs.keys():
+        specs[name].enabled = False
+    _apply_supergroups(graph, config, specs, {id(n) for g in norms for n in g.nodes}, effects.matched)
     _apply_split_clips(graph, specs)
     _tie(graph, specs)
     return specs
@@ -238,6 +246,35 @@ def _apply_matmul_add(graph: Graph, specs) -> None:
         specs[bias] = QuantizerSpec(bias, "param", False, True, "bias", "MatMul", None)
 
 
+def _apply_fused_norms(graph: Graph, config: QuantsimConfig, specs, norms: list[NormGroup]) -> None:
+    """Each fused normalization as one op of its type (AIMET quantizes the node its fusion made): no quantizer on
+    the tensors inside it or on the constants only it reads, its scale and bias initializers that op's weight and
+    bias parameters, its output that op's output quantizer."""
+    consumers = graph.consumers()
+    is_float = _float_checker(graph)
+    for group in norms:
+        members = {id(n) for n in group.nodes}
+        for node in group.nodes:
+            for out in node.outputs:
+                if out != group.output:
+                    specs.pop(out, None)
+            for name in node.inputs:
+                if (name in graph.initializers and name not in (group.scale, group.bias)
+                        and all(id(user) in members for user in consumers.get(name, []))):
+                    specs.pop(name, None)
+        for role, name in (("weight", group.scale), ("bias", group.bias)):
+            if name and name in graph.initializers and is_float(name):
+                setting = config.param(group.op_type, role)
+                specs[name] = QuantizerSpec(name, "param", setting["is_quantized"], setting["is_symmetric"], role,
+                                            group.op_type)
+        if group.output in specs:
+            op = config.op(group.op_type)
+            fixed = op.get("encoding_constraints")
+            symmetric = op["is_symmetric"] or (fixed is not None and fixed[1] is not None and fixed[0] == -fixed[1])
+            specs[group.output] = QuantizerSpec(group.output, "activation", op["is_output_quantized"], symmetric,
+                                                None, group.op_type, constraints=fixed)
+
+
 def apply_exception_rules(quantizers: dict, graph: Graph, config: QuantsimConfig) -> None:
     """AIMET's rules applied after the config (``QuantizationSimModel._apply_param_symmetry_to_inputs`` and
     ``_apply_exception_rules``), on QuantSim's quantizers (bitwidths known):
@@ -266,23 +303,33 @@ def apply_exception_rules(quantizers: dict, graph: Graph, config: QuantsimConfig
             weight_input = enabled_feeding(node.inputs[1])
             if weight_input is not None and weight_input.kind != "param":
                 weight_input.symmetric = bool(config.param(node.op_type, "weight")["is_symmetric"])
+
+    def normalization_parameters(op_type: str, output: str | None, names) -> None:
+        out = quantizers.get(output) if output else None
+        out = out if out is not None and out.enabled else None
+        for name in names:
+            q = quantizers.get(name)
+            if q is None or q.kind != "param" or not q.enabled or q.data_type != "int":
+                continue
+            q.bitwidth = max(q.bitwidth, 8)
+            if op_type in ("GroupNormalization", "InstanceNormalization", "RMSNormalization"):
+                q.symmetric = out.symmetric if out is not None else False
+                if out is not None:
+                    q.bitwidth = out.bitwidth
+            else:
+                if old_hw:
+                    q.bitwidth = 8
+                q.symmetric = q.bitwidth >= 16
+
+    fused = fused_norms(graph, config.supergroup_passes)
+    for group in fused:
+        normalization_parameters(group.op_type, group.output, [group.scale, group.bias])
+    for name in pass_effects(graph, config.supergroup_passes, fused).symmetric_at_16:
+        if name in quantizers and quantizers[name].bitwidth == 16:  # AIMET's LayerNormalization pass: gamma
+            quantizers[name].symmetric = True
     for node in graph.walk():
         if node.op_type in norms:
-            out = quantizers.get(node.outputs[0]) if node.outputs else None
-            out = out if out is not None and out.enabled else None
-            for name in node.inputs[1:]:
-                q = quantizers.get(name)
-                if q is None or q.kind != "param" or not q.enabled or q.data_type != "int":
-                    continue
-                q.bitwidth = max(q.bitwidth, 8)
-                if node.op_type in ("GroupNormalization", "InstanceNormalization", "RMSNormalization"):
-                    q.symmetric = out.symmetric if out is not None else False
-                    if out is not None:
-                        q.bitwidth = out.bitwidth
-                else:
-                    if old_hw:
-                        q.bitwidth = 8
-                    q.symmetric = q.bitwidth >= 16
+            normalization_parameters(node.op_type, node.outputs[0] if node.outputs else None, node.inputs[1:])
         elif node.op_type == "MatMul" and config.hw_version is not None and node.inputs[1] not in graph.initializers:
             first, second = enabled_feeding(node.inputs[0]), enabled_feeding(node.inputs[1])
             if first is None or second is None or "float" in (first.data_type, second.data_type):
@@ -293,13 +340,17 @@ def apply_exception_rules(quantizers: dict, graph: Graph, config: QuantsimConfig
                 second.symmetric, first.bitwidth = True, 16
 
 
-def _apply_supergroups(graph: Graph, config: QuantsimConfig, specs) -> None:
+def _apply_supergroups(graph: Graph, config: QuantsimConfig, specs, fused: set[int] = frozenset(),
+                       pass_matched: set[int] = frozenset()) -> None:
+    """The config's "supergroups". A chain through a fused normalization (``fused``: its nodes' ids) does not match,
+    since AIMET fuses it into one node first; nor does one starting at a node a normalization graph pass matched
+    (``pass_matched``: AIMET's supergroup_pass_list ranks above its supergroups)."""
     consumers = graph.consumers()
     outputs = set(graph.output_names)
     for pattern in config.supergroups:
         for node in graph.nodes:
             chain = _match(node, pattern, consumers, outputs, graph)
-            if chain is None:
+            if chain is None or id(chain[0]) in pass_matched or any(id(member) in fused for member in chain):
                 continue
             for member in chain[:-1]:
                 for out in member.outputs:
