@@ -10,7 +10,8 @@ onnx.helper (x: [2, 4, 8], normalized over the last axis) that probes one of its
 opset 13 (axes attribute) and 18 (axes input), a centering mean read outside the pattern, LLM-style RMSNorms
 (Pow(-0.5), Reciprocal, 1 / Sqrt, the scale first), the Cast rules, a LayerNorm without a scale, and a bias Add
 followed by Relu (the Add + Relu supergroup). (An RMSNorm whose eps is not a constant makes aimet-onnx 2.42.0 raise
-a TypeError in its fusion check, so it has no case; refquant leaves it unfused.)
+a TypeError in its fusion check, so it has no case: ``rms_norm("div", eps_input=True)`` reproduces it; refquant leaves
+it unfused.)
 
 Written to golden/aimet/norm_fusion/: ``<case>.onnx``, the two config copies of ``RUNS`` and ``placement.json``: for
 each case and run (config, parameter and activation type; min_max), AIMET's enabled activation quantizers, enabled
@@ -92,7 +93,8 @@ def rms_norm(form: str, opset: int = 17, *, cast_inside=False, cast_before=False
         init["axes"] = np.int64([-1])
     if form == "pow":
         init["minus_half"] = np.float32(-0.5)
-        nodes += [n("Pow", ["ms_eps", "minus_half"], ["inv"], name="rsqrt"), n("Mul", [x, "inv"], ["normed"], name="norm")]
+        nodes += [n("Pow", ["ms_eps", "minus_half"], ["inv"], name="rsqrt"),
+                  n("Mul", [x, "inv"], ["normed"], name="norm")]
     elif form == "reciprocal":
         nodes += [n("Sqrt", ["ms_eps"], ["rms"], name="sqrt"), n("Reciprocal", ["rms"], ["inv"], name="recip"),
                   n("Mul", ["inv", x], ["normed"], name="norm")]
