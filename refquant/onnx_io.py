@@ -279,12 +279,15 @@ def save(graph: Graph, path, *, opset: dict[str, int] | None = None, overwrite: 
 
 def _graph_proto(graph: Graph, opset: dict[str, int]) -> onnx.GraphProto:
     nodes = []
+    # the constants an older opset holds as attributes again (ReduceMean's axes before 18) are no inputs: not written
+    used = set(graph.output_names)
     for node in graph.nodes:
+        used.update(i for sub in node.subgraphs() for inner in sub.walk() for i in inner.inputs)
         node = denormalize_node(node, graph.initializers, opset.get(node.domain, 1))
+        used.update(node.inputs)
         attrs = {k: _attr_value(v, opset) for k, v in node.attrs.items()}
         nodes.append(helper.make_node(node.op_type, node.inputs, node.outputs, name=node.name,
                                       domain=node.domain or None, **attrs))
-    used = {i for n in graph.walk() for i in n.inputs} | set(graph.output_names)
     initializers = [numpy_helper.from_array(np.asarray(a), name) for name, a in graph.initializers.items()
                     if name in used]
     inputs = [_value_info(v, graph) for v in graph.inputs]

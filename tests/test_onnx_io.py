@@ -92,6 +92,7 @@ def test_save_restores_the_original_opset_form(tmp_path):
     assert list(clip.input) == ["x"] and {a.name for a in clip.attribute} == {"min", "max"}
     x = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
     np.testing.assert_array_equal(ort_run(saved, {"x": x})["y"], ort_run(_clip7(), {"x": x})["y"])
+    assert len(saved.graph.initializer) == 0  # the bounds are attributes again, not also dead initializers
 
 
 def test_save_is_atomic_and_refuses_to_overwrite_when_asked(tmp_path):
