@@ -15,8 +15,9 @@
   RMSNormalization is one op of that type (:mod:`refquant.quant.norm_fusion`), outside every supergroup.
 * If/Loop subgraphs: their nodes get quantizers by these same rules (weights may be outer-scope
   initializers, supergroups match within one subgraph); If/Loop outputs and Loop body inputs get none.
-* Tied quantizers: the output of Relu (and Concat, AveragePool, MaxPool, Resize...) shares the
-  encoding of the quantizer that feeds it, so the op is exact on the integer grid.
+* Tied quantizers, as AIMET ties them (:func:`_tie`): a Concat's inputs share its output's encoding, and a Relu,
+  AveragePool or Resize output its input's, so the op is exact on the integer grid (data-movement ops such as
+  MaxPool have no quantizer of their own).
 """
 
 from __future__ import annotations
@@ -396,79 +397,125 @@ def _is_3d_conv(node: Node, graph: Graph) -> bool:
 
 
 def _tie(graph: Graph, specs) -> None:
-    """Group quantizers that must share one encoding; every member's ``tied_to`` names the group's
-    first quantizer in graph order. Relu, AveragePool and Resize outputs join their input's group;
-    Concat joins its output with all its inputs (AIMET's ``op_types_to_tie_qtzrs``)."""
+    """Quantizers that share one encoding, as aimet-onnx 2.42 ties them (``_tie_quantizers_for_op_types``); every
+    member's ``tied_to`` names its group's first quantizer in graph order.
+
+    AIMET moves quantizer objects between tensors in two passes. First, from the last op back, a Concat (or Scatter)
+    hands its output's quantizer to each input whose effective quantizer (the enabled one reached back through
+    data-movement ops, disabled quantizers and float casts) has no other reader on the way, continuing through
+    inputs made by such ops; inputs with a fixed range (Softmax, Sigmoid) stay apart unless all share one range,
+    which the output then takes. Then, in graph order, a Relu, AveragePool, Resize or Upsample output takes its
+    input's quantizer, with the output's fixed range merged in, unless that range differs and a tensor on the way
+    has another reader. A later move wins: a Relu output handed to a Concat goes back to the Relu's input."""
     producers = all_producers(graph)  # subgraph nodes read outer-scope tensors by name
-    parent: dict[str, str] = {}
-    order = {name: i for i, name in enumerate(specs)}
-
-    def root(name: str) -> str:
-        while parent.get(name, name) != name:
-            name = parent[name]
-        return name
-
-    def union(a: str, b: str) -> None:
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            first, second = sorted((ra, rb), key=order.__getitem__)
-            parent[second] = first
-
-    consumers: dict[str, int] = {}
-    for node in graph.walk():
+    nodes = list(graph.walk())
+    readers: dict[str, list[Node]] = {}
+    reads: dict[str, int] = {}
+    for node in nodes:
         for name in node.inputs:
-            consumers[name] = consumers.get(name, 0) + 1
-    for node in graph.walk():
-        if node.op_type not in TIED_TO_INPUT or not node.outputs:
+            reads[name] = reads.get(name, 0) + 1
+            if all(node is not other for other in readers.setdefault(name, [])):
+                readers[name].append(node)
+    holder = {name: name for name in specs}  # the tensor whose quantizer object this tensor's node now uses
+
+    def enabled(name: str) -> bool:
+        return specs[holder[name]].enabled
+
+    def effective(name: str):
+        """(tensor whose quantizer node is the effective one, the nodes on the way) or (None, [])."""
+        path = []
+        while name:
+            if name in specs and enabled(name):
+                return name, path
+            node = producers.get(name)
+            is_cast = node is not None and node.op_type == "Cast" and _float_cast(node, graph)
+            if node is None or not (node.op_type in GRID_PRESERVING or is_cast) or not node.inputs:
+                return None, []
+            path.append(node)
+            name = node.inputs[0]
+        return None, []
+
+    backward = {"Concat", "Scatter", "ScatterElements", "ScatterND"}
+    visited: set[int] = set()
+    for op in reversed(nodes):
+        if op.op_type not in backward or not op.outputs or op.outputs[0] not in specs:
             continue
-        out = node.outputs[0]
-        if out not in specs or not specs[out].enabled:
+        out = op.outputs[0]
+        sources: dict[str, str | None] = {}
+        fixed_ranges = set()
+        stack = [op]
+        while stack:
+            node = stack.pop()
+            if id(node) in visited:
+                continue
+            visited.add(id(node))
+            for name in node.inputs:
+                if not name or not _is_float(graph, name):
+                    continue
+                source, path = effective(name)
+                if source is not None:
+                    fixed_ranges.add(specs[holder[source]].constraints)
+                source_name = source if source is not None else name
+                users = {id(user) for user in readers.get(source_name, [])}
+                users |= {id(user) for step in path for out_name in step.outputs for user in readers.get(out_name, [])}
+                users -= {id(step) for step in path}
+                if len(users) > 1:
+                    continue
+                sources[source_name] = source
+                maker = producers.get(name)
+                if maker is not None and (maker.op_type in backward or maker.op_type in GRID_PRESERVING):
+                    stack.append(maker)
+        if len(fixed_ranges) == 1:
+            specs[holder[out]].constraints = fixed_ranges.pop()
+        else:
+            sources = {k: v for k, v in sources.items() if v is None or specs[holder[v]].constraints is None}
+        for source_name, source in sources.items():
+            if source is not None:
+                holder[source_name] = holder[out]
+    for op in nodes:
+        if op.op_type not in TIED_TO_INPUT - backward or not op.inputs:
             continue
-        sources = node.inputs if node.op_type == "Concat" else node.inputs[:1]
-        for name in sources:
-            source = _feeding_quantizer(name, producers, specs)
-            if source is None or not specs[source].enabled:
+        source, path = effective(op.inputs[0])
+        if source is None:
+            continue
+        for out in op.outputs:
+            if out not in specs or not enabled(out):
                 continue
-            if node.op_type == "Concat" and not _single_reader_path(name, source, producers, consumers):
-                continue  # AIMET's _propagate_output_encodings: an input read elsewhere too keeps its own encoding
-            if node.op_type != "Concat" and not _merge_fixed_range(specs[root(source)], specs[out], name, source,
-                                                                   producers, consumers):
-                continue
-            union(source, out)
+            mine, theirs = specs[holder[source]], specs[holder[out]]
+            if theirs.constraints is not None and theirs.constraints != mine.constraints:
+                steps = [op.inputs[0]] + [step.inputs[0] for step in path]
+                if any(reads.get(tensor, 0) != 1 for tensor in steps):
+                    continue  # a constrained output whose input is read elsewhere keeps its own quantizer
+            _merge_constraints(mine, theirs)
+            holder[out] = holder[source]
+    first: dict[str, str] = {}
+    for name in specs:  # specs are in graph order
+        first.setdefault(holder[name], name)
     for name in specs:
-        if root(name) != name:
-            specs[name].tied_to = root(name)
+        specs[name].tied_to = first[holder[name]] if first[holder[name]] != name else None
 
 
-def _merge_fixed_range(source: QuantizerSpec, out: QuantizerSpec, name: str, source_name: str, producers,
-                       consumers) -> bool:
-    """Before an output joins its input's group (AIMET's ``_propagate_input_encodings``): an output range fixed by
-    the config (htp configs' Relu: min 0) that the input's quantizer does not share moves to the group, unless a
-    tensor on the way from the input's quantizer has another reader (then the two are not tied: False). The merged
-    quantizer is symmetric if either was, with a symmetric fixed range then."""
-    if out.constraints is None or out.constraints == source.constraints:
-        return True
-    if not _single_reader_path(name, source_name, producers, consumers):
-        return False
-    fixed = source.constraints or out.constraints
-    source.symmetric = source.symmetric or out.symmetric
-    if source.symmetric and fixed[1] is not None:
+def _merge_constraints(into: QuantizerSpec, other: QuantizerSpec) -> None:
+    """AIMET's ``_merge_constraints``: the quantizer an output joins is symmetric if either was, and keeps its fixed
+    range or takes the output's (made symmetric about zero if the quantizer is symmetric)."""
+    into.symmetric = into.symmetric or other.symmetric
+    fixed = into.constraints or other.constraints
+    if into.symmetric and fixed is not None and fixed[0] is not None and fixed[1] is not None:
         bound = max(abs(fixed[0]), abs(fixed[1]))
         fixed = (-bound, bound)
-    source.constraints = fixed
-    return True
+    into.constraints = fixed
 
 
-def _single_reader_path(name: str, source_name: str, producers, consumers) -> bool:
-    """Whether every tensor from quantized tensor ``source_name`` through data-movement ops to ``name`` has one
-    reader."""
-    tensor = name
-    while True:
-        if consumers.get(tensor, 0) != 1:
-            return False
-        if tensor == source_name:
-            return True
-        tensor = producers[tensor].inputs[0]
+def _float_cast(node: Node, graph: Graph) -> bool:
+    """A Cast from float to float (AIMET looks through it for a tensor's effective quantizer)."""
+    return node.attrs.get("to") in (1, 10, 11, 16) and _is_float(graph, node.inputs[0])
+
+
+def _is_float(graph: Graph, name: str) -> bool:
+    if name in graph.initializers:
+        return graph.initializers[name].dtype.kind == "f"
+    value = graph.values.get(name)
+    return value is None or value.dtype is None or np.dtype(value.dtype).kind == "f"
 
 
 def feeding_quantizer(sim, name: str, producers=None) -> str | None:
