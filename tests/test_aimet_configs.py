@@ -3,11 +3,11 @@
 Golden: golden/aimet/config_placement.json.gz, made by golden/aimet/make_config_placement_golden.py with aimet-onnx
 itself: for its 19 packaged configs (copied to golden/aimet/configs/: default, per-tensor default, dsp, enpu v6/v7,
 htp v66..v85 and their per-channel-linear variants) on PP-OCRv4 rec, paraphrase-MiniLM-L3, MobileNetV2 and MTCNN
-O-Net at W8A8 and W8A16, AIMET's enabled activation and parameter quantizers, each parameter's bitwidth, symmetry and
-per-channel mode and each activation's bitwidth and symmetry. refquant, given the same file with AIMET's placement
-settings (``constant_inputs="aimet"``, no preparation, no residual rule), must place the same quantizers with the
-same settings: the op-type, supergroup, model-input/output, hw_version exception rules and the supergroup passes
-(MatMul + bias, decomposed LayerNorm and RMSNorm: PP-OCRv4 rec has five) of each file.
+O-Net at W8A8, W8A16, W16A16 and W4A8, AIMET's enabled activation and parameter quantizers, each parameter's
+bitwidth, symmetry and per-channel mode and each activation's bitwidth and symmetry. refquant, given the same file
+with AIMET's placement settings (``constant_inputs="aimet"``, no preparation, no residual rule), must place the same
+quantizers with the same settings: the op-type, supergroup, model-input/output, hw_version exception rules and the
+supergroup passes (MatMul + bias, decomposed LayerNorm and RMSNorm: PP-OCRv4 rec has five) of each file.
 """
 
 import gzip
@@ -57,4 +57,4 @@ def test_packaged_config_placement_is_aimets(key):
 
 def test_every_packaged_config_is_covered():
     assert {key.split("/")[0] for key in PLACEMENT} == {p.stem for p in (GOLDEN / "configs").glob("*.json")}
-    assert len(PLACEMENT) == 19 * 4 * 2
+    assert len(PLACEMENT) == 19 * 4 * 4

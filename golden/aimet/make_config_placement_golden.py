@@ -8,10 +8,10 @@ after fetching the zoo models into refquant's cache (``python -c "from refquant 
 
 Copies the package's ``common/quantsim_config/*.json`` (19 files: default, per-tensor default, dsp, enpu v6/v7 and
 htp v66..v85 with their per-channel-linear variants) into golden/aimet/configs/, then builds a QuantizationSimModel
-for each config, model (PP-OCRv4 rec, paraphrase-MiniLM-L3, MobileNetV2, MTCNN O-Net, as shipped) and W8A8 / W8A16
-(min_max; placement only, no calibration) and writes golden/aimet/config_placement.json.gz: per run, the enabled
-activation and parameter quantizers, each enabled parameter's [bitwidth, symmetric, per-channel] and each enabled
-activation's [bitwidth, symmetric].
+for each config, model (PP-OCRv4 rec, paraphrase-MiniLM-L3, MobileNetV2, MTCNN O-Net, as shipped) and W8A8, W8A16,
+W16A16 and W4A8 (min_max; placement only, no calibration) and writes golden/aimet/config_placement.json.gz: per
+run, the enabled activation and parameter quantizers, each enabled parameter's [bitwidth, symmetric, per-channel]
+and each enabled activation's [bitwidth, symmetric].
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ MODELS = {
     "mobilenet_v2": Path("/work/shared/models/mobilenet_v2_imagenet.onnx"),
     "mtcnn_onet": Path("/work/shared/models/mtcnn_onet.onnx"),
 }
-TYPES = [("int8", "int8"), ("int8", "int16")]
+TYPES = [("int8", "int8"), ("int8", "int16"), ("int16", "int16"), ("int4", "int8")]
 
 
 def main() -> None:
