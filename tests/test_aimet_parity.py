@@ -209,6 +209,20 @@ def test_exported_files_have_aimets_structure_and_entries(model, tmp_path):
         assert entry.get("y_zero_point", 0) == theirs2[name].get("y_zero_point", 0), name
 
 
+def test_htp_v2_file_has_aimets_entries_with_fused_layer_norm_biases(tmp_path):
+    """PP-OCRv4 rec under htp_v73: the 2.0.0 file names AIMET's entries, including the int32 biases of its five
+    fused LayerNorms (max(|b| / 2^31, 2.3e-12), exact arithmetic on the same float32 biases)."""
+    summary = json.loads((GOLDEN / "ppocr_rec_htp_v73_v2_summary.json").read_text())
+    sim = calibrated("ppocr_rec", "htp_v73")
+    sim.export(tmp_path, "v2", encoding_version="2.0.0")
+    ours = {e["name"]: e for e in json.loads((tmp_path / "v2.encodings").read_text())["encodings"]}
+    assert set(ours) == set(summary["names"])
+    assert {name for name in summary["int32_scale"] if name.startswith("layer_norm")} == {
+        f"layer_norm_{i}.b_0" for i in range(43, 48)}
+    for name, scale in summary["int32_scale"].items():
+        assert ours[name]["output_dtype"] == "int32" and ours[name]["y_scale"] == scale, name
+
+
 def constant_or_from_constant(sim, name: str) -> bool:
     """A constant, or the output of a data-movement op whose data input is a constant."""
     if name in sim.graph.initializers:

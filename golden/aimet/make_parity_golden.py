@@ -25,6 +25,7 @@ Written to golden/aimet/parity/ (each file < 1 MB):
   (``act_enabled``, ``param_enabled``: names in AIMET's order).
 * ``<model>_<cfg>.encodings.gz`` / ``<model>_default_v2.encodings.gz``: sim.export 1.0.0 / 2.0.0 (the latter for
   cfg "default" only), gzipped JSON.
+* ``<model>_htp_v73_v2_summary.json``: the htp_v73 2.0.0 file's entry names and its per-tensor int32 scales.
 * ``<model>_default_qdq.json``: sim.to_onnx_qdq()'s placement (cfg "default"): for every QuantizeLinear, the tensor it quantizes
   and its zero point's dtype; the node types of the graph.
 
@@ -253,6 +254,8 @@ def run(name: str, cfg: str, inputs: dict, full: Path | None) -> dict:
     files = [("model.encodings", f"{name}_{cfg}.encodings.gz")]
     if cfg == "default":  # the 2.0.0 file and the QDQ placement for one config only: the repository stays small
         files.append(("model_v2.encodings", f"{name}_{cfg}_v2.encodings.gz"))
+    if cfg == "htp_v73":
+        (HERE / f"{name}_{cfg}_v2_summary.json").write_text(json.dumps(v2_summary(tmp / "model_v2.encodings")))
     for src, dst in files:
         with gzip.GzipFile(HERE / dst, "wb", compresslevel=9, mtime=0) as f:
             f.write((tmp / src).read_bytes())
@@ -267,6 +270,15 @@ def run(name: str, cfg: str, inputs: dict, full: Path | None) -> dict:
         onnx.save(qdq, d / "qdq.onnx")
     return {"calib_s": round(t_calib, 2), "act_enabled": len(arrays["act_enabled"]),
             "param_enabled": len(arrays["param_enabled"])}
+
+
+def v2_summary(path: Path) -> dict:
+    """A 2.0.0 file in brief: its entry names in order, and the scale of each per-tensor int32 entry (the derived
+    biases of normalizations; per-channel ones are only named)."""
+    entries = json.loads(path.read_text())["encodings"]
+    return {"names": [e["name"] for e in entries],
+            "int32_scale": {e["name"]: e["y_scale"] for e in entries
+                            if e["output_dtype"] == "int32" and not isinstance(e["y_scale"], list)}}
 
 
 def concat_shared_input() -> None:

@@ -318,12 +318,16 @@ def _derived_bias_encodings(sim, activations, params, existing) -> dict[str, Enc
     per tensor (the largest) when the weight is."""
     from .encoding import bias_encoding
 
+    from .norm_fusion import fused_norms
+
     result = {}
     producers = all_producers(sim.graph)
-    for node in sim.graph.walk():
-        if node.op_type not in _ANALYTIC_BIAS_OPS + _STATISTICAL_BIAS_OPS or len(node.inputs) < 2:
-            continue
-        bias, x, w = _layer_bias(sim, node), node.inputs[0], node.inputs[1]
+    layers = [(node.op_type, _layer_bias(sim, node), node.inputs[0], node.inputs[1]) for node in sim.graph.walk()
+              if node.op_type in _ANALYTIC_BIAS_OPS + _STATISTICAL_BIAS_OPS and len(node.inputs) >= 2]
+    # a decomposed LayerNorm/RMSNorm the config's supergroup passes fuse is one normalization for AIMET
+    layers += [(group.op_type, group.bias, group.input, group.scale)
+               for group in fused_norms(sim.graph, sim.config.supergroup_passes) if group.scale]
+    for op_type, bias, x, w in layers:
         if not bias or bias in existing or bias in params or bias not in sim.graph.initializers \
                 or bias not in sim.quantizers:
             continue
@@ -331,7 +335,7 @@ def _derived_bias_encodings(sim, activations, params, existing) -> dict[str, Enc
         w_enc = params.get(w)
         if x_enc is None or w_enc is None or x_enc.kind != "int" or w_enc.kind != "int":
             continue
-        if node.op_type in _ANALYTIC_BIAS_OPS:
+        if op_type in _ANALYTIC_BIAS_OPS:
             result[bias] = bias_encoding(x_enc.scale, w_enc.scale, axis=0)
             continue
         scale = np.maximum(np.abs(np.asarray(sim.graph.initializers[bias], dtype=np.float64)) / 2.0 ** 31,
