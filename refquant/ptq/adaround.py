@@ -123,8 +123,10 @@ bench/results_ptq_vs_aimet_models.txt): on NudeNet's YOLOv8n it is what AIMET's 
 convnet sample 26.94 -> 24.03 dB (all at Adam's step 1e-3, on each model's one calibration set). With the "scaled"
 step those collapses are gone; over eight calibration sets the quantized inputs minus the default are then within
 noise on the sample models (mlp, convnet, P-Net, R-Net at 200 and 1000 iterations: -0.9 to +0.9 dB) except O-Net
-1000 (+2.2 +- 0.6). NudeNet's lead is that one set's: on three independent sets of 64 crops the quantized inputs
-gain nothing (1000 its 25.91 -> 25.75, 200 its 25.69 -> 25.79 dB; AIMET at 200 on the same sets 25.32, below both).
+1000 (+2.2 +- 0.6). On NudeNet the quantized inputs' gain is that one set's: on three independent sets of 64 crops
+they gain nothing (1000 its 25.91 -> 25.75, 200 its 25.69 -> 25.79 dB; AIMET at 200 on the same sets 25.32, below
+both). AIMET's lead at 1000 is not: on the first of those sets it reaches 27.55 against refquant's 26.03, for a
+reason still open.
 Single runs on the deep models' default sets: MobileNetV2 12.08 -> 9.56, PP-OCR cls 15.09 -> 14.12 dB (1000 its). The
 calibration-set SQNR cannot tell which (R-Net at 1e-3: 46.49 against 42.56 there, the reverse on the evaluation
 faces), so the default stays off;
