@@ -343,11 +343,11 @@ def pass_effects(graph: Graph, passes, groups: list[NormGroup]) -> PassEffects:
         """AIMET's check_consecutive_ops: start, then single consumers, of op_types."""
         ops, op = [], start
         for op_type in op_types[:-1]:
-            if _type(op) != op_type or len(users(op)) != 1:
+            if op.op_type != op_type or len(users(op)) != 1:
                 return None
             ops.append(op)
             op = users(op)[0]
-        if _type(op) != op_types[-1] or (check_last and len(users(op)) > 1):
+        if op.op_type != op_types[-1] or (check_last and len(users(op)) > 1):
             return None
         return [*ops, op]
 
@@ -361,12 +361,12 @@ def pass_effects(graph: Graph, passes, groups: list[NormGroup]) -> PassEffects:
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     ops.sort(key=lambda op: order[id(op.nodes[-1] if isinstance(op, NormGroup) else op)])
     for op in ops if "LayerNormalization" in passes else []:
-        if _type(op) == "ReduceMean" and len(users(op)) == 1:
+        if op.op_type == "ReduceMean" and len(users(op)) == 1:
             sub = users(op)[0]
-            if _type(sub) != "Sub" or len(users(sub)) != 2 or _inputs(sub)[0] != _inputs(op)[0]:
+            if sub.op_type != "Sub" or len(users(sub)) != 2 or _inputs(sub)[0] != _inputs(op)[0]:
                 continue
-            pow_ = next((u for u in users(sub) if _type(u) == "Pow"), None)
-            div = next((u for u in users(sub) if _type(u) == "Div"), None)
+            pow_ = next((u for u in users(sub) if u.op_type == "Pow"), None)
+            div = next((u for u in users(sub) if u.op_type == "Div"), None)
             denominator = pow_ and div and chain(pow_, ["Pow", "ReduceMean", "Add", "Sqrt"])
             if not denominator or producers.get(_inputs(div)[0]) is not sub \
                     or producers.get(_inputs(div)[1]) is not denominator[-1]:
@@ -386,14 +386,14 @@ def pass_effects(graph: Graph, passes, groups: list[NormGroup]) -> PassEffects:
                     matched.append(shifted[1])
             effects.matched.update(id(node) for node in matched if isinstance(node, Node))
     for op in ops if "RMSNormalization" in passes else []:
-        found = [op] if _type(op) == "RMSNormalization" else _rms_decomposed(op, graph, users)
+        found = [op] if op.op_type == "RMSNormalization" else _rms_decomposed(op, graph, users)
         if not found:
             continue
         casts, last = [], found[-1]
-        while len(users(last)) == 1 and _type(users(last)[0]) == "Cast":
+        while len(users(last)) == 1 and users(last)[0].op_type == "Cast":
             last = users(last)[0]
             casts.append(last)
-        affine = len(users(last)) == 1 and _type(users(last)[0]) == "Mul"
+        affine = len(users(last)) == 1 and users(last)[0].op_type == "Mul"
         if affine:
             found = [*found, *casts, users(last)[0]]
         disabled |= outputs_of(found[:-1]) | constants(found[:-1] if affine else found)
@@ -411,31 +411,27 @@ def _rms_decomposed(op, graph: Graph, users) -> list | None:
     if not is_square or len(users(op)) != 1:
         return None
     mean = users(op)[0]
-    if _type(mean) != "ReduceMean" or len(users(mean)) != 1 or _type(users(mean)[0]) != "Add":
+    if mean.op_type != "ReduceMean" or len(users(mean)) != 1 or users(mean)[0].op_type != "Add":
         return None
     add = users(mean)[0]
     if len(users(add)) != 1:
         return None
     after = users(add)[0]
-    if _type(after) == "Sqrt" and len(users(after)) == 1:
+    if after.op_type == "Sqrt" and len(users(after)) == 1:
         divide = users(after)[0]
-        if _type(divide) == "Div" and divide.inputs == [x, after.outputs[0]]:
+        if divide.op_type == "Div" and divide.inputs == [x, after.outputs[0]]:
             return [op, mean, add, after, divide]
-        if len(users(divide)) == 1 and ((_type(divide) == "Div" and divide.inputs[1] == after.outputs[0]
+        if len(users(divide)) == 1 and ((divide.op_type == "Div" and divide.inputs[1] == after.outputs[0]
                                          and _scalar(graph, divide.inputs[0], 1))
-                                        or (_type(divide) == "Reciprocal")):
+                                        or (divide.op_type == "Reciprocal")):
             mul = users(divide)[0]
-            if _type(mul) == "Mul" and x in _inputs(mul):
+            if mul.op_type == "Mul" and x in _inputs(mul):
                 return [op, mean, add, after, divide, mul]
-    if _type(after) == "Pow" and _scalar(graph, after.inputs[1], -0.5) and len(users(after)) == 1:
+    if after.op_type == "Pow" and _scalar(graph, after.inputs[1], -0.5) and len(users(after)) == 1:
         mul = users(after)[0]
-        if _type(mul) == "Mul" and x in _inputs(mul):
+        if mul.op_type == "Mul" and x in _inputs(mul):
             return [op, mean, add, after, mul]
     return None
-
-
-def _type(op) -> str:
-    return op.op_type
 
 
 def _scalar(graph: Graph, name: str, value: float) -> bool:
