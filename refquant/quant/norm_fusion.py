@@ -32,8 +32,8 @@ import numpy as np
 from ..ir import Graph, Node
 
 NORM_PASSES = ("LayerNormalization", "RMSNormalization")
-# TensorProto FLOAT, FLOAT16, BFLOAT16: the Cast targets AIMET's RMSNormalization fusion accepts
-_FLOAT_TYPES = {1, 10, 16}
+# TensorProto FLOAT, FLOAT16, BFLOAT16: the float types AIMET quantizes (its Casts between them keep a tensor's grid)
+FLOAT_TYPES = {1, 10, 16}
 
 
 @dataclass
@@ -113,9 +113,9 @@ class _Matcher:
                 if not self._rms_settings_ok(core):
                     continue
                 stash = self._cast_to(core.x)
-                if stash is not None and stash not in _FLOAT_TYPES:
+                if stash is not None and stash not in FLOAT_TYPES:
                     continue
-                if casts and (stash is None or casts[0].attrs.get("to") not in _FLOAT_TYPES):
+                if casts and (stash is None or casts[0].attrs.get("to") not in FLOAT_TYPES):
                     continue
                 group = self._valid(NormGroup("RMSNormalization", [*core.nodes, *casts, node], core.x,
                                               node.outputs[0], scale, eps=core.eps, axes=core.axes))
@@ -323,19 +323,17 @@ def pass_effects(graph: Graph, passes, groups: list[NormGroup]) -> PassEffects:
     disabled, symmetric_at_16 = effects.disabled, effects.symmetric_at_16
     if not any(p in NORM_PASSES for p in passes):
         return effects
-    grouped = {id(n) for g in groups for n in g.nodes}
+    group_of = {id(n): g for g in groups for n in g.nodes}
     consumers = graph.consumers()
     producers = graph.producers()
-    by_last = {id(g.nodes[-1]): g for g in groups}
 
     def users(node_or_group) -> list:
         """The ops reading an op's outputs, a fused group standing for its nodes (AIMET's output_ops)."""
         found = []
         for out in _outputs(node_or_group):
             for user in consumers.get(out, []):
-                op = by_last.get(id(user)) or next((g for g in groups if any(user is n for n in g.nodes)), None)
-                op = op or (None if id(user) in grouped else user)
-                if op is not None and all(op is not seen for seen in found):
+                op = group_of.get(id(user), user)
+                if all(op is not seen for seen in found):
                     found.append(op)
         return found
 
@@ -357,7 +355,7 @@ def pass_effects(graph: Graph, passes, groups: list[NormGroup]) -> PassEffects:
     def outputs_of(ops) -> set[str]:
         return {out for op in ops for out in _outputs(op)}
 
-    ops = [g for g in groups] + [n for n in graph.nodes if id(n) not in grouped]
+    ops = [*groups, *(n for n in graph.nodes if id(n) not in group_of)]
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     ops.sort(key=lambda op: order[id(op.nodes[-1] if isinstance(op, NormGroup) else op)])
     for op in ops if "LayerNormalization" in passes else []:

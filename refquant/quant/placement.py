@@ -29,7 +29,7 @@ import numpy as np
 
 from ..ir import Graph, Node
 from .config import QuantsimConfig
-from .norm_fusion import NormGroup, fused_norms, pass_effects
+from .norm_fusion import FLOAT_TYPES, NormGroup, fused_norms, pass_effects
 from .subgraphs import all_producers, ambiguous_names, scoped
 
 # outputs on their input's grid: no quantizer of their own
@@ -189,14 +189,18 @@ def _place_node(node: Node, graph: Graph, config: QuantsimConfig, specs, is_floa
             specs[name] = QuantizerSpec(name, "activation", True, op["is_symmetric"], None, node.op_type)
     if node.op_type in GRID_PRESERVING or node.op_type in NON_FLOAT_OUTPUT:
         return
-    op = config.op(node.op_type)
+    for out in node.outputs:
+        if out and out not in ambiguous and is_float(out):
+            specs[out] = _output_spec(out, node.op_type, config)
+
+
+def _output_spec(name: str, op_type: str, config: QuantsimConfig) -> QuantizerSpec:
+    """The output quantizer of an op of ``op_type``, as the config sets it."""
+    op = config.op(op_type)
     fixed = op.get("encoding_constraints")
     # a fixed range centred on zero (Tanh [-1, 1]) makes the quantizer symmetric, as in AIMET's config handling
     symmetric = op["is_symmetric"] or (fixed is not None and fixed[1] is not None and fixed[0] == -fixed[1])
-    for out in node.outputs:
-        if out and out not in ambiguous and is_float(out):
-            specs[out] = QuantizerSpec(out, "activation", op["is_output_quantized"], symmetric,
-                                       None, node.op_type, constraints=fixed)
+    return QuantizerSpec(name, "activation", op["is_output_quantized"], symmetric, None, op_type, constraints=fixed)
 
 
 def _float_checker(graph: Graph):
@@ -269,11 +273,7 @@ def _apply_fused_norms(graph: Graph, config: QuantsimConfig, specs, norms: list[
                 specs[name] = QuantizerSpec(name, "param", setting["is_quantized"], setting["is_symmetric"], role,
                                             group.op_type)
         if group.output in specs:
-            op = config.op(group.op_type)
-            fixed = op.get("encoding_constraints")
-            symmetric = op["is_symmetric"] or (fixed is not None and fixed[1] is not None and fixed[0] == -fixed[1])
-            specs[group.output] = QuantizerSpec(group.output, "activation", op["is_output_quantized"], symmetric,
-                                                None, group.op_type, constraints=fixed)
+            specs[group.output] = _output_spec(group.output, group.op_type, config)
 
 
 def apply_exception_rules(quantizers: dict, graph: Graph, config: QuantsimConfig) -> None:
@@ -408,6 +408,7 @@ def _tie(graph: Graph, specs) -> None:
     input's quantizer, with the output's fixed range merged in, unless that range differs and a tensor on the way
     has another reader. A later move wins: a Relu output handed to a Concat goes back to the Relu's input."""
     producers = all_producers(graph)  # subgraph nodes read outer-scope tensors by name
+    is_float = _float_checker(graph)
     nodes = list(graph.walk())
     readers: dict[str, list[Node]] = {}
     reads: dict[str, int] = {}
@@ -428,7 +429,8 @@ def _tie(graph: Graph, specs) -> None:
             if name in specs and enabled(name):
                 return name, path
             node = producers.get(name)
-            is_cast = node is not None and node.op_type == "Cast" and _float_cast(node, graph)
+            is_cast = (node is not None and node.op_type == "Cast" and node.attrs.get("to") in FLOAT_TYPES
+                       and is_float(node.inputs[0]))  # a float-to-float Cast
             if node is None or not (node.op_type in GRID_PRESERVING or is_cast) or not node.inputs:
                 return None, []
             path.append(node)
@@ -450,7 +452,7 @@ def _tie(graph: Graph, specs) -> None:
                 continue
             visited.add(id(node))
             for name in node.inputs:
-                if not name or not _is_float(graph, name):
+                if not name or not is_float(name):
                     continue
                 source, path = effective(name)
                 if source is not None:
@@ -504,18 +506,6 @@ def _merge_constraints(into: QuantizerSpec, other: QuantizerSpec) -> None:
         bound = max(abs(fixed[0]), abs(fixed[1]))
         fixed = (-bound, bound)
     into.constraints = fixed
-
-
-def _float_cast(node: Node, graph: Graph) -> bool:
-    """A Cast from float to float (AIMET looks through it for a tensor's effective quantizer)."""
-    return node.attrs.get("to") in (1, 10, 11, 16) and _is_float(graph, node.inputs[0])
-
-
-def _is_float(graph: Graph, name: str) -> bool:
-    if name in graph.initializers:
-        return graph.initializers[name].dtype.kind == "f"
-    value = graph.values.get(name)
-    return value is None or value.dtype is None or np.dtype(value.dtype).kind == "f"
 
 
 def feeding_quantizer(sim, name: str, producers=None) -> str | None:
