@@ -31,7 +31,9 @@ technique on the same batches, then ``compute_encodings`` again, as the samples'
 Every row but the CLE one first calls ``fold_all_batch_norms_to_weight`` (a no-op without BatchNormalization).
 For each row: ``<row>.npz`` (every model output on the evaluation set, by the FP32 model's output names),
 ``<row>.encodings`` (encodings 1.0.0) and ``<row>.json`` (wall seconds: model preparation, technique,
-calibration). Metrics are computed by bench/ptq_vs_aimet_models.py. Asserts nothing. Last run (aimet-onnx 2.42.0,
+calibration); AdaRound rows also ``<row>_weights.npz``, the model's initializers after AdaRound (AIMET writes its
+soft-rounded weights there; its frozen weight quantizer snaps them to the grid; bench/adaround_layers.py reads
+them). Metrics are computed by bench/ptq_vs_aimet_models.py. Asserts nothing. Last run (aimet-onnx 2.42.0,
 onnxruntime 1.32.0, torch CPU, 2-core shared machine): bench/results_ptq_vs_aimet_models.txt.
 """
 
@@ -72,6 +74,11 @@ def run_row(row: str, meta: dict, calib: np.ndarray, ev: np.ndarray, out_dir: Pa
     outputs = [sim.session.run(None, batch) for batch in _batches(ev, name)]
     arrays = {out: np.concatenate([o[i] for o in outputs]) for i, out in enumerate(meta["outputs"])}
     np.savez(out_dir / f"{stem}.npz", **arrays)
+    if row.startswith("w4a8_adaround_"):  # the AdaRounded weights AIMET wrote into its model, for per-layer checks
+        from onnx import numpy_helper
+
+        weights = {t.name: numpy_helper.to_array(t) for t in sim.model.model.graph.initializer}
+        np.savez(out_dir / f"{stem}_weights.npz", **weights)
     if seed is None:
         sim.export(str(out_dir), row, export_model=False, encoding_version="1.0.0")
     (out_dir / f"{stem}.json").write_text(json.dumps(times, indent=1))
