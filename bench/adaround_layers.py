@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import ptq_vs_aimet_models as models  # noqa: E402
 
 
-def simulation(spec: dict, name: str, graph, calib: dict):
+def simulation(name: str, graph, calib: dict):
     from refquant.quant import QuantSim
 
     sim = QuantSim(graph.copy(), precision="w4a8", config="per_channel", **models.sim_options(name))
@@ -47,9 +47,9 @@ def simulation(spec: dict, name: str, graph, calib: dict):
     return sim
 
 
-def with_rounding(spec, name, graph, calib, rounding: dict):
+def with_rounding(name: str, graph, calib: dict, rounding: dict):
     """A fresh simulation with each weight of ``rounding`` fixed to its value, activations calibrated after."""
-    sim = simulation(spec, name, graph, calib)
+    sim = simulation(name, graph, calib)
     for weight, value in rounding.items():
         sim.set_quantized_parameter(weight, value)
     sim.compute_encodings(calib, batch_size=models.BATCH, progress=False)
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     spec = models.model_spec(args.model)
     graph = load(spec["ours_model"])
     calib = {spec["input"]: np.load(args.calib)}
-    sim = simulation(spec, args.model, graph, calib)
+    sim = simulation(args.model, graph, calib)
     report = []
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     reference = sim.run_float(feeds, outputs=wanted)
     sqnr = {}
     for who, rounding in (("aimet", theirs), ("refquant", ours)):
-        got = with_rounding(spec, args.model, graph, calib, rounding).run(feeds, outputs=wanted)
+        got = with_rounding(args.model, graph, calib, rounding).run(feeds, outputs=wanted)
         sqnr[who] = [models.sqnr(reference[o], got[o]) for o in wanted]
     print(f"{'layer':<36} {'moved: AIMET':>12} {'refquant':>8} {'both':>6} | SQNR AIMET refquant   diff")
     for i, (r, n) in enumerate(zip(report, names)):
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         mixes.append((f"AIMET on layers {block}", set(chosen)))
     for label, chosen in mixes:
         rounding = {n: theirs[n] if n in chosen else ours[n] for n in names}
-        out = models.sim_outputs(with_rounding(spec, args.model, graph, calib, rounding), spec)
+        out = models.sim_outputs(with_rounding(args.model, graph, calib, rounding), spec)
         print(f"{label:<28} SQNR {models.metrics(args.model, spec, fp32, out)['sqnr']:6.2f} dB", flush=True)
     return 0
 
