@@ -130,7 +130,9 @@ rounding put into refquant's simulation gives 27.56 (bench/adaround_layers.py), 
 mostly of the deep stage and the heads (AIMET's rounding on those 24 of the 64 layers: 27.14). With AIMET's settings
 (quantized inputs, step 1e-3, shrinkage 0) refquant reaches 26.58, and 27.15 with 4x the cached positions and
 minibatch (32,768 / 2,048). On the deep stage alone (AIMET's rounding before it) AIMET's settings together give
-27.58, the default 26.23, either change alone 26.30 / 26.44: there the quantized inputs want the small step.
+27.58, the default 26.23, either change alone 26.30 / 26.44: there the quantized inputs want the small step. The
+default on layers 0:40 and AIMET's settings on the rest give 27.41 / 27.49 / 27.40 on the three sets (default 26.03 /
+26.01 / 25.74); the rule that would find such a split is not written yet.
 Single runs on the deep models' default sets: MobileNetV2 12.08 -> 9.56, PP-OCR cls 15.09 -> 14.12 dB (1000 its). The
 calibration-set SQNR cannot tell which (R-Net at 1e-3: 46.49 against 42.56 there, the reverse on the evaluation
 faces), so the default stays off;
