@@ -457,6 +457,35 @@ def test_zero_iterations_is_nearest_rounding():
 
 
 @needs_samples
+def test_nodes_to_include_adarounds_those_layers_and_a_second_call_the_rest_as_one_call_would():
+    sim, calib, _ = sample_sim("convnet")
+    names = [layer.name for layer in find_layers(sim)[0]]
+    whole, _, _ = sample_sim("convnet")
+    adaround(whole, calib, num_iterations=200, progress=False)
+    report = []
+    adaround(sim, calib, num_iterations=200, progress=False, nodes_to_include=names[:2], report=report)
+    assert [r.layer for r in report] == names[:2]
+    weights = [layer.weight for layer in find_layers(sim)[0]]
+    assert [sim.quantizers[w].fixed_value is not None for w in weights] == [True, True, False, False, False]
+    adaround(sim, calib, num_iterations=200, progress=False, nodes_to_include=names[2:])
+    # each layer fitted to the simulation as the layers before it were left: the same as one call
+    for w in weights:
+        np.testing.assert_array_equal(sim.quantizers[w].fixed_value, whole.quantizers[w].fixed_value)
+
+
+@needs_samples
+@pytest.mark.parametrize("name, why", [("/nope/Conv", "not in the graph"), ("/relu/Relu", "a Relu node")])
+def test_a_node_to_include_that_is_no_layer_is_an_error_naming_it(name, why):
+    sim, calib, ev = sample_sim("convnet")
+    before = sim.run({"input": ev})["logits"]
+    with pytest.raises(RefquantError, match=f"{name}.*{why}"):
+        adaround(sim, calib, num_iterations=10, progress=False, nodes_to_include=["/c1/Conv", name])
+    np.testing.assert_array_equal(sim.run({"input": ev})["logits"], before)
+    with pytest.raises(RefquantError, match="list of node names"):
+        adaround(sim, calib, num_iterations=10, progress=False, nodes_to_include="/c1/Conv")
+
+
+@needs_samples
 def test_an_uncalibrated_sim_gets_its_weight_encodings_computed():
     sim, calib, _ = sample_sim("mlp", calibrate=False)
     adaround(sim, calib, num_iterations=50, progress=False)

@@ -226,7 +226,9 @@ def test_adaround_input_flags_exclude_each_other(data, tmp_path, capsys):
     ("shrinkage", ["--adaround-shrinkage", "0.4"], 0.4),
     ("learning_rate", [], "absent"),  # absent: adaround's own default ("scaled") applies
     ("learning_rate", ["--adaround-learning-rate", "scaled"], "scaled"),
-    ("learning_rate", ["--adaround-learning-rate", "0.004"], 0.004)])
+    ("learning_rate", ["--adaround-learning-rate", "0.004"], 0.004),
+    ("nodes_to_include", [], "absent"),  # absent: every layer
+    ("nodes_to_include", ["--adaround-nodes", "/c2/Conv, /fc/Gemm"], ["/c2/Conv", "/fc/Gemm"])])
 def test_adaround_options_reach_adaround(data, tmp_path, monkeypatch, command, option, flags, expected):
     import refquant.ptq.adaround as adaround_module
 

@@ -364,6 +364,28 @@ def find_layers(sim, op_types=LAYER_OPS) -> tuple[list[LinearLayer], list[str]]:
     return layers, skipped
 
 
+def included_layers(sim, layers: list[LinearLayer], skipped: list[str],
+                    names) -> tuple[list[LinearLayer], list[str]]:
+    """``(layers, skipped)`` restricted to the node names ``names``; a name that is no layer of ``layers`` is a
+    :class:`RefquantError` saying why (not in the graph, not a Conv/ConvTranspose/Gemm/MatMul, or skipped)."""
+    if isinstance(names, str):
+        raise RefquantError("adaround: nodes_to_include is a list of node names, not one string")
+    names = list(names)
+    by_name = {layer.name: layer for layer in layers}
+    nodes = {node.name: node for node in sim.graph.nodes}
+    for name in names:
+        if name in by_name:
+            continue
+        why = [s for s in skipped if s.startswith(f"{name} (")]
+        reason = why[0][len(name) + 1:] if why else "not in the graph" if name not in nodes else \
+            f"a {nodes[name].op_type} node" if nodes[name].op_type not in LAYER_OPS else \
+            "its weight is not a constant with an enabled parameter quantizer"
+        raise RefquantError(f"adaround: node {name!r} in nodes_to_include cannot be AdaRounded: {reason}")
+    wanted = set(names)
+    return ([layer for layer in layers if layer.name in wanted],
+            [s for s in skipped if any(s.startswith(f"{name} (") for name in wanted)])
+
+
 def _layers_in_subgraphs(graph: Graph, op_types) -> list[str]:
     """Names of the ``op_types`` nodes inside the subgraphs of ``graph``'s nodes (not optimized)."""
     return [n.name or n.outputs[0] for node in graph.nodes for sub in node.subgraphs() for n in sub.walk()
@@ -1551,7 +1573,7 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
              columns_per_iteration: int | None = None, finish: str = "threshold",
              cache_activations: bool = True, threads: int | str | None = "auto", seed: int = 0,
              qdrop: float = 0.0, shrinkage: float | str = "auto", learning_rate: float | str = "scaled",
-             report: list | None = None):
+             nodes_to_include=None, report: list | None = None):
     """AdaRound every Conv, ConvTranspose, Gemm and MatMul of ``sim`` with a constant weight and an
     enabled integer weight quantizer, in graph order (see the module docstring for the formulas).
 
@@ -1604,6 +1626,10 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
     ``learning_rate``: Adam's step size: "scaled" (default), ``1e-3 * max(1, 10000 / max(200, num_iterations))``,
     the path length of AIMET's 10,000 steps of 1e-3 from 200 iterations on; or a positive number (1e-3: AIMET's at
     every count; module docstring, *Step size*).
+    ``nodes_to_include``: names of the layer nodes to optimize (AIMET's ``nodes_to_include``; None: every layer);
+    the others keep their quantized weights as they are, and a later call can AdaRound them with other options
+    (each layer fitted to the simulation as the calls before left it). A name that is not a layer AdaRound can
+    optimize is an error.
     ``report``: a list that receives one :class:`AdaroundLayerReport` per layer.
     On any error or Ctrl-C the sim is left exactly as it was. Returns ``sim``.
     """
@@ -1634,6 +1660,8 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
         raise RefquantError("adaround: qdrop draws a new input mask per step, which L-BFGS cannot take; "
                             "use optimizer='adam'")
     layers, skipped = find_layers(sim, LAYER_OPS)
+    if nodes_to_include is not None:
+        layers, skipped = included_layers(sim, layers, skipped, nodes_to_include)
     if skipped:
         warnings.warn(f"adaround: layers not optimized: {', '.join(skipped)}", stacklevel=2)
     if not layers:
@@ -1648,7 +1676,7 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
                            warm_start=warm_start, optimizer=optimizer, include_activation=include_activation,
                            num_columns=num_columns, columns_per_iteration=columns_per_iteration, finish=finish,
                            cache_activations=cache_activations, threads=threads, shrinkage=shrinkage,
-                           learning_rate=learning_rate)
+                           learning_rate=learning_rate, nodes_to_include=nodes_to_include)
             data, choice = choose_inputs(sim, data, batch_size, seed, progress, options)
             quantize_activations = choice.quantize_activations
             if report is not None:

@@ -62,6 +62,9 @@ def _common_arguments(p) -> None:
     p.add_argument("--adaround-activation", default="default", choices=["default", "all", "none"],
                    help="activation after a layer in AdaRound's loss: default = Relu, Clip, PRelu, Softmax, Sigmoid, "
                         "Tanh, SiLU; all = also any other elementwise subgraph (HardSwish, GELU...); none")
+    p.add_argument("--adaround-nodes", type=_node_names, default=None, metavar="NAME,NAME...",
+                   help="AdaRound only these layer nodes (AIMET's nodes_to_include; default: every Conv, "
+                        "ConvTranspose, Gemm and MatMul with a constant weight); the others keep nearest rounding")
     p.add_argument("--seq-mse-candidates", type=int, default=20, help="SeqMSE candidate ranges (default 20)")
     p.add_argument("--replace-relu6", action="store_true", help="CLE: replace Clip(0, 6) by Relu (AIMET; changes FP32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -206,6 +209,18 @@ _shrinkage = _word_or_number("auto", lambda v: 0 <= v <= 1, "'auto' or a number 
 _learning_rate = _word_or_number("scaled", lambda v: 0 < v < math.inf, "'scaled' or a positive number")
 
 
+def _node_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one node name")
+    return names
+
+
+def nodes_option(args) -> dict:
+    """``{"nodes_to_include": [...]}`` when ``--adaround-nodes`` is given, else nothing (every layer)."""
+    return {} if args.adaround_nodes is None else {"nodes_to_include": args.adaround_nodes}
+
+
 def learning_rate_option(args) -> dict:
     """``{"learning_rate": ...}`` when ``--adaround-learning-rate`` is given, else nothing (adaround's default)."""
     return {} if args.adaround_learning_rate is None else {"learning_rate": args.adaround_learning_rate}
@@ -234,7 +249,7 @@ def cli_ptq(args) -> int:
     options = {"adaround": {"num_iterations": args.adaround_iterations, "optimizer": args.adaround_optimizer,
                             "include_activation": ACTIVATION_CHOICES[args.adaround_activation],
                             "shrinkage": args.adaround_shrinkage, **adaround_input_options(args),
-                            **learning_rate_option(args)},
+                            **learning_rate_option(args), **nodes_option(args)},
                "seq_mse": {"num_candidates": args.seq_mse_candidates},
                "bias_correction": {"analytical": args.analytical} if args.analytical else {}}
     records, graph, quantizers = run_ptq(graph, args.data, techniques, metric, spec, batch_size=args.batch_size,
@@ -308,6 +323,7 @@ def cli_autoquant(args) -> int:
                            adaround_options={"optimizer": args.adaround_optimizer,
                                              "include_activation": ACTIVATION_CHOICES[args.adaround_activation],
                                              "shrinkage": args.adaround_shrinkage, **learning_rate_option(args),
+                                             **nodes_option(args),
                                              **adaround_input_options(args, explicit_only=True)},
                            seq_mse_candidates=args.seq_mse_candidates, replace_relu6=args.replace_relu6,
                            batch_size=args.batch_size, preprocess=preprocess, executor=executor,
