@@ -323,6 +323,22 @@ def test_carried_layer_inputs_equal_sim_run_while_weights_change(entry):
         sim.set_quantized_parameter(layer.weight, quantize_dequantize(w * 1.5, sim.encoding_of(layer.weight)))
 
 
+@needs_samples
+def test_the_rest_of_a_carried_side_equals_sim_run_from_every_layer_on():
+    sim, calib, _ = sample_sim("convnet", "w8a8")
+    feeds = [{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)]
+    side = A._CarriedSide(sim, feeds, simulated=True)
+    names = ["logits"]
+    for layer in find_layers(sim)[0]:
+        side.tensor(layer.input)
+        w = sim.graph.initializers[layer.weight]
+        sim.set_quantized_parameter(layer.weight, quantize_dequantize(w * 1.5, sim.encoding_of(layer.weight)))
+        for got, f in zip(side.rest(names), feeds):
+            want = sim.run(f, outputs=names)
+            for name in names:
+                np.testing.assert_array_equal(got[name], want[name])
+
+
 # ----------------------------------------------------------------------------------- AIMET samples
 def rounded_codes(sim, name):
     """(integer codes of the simulated weight, floor and ceil of W/s clipped to the grid); asserts that
@@ -718,6 +734,19 @@ def test_activations_that_would_not_fit_in_memory_are_streamed(technique, monkey
     with pytest.warns(UserWarning, match="the data is streamed instead"):
         fallback = _technique_results(run, progress=False, **options)
     _same(fallback, streamed)
+
+
+def test_per_layer_inputs_streamed_or_carried_round_the_same():
+    """quantize_activations="per_layer" carries six sides and the held-out quarter; streamed (a forward pass per
+    layer and a full run of the held-out data per score) it must round every weight the same."""
+    options = dict(num_iterations=30, quantize_activations="per_layer", progress=False)
+    reports = [], []
+    carried = _technique_results(refquant.adaround, report=reports[0], **options)
+    streamed = _technique_results(refquant.adaround, cache_activations=False, report=reports[1], **options)
+    _same(carried, streamed)
+    assert len(carried[1]) == 2
+    assert [r.held_out_sqnr for r in reports[0]] == [r.held_out_sqnr for r in reports[1]]
+    assert all(r.held_out_sqnr is not None for r in reports[0])  # the choice was made, per layer
 
 
 @pytest.mark.parametrize("technique", ["adaround", "seq_mse", "bias_correction"])

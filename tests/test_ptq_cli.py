@@ -6,6 +6,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,16 @@ def test_ptq_adaround_choose_inputs_names_the_choice_in_the_step_table(data, tmp
     assert "quantize_activations=choose; inputs chosen: " in line and "held-out SQNR" in line
 
 
+def test_ptq_adaround_per_layer_inputs_counts_the_layers_that_chose_quantized_inputs(data, tmp_path, capsys):
+    code = main(["ptq", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--technique", "adaround",
+                 "--precision", "w4a8", "--adaround-iterations", "2", "--adaround-per-layer-inputs", "--no-progress",
+                 "-o", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("adaround"))
+    assert re.search(r"quantized inputs chosen on [0-5] of 5 layers", line)
+
+
 def test_adaround_input_flags_exclude_each_other(data, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["ptq", str(CONVNET / "model.onnx"), "--data", data["calib_path"], "--technique", "adaround",
@@ -261,7 +272,8 @@ def test_a_bad_adaround_option_value_exits_2(data, tmp_path, capsys, flag, value
                                            (["--adaround-qdrop", "0.3"], [(True, 0.3)]),
                                            # "choose" runs its two held-out trials through adaround itself
                                            (["--adaround-choose-inputs"], [("choose", None), (False, None),
-                                                                            (True, None)])])
+                                                                            (True, None)]),
+                                           (["--adaround-per-layer-inputs"], [("per_layer", None)])])
 def test_autoquant_tries_each_adaround_input_unless_told(data, tmp_path, monkeypatch, flag, expected):
     import refquant.ptq.adaround as adaround_module
 

@@ -104,6 +104,64 @@ def test_choose_scores_each_kind_as_a_trial_by_hand_and_then_runs_the_pick_on_al
 
 
 @needs_samples
+def test_per_layer_scores_both_fits_of_each_layer_by_hand_and_refits_the_pick_on_all_the_data():
+    """Layer by layer: each kind fitted on the held-in three quarters (a copy of the simulation as the layers
+    before left it, AdaRound on that layer alone) and run on the held-out quarter with the activation quantizers on;
+    the quantized kind is picked when its per-sample noise is lower by more than two standard errors of the paired
+    differences, and the pick fitted again on all the samples is the rounding kept."""
+    sim, calib, _ = sample_sim("mlp")
+    report = []
+    adaround(sim, calib, num_iterations=40, quantize_activations="per_layer", progress=False, report=report)
+    assert [r.layer for r in report] == ["/l1/Gemm", "/l2/Gemm", "/l3/Gemm"]
+
+    hand, _, _ = sample_sim("mlp")
+    feeds = [{"input": calib[i:i + 16]} for i in range(0, 64, 16)]
+    fit, held = IC.held_out_split(feeds, hand.graph, seed=0)
+    ref = np.concatenate([hand.run_float(f)["logits"] for f in held]).astype(np.float64)
+    for r in report:
+        noise = []
+        for quantized in (False, True):
+            trial = hand.copy()
+            adaround(trial, fit, num_iterations=40, quantize_activations=quantized, nodes_to_include=[r.layer],
+                     progress=False)
+            out = np.concatenate([trial.run(f)["logits"] for f in held]).astype(np.float64)
+            noise.append(np.sum((ref - out) ** 2, axis=1) / np.sum(ref ** 2))  # per held-out sample
+            # float64 sums in another order than held_out_sqnr's: equal to 1e-12
+            assert -10 * np.log10(noise[-1].sum()) == pytest.approx(IC.held_out_sqnr(trial, held), rel=1e-12)
+        assert r.held_out_sqnr == pytest.approx((-10 * np.log10(noise[0].sum()), -10 * np.log10(noise[1].sum())),
+                                                rel=1e-12)
+        d = noise[0] - noise[1]
+        assert r.quantized_inputs == (d.mean() > 2 * d.std(ddof=1) / np.sqrt(len(d)))
+        adaround(hand, calib, num_iterations=40, quantize_activations=r.quantized_inputs, nodes_to_include=[r.layer],
+                 progress=False)
+        np.testing.assert_array_equal(sim.quantizers[r.weight].fixed_value, hand.quantizers[r.weight].fixed_value)
+    assert {r.quantized_inputs for r in report} == {False, True}  # both paths taken here (the last layer quantized)
+
+
+def test_the_quantized_fit_wins_only_by_more_than_two_standard_errors():
+    assert IC.quantized_fit_wins(np.array([2.0, 2.0, 2.0]), np.array([1.0, 1.0, 1.0]))
+    # mean difference 0.5, sd 1.0: 0.5 > 2 / sqrt(n) needs n > 16
+    d = np.tile([1.5, -0.5], 8)  # n = 16: mean 0.5, sd = 1.0328 (ddof 1): 2 * 1.0328 / 4 = 0.516 > 0.5
+    assert not IC.quantized_fit_wins(d, np.zeros(16))
+    d = np.tile([1.5, -0.5], 10)  # n = 20: 2 * 1.026 / 4.47 = 0.459 < 0.5
+    assert IC.quantized_fit_wins(d, np.zeros(20))
+    assert not IC.quantized_fit_wins(np.array([5.0]), np.array([0.0]))  # one sample: no error estimate
+    assert not IC.quantized_fit_wins(np.ones(4), np.ones(4) * 1.5)  # worse
+
+
+def test_row_noise_is_each_samples_share_of_the_mean_relative_noise():
+    ref = [{"a": np.array([[1.0, 2.0], [3.0, 0.0]]), "b": np.array([[2.0], [0.0]])},
+           {"a": np.array([[0.0, 1.0]]), "b": np.array([[1.0]])}]
+    out = [{"a": np.array([[1.0, 1.0], [3.0, 1.0]]), "b": np.array([[1.0], [0.0]])},
+           {"a": np.array([[2.0, 1.0]]), "b": np.array([[1.0]])}]
+    signal = {"a": 1 + 4 + 9 + 1, "b": 4 + 1}  # S_a = 15, S_b = 5
+    noise = IC.row_noise(out, ref, signal)
+    # per row, / (S_o * 2 outputs): a rows 1, 1, 4 (over 30); b rows 1, 0, 0 (over 10)
+    np.testing.assert_allclose(noise, [1 / 30, 1 / 30, 1 / 10, 0, 4 / 30, 0], rtol=1e-15)
+    assert noise.sum() == pytest.approx(((1 + 1 + 4) / 15 + 1 / 5) / 2, rel=1e-15)
+
+
+@needs_samples
 def test_choose_picks_the_quantized_inputs_when_they_score_higher(monkeypatch):
     """The pick follows the scores: with the held-out score of the quantized trial forced higher, the final run
     equals quantize_activations=True."""
@@ -142,17 +200,18 @@ def test_without_activation_quantizers_there_is_nothing_to_choose():
     graph = two_layer_model()
     x = np.random.default_rng(1).normal(size=(32, 8)).astype(np.float32)
     sims = []
-    for mode in ("choose", False):
+    for mode in ("choose", "per_layer", False):
         sim = QuantSim(graph, precision="w4a8")
         for q in sim.quantizers.values():
             if q.kind != "param":
                 q.enabled = False
         report = []
         adaround(sim, x, num_iterations=30, quantize_activations=mode, progress=False, report=report)
-        assert all(not isinstance(r, IC.InputChoice) for r in report)  # no trials were run
+        assert all(not isinstance(r, IC.InputChoice) and r.held_out_sqnr is None for r in report)  # no trials
         sims.append(sim)
-    a, b = (fixed_values(s) for s in sims)
-    assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+    a, b, c = (fixed_values(s) for s in sims)
+    assert a.keys() == b.keys() == c.keys() and all(np.array_equal(a[n], c[n]) and np.array_equal(b[n], c[n])
+                                                    for n in a)
 
 
 def test_quantized_inputs_on_an_uncalibrated_sim_calibrate_it_first():
@@ -174,8 +233,9 @@ def test_quantized_inputs_on_an_uncalibrated_sim_calibrate_it_first():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"quantize_activations": "yes"}, "True, False or 'choose'"),
+    ({"quantize_activations": "yes"}, "True, False, 'choose' or 'per_layer'"),
     ({"quantize_activations": "choose", "qdrop": 0.5}, "does not combine with qdrop"),
+    ({"quantize_activations": "per_layer", "qdrop": 0.5}, "does not combine with qdrop"),
     ({"quantize_activations": "choose", "use_fp32_inputs": True}, "does not combine"),
 ])
 def test_bad_input_options_are_named(options, message):

@@ -602,16 +602,17 @@ class LayerInputs:
     the next layer asks. ``carry=False``: ``sim.run``/``sim.run_float`` from the graph inputs for every
     layer (memory: one batch; time: one forward prefix per layer). ``carry=True`` falls back to that, with a
     warning, when the carried tensors would take more than half the memory available (:func:`carry_fits`:
-    MobileNetV2 carries 18 MB a sample, so 2,000 samples would need 36 GB).
+    MobileNetV2 carries 18 MB a sample, so 2,000 samples would need 36 GB). ``sides``: how many carried sides that
+    check counts (0: the caller checked); ``float_side``: another LayerInputs' FP32 side on the same data, shared.
     """
 
     def __init__(self, sim, data, batch_size: int = 16, use_fp32_inputs: bool = False, carry: bool = True,
-                 what: str = "adaround"):
+                 what: str = "adaround", sides: int = 2, float_side: "_CarriedSide | None" = None):
         from ..data import iter_feeds, reusable
 
         self.sim, self.data, self.batch_size = sim, data, batch_size
         self.use_fp32_inputs, self.carry = use_fp32_inputs, carry
-        if carry and not carry_fits(sim, data, batch_size, sides=2, what=what):
+        if carry and sides and float_side is None and not carry_fits(sim, data, batch_size, sides=sides, what=what):
             self.carry = carry = False
         if not carry:
             self.data = reusable(data, sim.graph, batch_size)  # read once per layer
@@ -619,7 +620,8 @@ class LayerInputs:
             feeds = list(iter_feeds(data, sim.graph, batch_size=batch_size))
             sim.refresh()
             self.sim_side = _CarriedSide(sim, feeds, simulated=True)
-            self.float_side = _CarriedSide(sim, feeds, simulated=False)
+            # another simulation's LayerInputs on the same data may lend its FP32 side (the same tensors)
+            self.float_side = float_side or _CarriedSide(sim, feeds, simulated=False)
 
     def batches(self, layer: LinearLayer, fp32_target: bool = True, fp32_inputs: bool = False):
         """``(x, z, t)`` per batch; with ``fp32_inputs`` ``(x, z, t, x_fp32)``, also the FP32 model's layer input."""
@@ -635,19 +637,8 @@ class LayerInputs:
         """``-10 log10(mean_o sum (y_o - y'_o)^2 / sum y_o^2)`` over the float graph outputs ``o`` and all batches
         (the project's default metric, :func:`refquant.analysis.engine.mean_sqnr`): ``y`` the FP32 model's, ``y'``
         the simulation's as it is now (its quantizers as they are)."""
-        from ..analysis.engine import mean_sqnr
-
         names = [n for n in self.sim.graph.output_names if n not in self.sim.graph.initializers]
-        signal, noise = {}, {}
-        for sim_out, float_out in self._graph_outputs(names):
-            for name in names:
-                y = np.asarray(float_out[name])
-                if y.dtype.kind != "f":
-                    continue
-                y = y.astype(np.float64)
-                signal[name] = signal.get(name, 0.0) + float(np.sum(y * y))
-                noise[name] = noise.get(name, 0.0) + float(np.sum(np.square(y - np.asarray(sim_out[name], np.float64))))
-        return float(mean_sqnr(signal, noise))
+        return outputs_sqnr(self._graph_outputs(names), names)
 
     def _graph_outputs(self, names):
         if self.carry:
@@ -682,6 +673,23 @@ class LayerInputs:
             yield x, out.get(layer.output), out.get(layer.input)
 
 
+def outputs_sqnr(pairs, names) -> float:
+    """``-10 log10(mean_o sum (y_o - y'_o)^2 / sum y_o^2)`` over the float outputs ``o`` in ``names``, summed over
+    the ``(simulated, reference)`` output dicts of ``pairs`` (:func:`refquant.analysis.engine.mean_sqnr`)."""
+    from ..analysis.engine import mean_sqnr
+
+    signal, noise = {}, {}
+    for sim_out, float_out in pairs:
+        for name in names:
+            y = np.asarray(float_out[name])
+            if y.dtype.kind != "f":
+                continue
+            y = y.astype(np.float64)
+            signal[name] = signal.get(name, 0.0) + float(np.sum(y * y))
+            noise[name] = noise.get(name, 0.0) + float(np.sum(np.square(y - np.asarray(sim_out[name], np.float64))))
+    return float(mean_sqnr(signal, noise))
+
+
 class _CarriedSide:
     """The live tensors of every batch on one side (simulation or FP32), advanced node range by node
     range with a Session on that range of the graph: the simulation side with the sim's quantized
@@ -707,13 +715,25 @@ class _CarriedSide:
             self._advance(self.producer[name] + 1, keep=name)
         return [env[name] for env in self.envs]
 
-    def _advance(self, stop: int, keep: str) -> None:
+    def rest(self, names: list[str]) -> list[dict]:
+        """The tensors ``names`` of every batch from running the rest of the graph (the nodes not run yet) with
+        the quantizers as they are now; the carried tensors stay where they are."""
+        nodes = self.sim.graph.nodes[self.position:]
+        produced = {o for node in nodes for o in node.outputs if o}
+        outputs = [n for n in names if n in produced]  # the others were produced (and kept) before
+        session, inputs = self._segment(nodes, outputs)
+        results = []
+        for env in self.envs:
+            out = session.run({n: env[n] for n in inputs}, outputs=outputs) if outputs else {}
+            results.append({n: out[n] if n in out else env[n] for n in names})
+        return results
+
+    def _segment(self, nodes, outputs) -> tuple[Session, list[str]]:
+        """A Session on ``nodes`` (simulated or FP32 as this side) and the carried tensors it reads."""
         graph = self.sim.graph
-        nodes = graph.nodes[self.position:stop]
         produced = {o for n in nodes for o in n.outputs if o}
         reads = list(dict.fromkeys(name for n in nodes for name in _node_reads(n)))
         inputs = [name for name in reads if name not in produced and name not in graph.initializers]
-        outputs = [name for name in produced if self.last_reader.get(name, -1) >= stop or name == keep]
         sub = Graph(nodes=list(nodes), inputs=[Value(n) for n in inputs], outputs=[Value(n) for n in outputs],
                     initializers={n: graph.initializers[n] for n in reads if n in graph.initializers},
                     opset=dict(graph.opset), name=f"{graph.name}_segment")
@@ -724,6 +744,13 @@ class _CarriedSide:
             session.set_constants({n: constants[n] for n in sub.initializers})
         else:
             session = Session(sub, threads=self.sim.session.threads)
+        return session, inputs
+
+    def _advance(self, stop: int, keep: str) -> None:
+        nodes = self.sim.graph.nodes[self.position:stop]
+        produced = {o for n in nodes for o in n.outputs if o}
+        outputs = [name for name in produced if self.last_reader.get(name, -1) >= stop or name == keep]
+        session, inputs = self._segment(nodes, outputs)
         for env in self.envs:
             env.update(session.run({n: env[n] for n in inputs}, outputs=outputs))
             for name in [n for n in env if self.last_reader.get(n, -1) < stop and n != keep]:
@@ -1564,6 +1591,8 @@ class AdaroundLayerReport:
     kept_nearest: bool = False  # AdaRound did not beat nearest rounding: nearest was kept
     shrinkage: float = 0.0  # the loss's shrinkage intensity toward uncorrelated inputs (mean over channels)
     learning_rate: float = 0.0  # Adam's step size of the rounding kept (0: no Adam steps)
+    quantized_inputs: bool = False  # fitted to the layer's inputs with the activation quantizers on
+    held_out_sqnr: tuple[float, float] | None = None  # quantize_activations="per_layer": off, on (input_choice)
 
 
 def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, beta_range=(20, 2),
@@ -1601,8 +1630,11 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
     ``quantize_activations``: layer inputs with the activation quantizers on (default off, as AIMET intends;
     aimet-onnx 2.42.0 in fact samples them on: module docstring); "choose": whichever of the two scores better on a
     held-out quarter of ``data`` after fitting on the rest (:mod:`refquant.ptq.input_choice`; about 2.5x the time,
-    ``data`` read into memory; ``report`` receives the :class:`~refquant.ptq.input_choice.InputChoice` first). With
-    the quantized inputs, a simulation whose activations are not calibrated is calibrated on ``data`` first.
+    ``data`` read into memory; ``report`` receives the :class:`~refquant.ptq.input_choice.InputChoice` first);
+    "per_layer": the same choice layer by layer, each layer's two fits scored by the model's output SQNR on the
+    held-out quarter (:class:`~refquant.ptq.input_choice.PerLayerInputs`; about 3x the time; each report's
+    ``quantized_inputs`` and ``held_out_sqnr`` say what was chosen). With the quantized inputs (True or a choice),
+    a simulation whose activations are not calibrated is calibrated on ``data`` first.
     ``qdrop``: the probability (in [0, 1), a
     multiple of 1/256) that an element of a layer's input is the FP32 model's instead of the simulation's, drawn
     anew at each step (QDrop, with ``quantize_activations=True``; 0: off, the default; module docstring).
@@ -1650,12 +1682,13 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
         raise RefquantError(f"adaround: learning_rate must be 'scaled' or a positive number, got {learning_rate!r}")
     if not (shrinkage == "auto" or (isinstance(shrinkage, (int, float)) and 0 <= shrinkage <= 1)):
         raise RefquantError(f"adaround: shrinkage must be 'auto' or a number in [0, 1], got {shrinkage!r}")
-    if quantize_activations not in (True, False, "choose"):
-        raise RefquantError("adaround: quantize_activations must be True, False or 'choose', "
+    if quantize_activations not in (True, False, "choose", "per_layer"):
+        raise RefquantError("adaround: quantize_activations must be True, False, 'choose' or 'per_layer', "
                             f"got {quantize_activations!r}")
-    if quantize_activations == "choose" and (qdrop or use_fp32_inputs):
-        raise RefquantError("adaround: quantize_activations='choose' chooses between the simulation's inputs with and "
-                            "without activation quantizers; it does not combine with qdrop or use_fp32_inputs")
+    if quantize_activations in ("choose", "per_layer") and (qdrop or use_fp32_inputs):
+        raise RefquantError(f"adaround: quantize_activations={quantize_activations!r} chooses between the "
+                            "simulation's inputs with and without activation quantizers; it does not combine with "
+                            "qdrop or use_fp32_inputs")
     if qdrop and optimizer == "lbfgs":  # its line searches compare values: a new mask per evaluation breaks them
         raise RefquantError("adaround: qdrop draws a new input mask per step, which L-BFGS cannot take; "
                             "use optimizer='adam'")
@@ -1681,6 +1714,9 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
             quantize_activations = choice.quantize_activations
             if report is not None:
                 report.append(choice)
+    if quantize_activations == "per_layer" and not any(q.enabled and q.kind != "param"
+                                                       for q in sim.quantizers.values()):
+        quantize_activations = False  # no activation quantizer: both kinds of input are the same
     rng = np.random.default_rng(seed)
     with SimState(sim) as state:
         if quantize_activations and any(q.enabled and q.kind == "activation" and sim.encoding_of(n) is None
@@ -1691,16 +1727,28 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
             sim.compute_encodings(data, batch_size=batch_size, progress=progress)
             state.keep_enabled()
         ensure_weight_encodings(sim, layers)
-        if not quantize_activations:
-            disable_activation_quantizers(sim)
-        inputs = LayerInputs(sim, data, batch_size, use_fp32_inputs, carry=cache_activations)
+        if quantize_activations == "per_layer":
+            from ..data import iter_feeds
+            from .input_choice import PerLayerInputs
+
+            feeds = list(iter_feeds(data, sim.graph, batch_size=batch_size))
+            inputs = PerLayerInputs(sim, feeds, batch_size, seed, cache_activations)
+            fit = inputs.adaround_layer
+        else:
+            if not quantize_activations:
+                disable_activation_quantizers(sim)
+            inputs = LayerInputs(sim, data, batch_size, use_fp32_inputs, carry=cache_activations)
+
+            def fit(layer, **options):
+                result = adaround_layer(sim, layer, inputs, **options)
+                result.quantized_inputs = bool(quantize_activations) and not use_fp32_inputs
+                return result
         for layer in iterate(layers, progress, "adaround", unit="layer"):
-            result = adaround_layer(sim, layer, inputs, num_iterations=num_iterations, reg_param=reg_param,
-                                    beta_range=beta_range, warm_start=warm_start, optimizer=optimizer,
-                                    include_activation=include_activation, num_columns=num_columns,
-                                    columns_per_iteration=columns_per_iteration, finish=finish, threads=threads,
-                                    rng=rng, qdrop=qdrop, shrinkage=shrinkage,
-                                    learning_rate=adam_learning_rate(learning_rate, num_iterations))
+            result = fit(layer, num_iterations=num_iterations, reg_param=reg_param, beta_range=beta_range,
+                         warm_start=warm_start, optimizer=optimizer, include_activation=include_activation,
+                         num_columns=num_columns, columns_per_iteration=columns_per_iteration, finish=finish,
+                         threads=threads, rng=rng, qdrop=qdrop, shrinkage=shrinkage,
+                         learning_rate=adam_learning_rate(learning_rate, num_iterations))
             if report is not None:
                 report.append(result)
     return sim

@@ -266,7 +266,7 @@ class Trial:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "not optimized" lists: the step record says what applied
                 apply_technique(sim, self.technique, data, options, self.batch_size, self.progress)
-            note = "; ".join(describe_choice(r) for r in report or () if isinstance(r, InputChoice))
+            note = describe_choices(report or [])
             sim.compute_encodings(self.data, **calibrate)
         score = _as_score(self.eval_fn(sim), self.key)
         return TrialResult(self.key, score, time.perf_counter() - start, sim.quantizers,
@@ -288,6 +288,17 @@ def describe_choice(choice) -> str:
     picked = "quantized" if choice.quantize_activations else "FP32"
     return (f"inputs chosen: {picked} activations (held-out SQNR {choice.sqnr_quantized_activations:.2f} dB "
             f"quantized, {choice.sqnr_fp32_activations:.2f} dB FP32)")
+
+
+def describe_choices(report: list) -> str:
+    """AdaRound's input choices in a step note: the per-model :class:`~refquant.ptq.input_choice.InputChoice`, or
+    how many layers chose the quantized inputs (``quantize_activations="per_layer"``)."""
+    notes = [describe_choice(r) for r in report if isinstance(r, InputChoice)]
+    per_layer = [r for r in report if getattr(r, "held_out_sqnr", None) is not None]
+    if per_layer:
+        notes.append(f"quantized inputs chosen on {sum(r.quantized_inputs for r in per_layer)} of {len(per_layer)} "
+                     "layers (held-out SQNR)")
+    return "; ".join(notes)
 
 
 def apply_technique(sim, technique: str, data, options: dict, batch_size: int = 16, progress: bool = False):

@@ -47,6 +47,11 @@ def _common_arguments(p) -> None:
                         help="AdaRound's layer inputs with or without the activation quantizers, whichever scores "
                              "better on a held-out quarter of --data after fitting on the rest (about 2.5x the time; "
                              "see refquant.ptq.input_choice)")
+    inputs.add_argument("--adaround-per-layer-inputs", action="store_true",
+                        help="AdaRound's layer inputs chosen layer by layer: each layer fitted with the activation "
+                             "quantizers off and on on three quarters of --data, the kind whose rounding scores the "
+                             "better model output on the held-out quarter fitted again on all of it (about 3x the "
+                             "time; see refquant.ptq.input_choice)")
     inputs.add_argument("--adaround-qdrop", type=float, default=None, metavar="Q",
                         help="QDrop (Wei et al. 2022): AdaRound's layer inputs with the activation quantizers on, each "
                              "element replaced by the FP32 model's with probability Q (the paper: 0.5). autoquant "
@@ -227,13 +232,15 @@ def learning_rate_option(args) -> dict:
 
 
 def adaround_input_options(args, explicit_only: bool = False) -> dict:
-    """AdaRound's input options from ``--adaround-quantized-inputs``, ``--adaround-choose-inputs`` and
-    ``--adaround-qdrop`` (QDrop mixes the quantized inputs with the FP32 ones). ``explicit_only``: nothing for flags
-    not given (autoquant then tries each kind of input)."""
+    """AdaRound's input options from ``--adaround-quantized-inputs``, ``--adaround-choose-inputs``,
+    ``--adaround-per-layer-inputs`` and ``--adaround-qdrop`` (QDrop mixes the quantized inputs with the FP32 ones).
+    ``explicit_only``: nothing for flags not given (autoquant then tries each kind of input)."""
     if args.adaround_qdrop is not None:
         return {"quantize_activations": True, "qdrop": args.adaround_qdrop}
     if args.adaround_choose_inputs:
         return {"quantize_activations": "choose"}
+    if args.adaround_per_layer_inputs:
+        return {"quantize_activations": "per_layer"}
     if args.adaround_quantized_inputs or not explicit_only:
         return {"quantize_activations": args.adaround_quantized_inputs}
     return {}
