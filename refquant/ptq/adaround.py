@@ -1632,7 +1632,7 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
     held-out quarter of ``data`` after fitting on the rest (:mod:`refquant.ptq.input_choice`; about 2.5x the time,
     ``data`` read into memory; ``report`` receives the :class:`~refquant.ptq.input_choice.InputChoice` first);
     "per_layer": the same choice layer by layer, each layer's two fits scored by the model's output SQNR on the
-    held-out quarter (:class:`~refquant.ptq.input_choice.PerLayerInputs`; about 3x the time; each report's
+    held-out quarter (:class:`~refquant.ptq.input_choice.PerLayerInputs`; 3-4x the time; each report's
     ``quantized_inputs`` and ``held_out_sqnr`` say what was chosen). With the quantized inputs (True or a choice),
     a simulation whose activations are not calibrated is calibrated on ``data`` first.
     ``qdrop``: the probability (in [0, 1), a

@@ -50,7 +50,7 @@ def _common_arguments(p) -> None:
     inputs.add_argument("--adaround-per-layer-inputs", action="store_true",
                         help="AdaRound's layer inputs chosen layer by layer: each layer fitted with the activation "
                              "quantizers off and on on three quarters of --data, the kind whose rounding scores the "
-                             "better model output on the held-out quarter fitted again on all of it (about 3x the "
+                             "better model output on the held-out quarter fitted again on all of it (3-4x the "
                              "time; see refquant.ptq.input_choice)")
     inputs.add_argument("--adaround-qdrop", type=float, default=None, metavar="Q",
                         help="QDrop (Wei et al. 2022): AdaRound's layer inputs with the activation quantizers on, each "
