@@ -48,9 +48,9 @@ errors 28.03, 27.65 and 27.71 dB on the three sets (aimet-onnx 27.55 on the firs
 eight calibration sets each, it is level with the default (paired differences, dB: mlp -0.01 +- 0.02, convnet
 +0.02 +- 0.60, P-Net -0.15 +- 0.07, R-Net -0.25 +- 0.90, O-Net -0.30 +- 1.20; bench/results_ptq_vs_aimet_models.txt).
 The chosen kind is fitted again on all the data. Three fits per layer and one pass over the held-out quarter from
-the layer on: 3-4x the default's time (NudeNet 1,890 s with three jobs on two cores, the default 340 s with two), which is
-why it is an option and not the default: on AIMET's 5-layer convnet sample it would pass AIMET's 37 s for 1000
-iterations.
+the layer on: 3-4x the default's time (NudeNet 1,890 s with three jobs on two cores, the default 340 s with two),
+which is why it is an option and not the default: on AIMET's 5-layer convnet sample it would pass AIMET's 37 s for
+1000 iterations.
 """
 
 from __future__ import annotations
