@@ -637,8 +637,19 @@ class LayerInputs:
         """``-10 log10(mean_o sum (y_o - y'_o)^2 / sum y_o^2)`` over the float graph outputs ``o`` and all batches
         (the project's default metric, :func:`refquant.analysis.engine.mean_sqnr`): ``y`` the FP32 model's, ``y'``
         the simulation's as it is now (its quantizers as they are)."""
+        from ..analysis.engine import mean_sqnr
+
         names = [n for n in self.sim.graph.output_names if n not in self.sim.graph.initializers]
-        return outputs_sqnr(self._graph_outputs(names), names)
+        signal, noise = {}, {}
+        for sim_out, float_out in self._graph_outputs(names):
+            for name in names:
+                y = np.asarray(float_out[name])
+                if y.dtype.kind != "f":
+                    continue
+                y = y.astype(np.float64)
+                signal[name] = signal.get(name, 0.0) + float(np.sum(y * y))
+                noise[name] = noise.get(name, 0.0) + float(np.sum(np.square(y - np.asarray(sim_out[name], np.float64))))
+        return float(mean_sqnr(signal, noise))
 
     def _graph_outputs(self, names):
         if self.carry:
@@ -671,23 +682,6 @@ class LayerInputs:
             wanted = ([layer.output] if want_target else []) + ([layer.input] if want_fp32_inputs else [])
             out = self.sim.run_float(feeds, outputs=wanted) if wanted else {}
             yield x, out.get(layer.output), out.get(layer.input)
-
-
-def outputs_sqnr(pairs, names) -> float:
-    """``-10 log10(mean_o sum (y_o - y'_o)^2 / sum y_o^2)`` over the float outputs ``o`` in ``names``, summed over
-    the ``(simulated, reference)`` output dicts of ``pairs`` (:func:`refquant.analysis.engine.mean_sqnr`)."""
-    from ..analysis.engine import mean_sqnr
-
-    signal, noise = {}, {}
-    for sim_out, float_out in pairs:
-        for name in names:
-            y = np.asarray(float_out[name])
-            if y.dtype.kind != "f":
-                continue
-            y = y.astype(np.float64)
-            signal[name] = signal.get(name, 0.0) + float(np.sum(y * y))
-            noise[name] = noise.get(name, 0.0) + float(np.sum(np.square(y - np.asarray(sim_out[name], np.float64))))
-    return float(mean_sqnr(signal, noise))
 
 
 class _CarriedSide:

@@ -49,9 +49,10 @@ def _common_arguments(p) -> None:
                              "see refquant.ptq.input_choice)")
     inputs.add_argument("--adaround-per-layer-inputs", action="store_true",
                         help="AdaRound's layer inputs chosen layer by layer: each layer fitted with the activation "
-                             "quantizers off and on on three quarters of --data, the kind whose rounding scores the "
-                             "better model output on the held-out quarter fitted again on all of it (3-4x the "
-                             "time; see refquant.ptq.input_choice)")
+                             "quantizers off and on on three quarters of --data; the quantized inputs where their "
+                             "rounding lowers the model's output error on the held-out quarter by more than two "
+                             "standard errors; that kind fitted again on all of it (3-4x the time; see "
+                             "refquant.ptq.input_choice)")
     inputs.add_argument("--adaround-qdrop", type=float, default=None, metavar="Q",
                         help="QDrop (Wei et al. 2022): AdaRound's layer inputs with the activation quantizers on, each "
                              "element replaced by the FP32 model's with probability Q (the paper: 0.5). autoquant "
