@@ -48,7 +48,10 @@ errors 28.03, 27.65 and 27.71 dB on the three sets (aimet-onnx 27.55 on the firs
 eight calibration sets each, it is level with the default (paired differences, dB: mlp -0.01 +- 0.02, convnet
 +0.02 +- 0.60, P-Net -0.15 +- 0.07, R-Net -0.25 +- 0.90, O-Net -0.30 +- 1.20; bench/results_ptq_vs_aimet_models.txt);
 on PP-OCR's text direction classifier, four sets of 48 crops, it loses one (15.66 15.18 16.02 14.69 dB against
-15.66 15.18 16.02 17.29): the two standard errors of 12 held-out crops do not guard every choice.
+15.66 15.18 16.02 17.29): the two standard errors of 12 held-out crops do not guard every choice (it took the
+first conv at 2.24, scored while every later layer was at nearest rounding). Three standard errors keep PP-OCR at
+the default but give NudeNet 27.24 dB on the first set, eight of its 14 picks on layers not picked at two: a choice's
+significance depends on how the layers before it were rounded.
 The chosen kind is fitted again on all the data. Three fits per layer and one pass over the held-out quarter from
 the layer on: 3-4x the default's time (NudeNet 1,890 s with three jobs on two cores, the default 340 s with two; the
 convnet sample 65-69 s against 20 s, where AIMET takes 37 s for 1000 iterations), which is why it is an option and
