@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 import refquant
 from refquant.errors import RefquantError
 from refquant.ptq import adaround as A
+from refquant.ptq import layer_inputs, layers
 from refquant.ptq.adaround import adaround, find_layers
 from refquant.quant import QuantSim, quantize_dequantize
 
@@ -147,7 +148,7 @@ def test_the_prelu_loss_is_the_squared_error_after_the_prelu():
     """Against the formula in float64, slope a_m of output channel m (group-major: G*M/G channels)."""
     rounding, _, _, rng = small_problem(None)
     slope = np.array([0.1, 0.5, 0.9, 0.2, 0.0, 1.5])
-    _, sampled, _, _ = small_problem(A.PRelu(slope))
+    _, sampled, _, _ = small_problem(layers.PRelu(slope))
     w = rounding.soft(rounding.v0 + rng.normal(size=rounding.v0.shape))[0]
     y = sampled.z.astype(np.float64) + np.einsum("gmk,gkb->gmb", w - sampled.w.astype(np.float64),
                                                   sampled.cols.astype(np.float64))
@@ -199,7 +200,7 @@ def test_gradients_match_finite_differences(form, beta):
     activation = {"sampled+clip": (0.0, 2.0), "sampled+softmax": A.SOFTMAX,
                   "sampled+silu": traced(*ACTIVATIONS["SiLU as Mul(y, Sigmoid(y))"]),
                   "sampled+hardswish": traced(*ACTIVATIONS["HardSwish as y relu6(y + 3) / 6"]),
-                  "sampled+prelu": A.PRelu(np.array([0.1, 0.5, 0.9, 0.2, 0.0, 1.5]))}.get(form)
+                  "sampled+prelu": layers.PRelu(np.array([0.1, 0.5, 0.9, 0.2, 0.0, 1.5]))}.get(form)
     rounding, sampled, quadratic, rng = small_problem(activation)
     objective = A.Objective(rounding, quadratic if form == "quadratic" else sampled, 0.01)
     eps = 1e-6 if form == "quadratic" else 2e-3  # the sampled loss computes in float32
@@ -223,7 +224,7 @@ def test_the_fused_adam_steps_equal_numpys_bit_for_bit(form, minibatch):
     """The Numba kernels (refquant.kernels.adaround) against the NumPy objective and Adam update, through the
     warm start and the annealing; a grid narrow enough that some codes clip, and some weights exactly on it."""
     activation = {"sampled+clip": (-0.5, 1.25), "sampled+relu": (0.0, np.inf), "sampled+softmax": A.SOFTMAX,
-                  "sampled+prelu": A.PRelu(np.array([0.1, 0.5, 0.9, 0.2, 0.0, 1.5]))}.get(form)
+                  "sampled+prelu": layers.PRelu(np.array([0.1, 0.5, 0.9, 0.2, 0.0, 1.5]))}.get(form)
     runs = []
     for fused in (False, True):
         _, sampled, quadratic, rng = small_problem(activation)  # a fresh one: minibatches shuffle the cache
@@ -327,7 +328,7 @@ def test_carried_layer_inputs_equal_sim_run_while_weights_change(entry):
 def test_the_rest_of_a_carried_side_equals_sim_run_from_every_layer_on():
     sim, calib, _ = sample_sim("convnet", "w8a8")
     feeds = [{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)]
-    side = A._CarriedSide(sim, feeds, simulated=True)
+    side = layer_inputs._CarriedSide(sim, feeds, simulated=True)
     names = ["logits"]
     for layer in find_layers(sim)[0]:
         side.tensor(layer.input)
@@ -393,7 +394,7 @@ def test_adaround_lowers_each_layers_loss_below_nearest_rounding():
         lo, hi = layer.activation or (-np.inf, np.inf)
 
         def loss(weight):
-            probe = A._probe(sim, layer)
+            probe = layer_inputs._probe(sim, layer)
             probe.set_constant(layer.weight, weight)
             diff = np.clip(probe.run({layer.input: x})["y"], lo, hi) - np.clip(target, lo, hi)
             return np.sum(np.square(diff, dtype=np.float64)) / layer.output_matrix(diff).shape[2]
@@ -690,8 +691,8 @@ def test_carried_bytes_is_the_peak_of_the_live_tensors():
              helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("Relu", ["c"], ["y"])]
     sim = QuantSim(refquant.load(make_model(nodes, [("x", FLOAT, ["N", 4])], [("y", FLOAT, None)], {})))
     first = {"x": np.ones((2, 4), np.float32)}
-    assert A.carried_bytes(sim, first, samples=4, sides=2) == 96 * 2 * 2
-    assert A.carried_bytes(sim, first, samples=2, sides=1) == 96
+    assert layer_inputs.carried_bytes(sim, first, samples=4, sides=2) == 96 * 2 * 2
+    assert layer_inputs.carried_bytes(sim, first, samples=2, sides=1) == 96
 
 
 def two_gemm_sim():
@@ -730,7 +731,7 @@ def test_activations_that_would_not_fit_in_memory_are_streamed(technique, monkey
     options = {"adaround": dict(num_iterations=30), "seq_mse": {}, "bias_correction": {}}[technique]
     off = {"bias_correction": {"carry": False}}.get(technique, {"cache_activations": False})
     streamed = _technique_results(run, progress=False, **options, **off)
-    monkeypatch.setattr(A, "available_memory", lambda: 1000)  # bytes: nothing fits
+    monkeypatch.setattr(layer_inputs, "available_memory", lambda: 1000)  # bytes: nothing fits
     with pytest.warns(UserWarning, match="the data is streamed instead"):
         fallback = _technique_results(run, progress=False, **options)
     _same(fallback, streamed)

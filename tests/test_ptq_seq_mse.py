@@ -13,6 +13,7 @@ from onnx import helper
 import refquant
 from refquant.errors import RefquantError
 from refquant.ptq import adaround as A
+from refquant.ptq import layer_inputs
 from refquant.ptq import seq_mse as S
 from refquant.ptq.seq_mse import seq_mse
 from refquant.quant import QuantSim, from_min_max, quantize_dequantize
@@ -249,7 +250,7 @@ def test_each_layer_loss_is_not_above_min_max(entry):
     improved = 0
     for layer in layers:
         x = sim.run({"input": calib}, outputs=[layer.input])[layer.input]
-        probe = A._probe(sim, layer)
+        probe = layer_inputs._probe(sim, layer)
         target = probe.run({layer.input: x})["y"].astype(np.float64)
         w = sim.graph.initializers[layer.weight]
 

@@ -14,6 +14,7 @@ import pytest
 import refquant
 from refquant.errors import RefquantError
 from refquant.ptq import adaround as A
+from refquant.ptq import adaround_loss, layers
 
 from .test_ptq_adaround import logits_sqnr, needs_samples, sample_sim
 from .test_ptq_pointwise import ACTIVATIONS, traced
@@ -41,7 +42,7 @@ def test_the_intensity_is_schaefer_and_strimmers(samples):
     mixing = rng.normal(size=(6, 6))
     cols = np.stack([mixing @ rng.normal(size=(6, samples)), rng.normal(size=(6, samples))])  # [G=2, K, n]
     h = np.matmul(cols, cols.transpose(0, 2, 1)) / samples
-    alpha = A.shrinkage_intensity(h, A.fourth_moments(cols), samples)
+    alpha = A.shrinkage_intensity(h, adaround_loss.fourth_moments(cols), samples)
     expected = [intensity_by_loops(cols[g]) for g in range(2)]
     np.testing.assert_allclose(alpha, expected, rtol=1e-12)  # the same sums in another order
     # and the cached-columns path of the sampled loss computes the same
@@ -81,7 +82,8 @@ def test_the_masked_intensity_is_schaefer_and_strimmers_per_channel(inputs, samp
             assert alpha[g, o] == pytest.approx(min(1.0, variance / squares), rel=1e-9)  # sums in another order
     # u = 1 is the plain intensity
     h = np.matmul(cols, cols.transpose(0, 2, 1)) / samples
-    np.testing.assert_allclose(alpha[:, -1], A.shrinkage_intensity(h, A.fourth_moments(cols), samples), rtol=1e-9)
+    expected = A.shrinkage_intensity(h, adaround_loss.fourth_moments(cols), samples)
+    np.testing.assert_allclose(alpha[:, -1], expected, rtol=1e-9)
 
 
 def test_the_gram_form_is_capped_in_memory(monkeypatch):
@@ -90,9 +92,9 @@ def test_the_gram_form_is_capped_in_memory(monkeypatch):
     rng = np.random.default_rng(9)
     cols = 0.3 * rng.normal(size=(1, 1, 2200)) + rng.normal(size=(1, 70, 2200))
     weights = (rng.random((1, 70, 2200)) < 0.5).astype(np.float32)
-    assert 2200 * 140 < 70 * 70 * 70 and 2200 * 2200 > A.COLUMN_BUDGET
+    assert 2200 * 140 < 70 * 70 * 70 and 2200 * 2200 > adaround_loss.COLUMN_BUDGET
     direct = A.masked_shrinkage_intensity(cols, weights, rng)
-    monkeypatch.setattr(A, "COLUMN_BUDGET", 1 << 24)
+    monkeypatch.setattr(adaround_loss, "COLUMN_BUDGET", 1 << 24)
     np.testing.assert_allclose(A.masked_shrinkage_intensity(cols, weights, rng), direct, rtol=1e-9)
 
 
@@ -135,7 +137,7 @@ def test_curvature_weights_are_the_activations_slope_squared(kind):
     _, cols, z, t, _ = problem()
     t = t * 4  # past the clip bounds
     slopes = np.array([0.25, -2.0, 0.5, 1.0, 0.0, 3.0])
-    activation = {"relu6": (0.0, 6.0), "prelu": A.PRelu(slopes), "identity": None, "softmax": A.SOFTMAX,
+    activation = {"relu6": (0.0, 6.0), "prelu": layers.PRelu(slopes), "identity": None, "softmax": A.SOFTMAX,
                   "sigmoid": traced(*ACTIVATIONS["Sigmoid"])}[kind]
     loss = A.SampledLoss(cols, z, t, np.zeros((2, 3, 5)), activation)
     if kind == "softmax":
@@ -164,7 +166,7 @@ def test_the_intensity_tells_noise_from_correlation():
     signal = rng.normal(size=(1, 1, 32)) * np.ones((1, 64, 1)) + 0.05 * rng.normal(size=(1, 64, 32))
     for cols, low, high in ((independent, 0.8, 1.0), (signal, 0.0, 0.1)):
         h = np.matmul(cols, cols.transpose(0, 2, 1)) / cols.shape[2]
-        alpha = A.shrinkage_intensity(h, A.fourth_moments(cols), cols.shape[2])[0]
+        alpha = A.shrinkage_intensity(h, adaround_loss.fourth_moments(cols), cols.shape[2])[0]
         assert low <= alpha <= high
 
 
@@ -174,7 +176,7 @@ def test_streamed_fourth_moments_add_up():
     moments = A._Moments(fourth=True)
     for part in (slice(0, 17), slice(17, 50)):
         moments.add(cols[:, :, part], None)
-    whole = A.fourth_moments(cols)
+    whole = adaround_loss.fourth_moments(cols)
     np.testing.assert_allclose(moments.fourth[0], whole[0], rtol=1e-12)
     np.testing.assert_allclose(moments.fourth[1], whole[1], rtol=1e-12)
 

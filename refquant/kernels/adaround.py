@@ -6,7 +6,7 @@ the activation ``f``), ``dL/dy = c * f'(y) * (f(y) - t)`` with ``c = 2 / positio
 six passes over ``y`` for this (add, activation, subtract, scale, mask); on a conv layer with many
 positions those passes cost more than the two GEMMs around them (MTCNN O-Net conv1: 135,424 positions,
 two thirds of the layer's time). The operations and their float32 rounding are exactly NumPy's
-(:class:`refquant.ptq.adaround.SampledLoss`), in the same order, so the result is bit for bit the same.
+(:class:`refquant.ptq.adaround_loss.SampledLoss`), in the same order, so the result is bit for bit the same.
 Per weight, NumPy's soft rounding, regularizer and Adam update take about 25 passes over float64 arrays the size
 of the weight (10.7 ms a step for 295k weights, 30 ms for MobileNetV2's classifier); here two, plus NumPy's own
 exp and pow (SIMD, several times faster than libm's scalar ones), with the same operations: the result is NumPy's
@@ -55,7 +55,7 @@ def soft_weights(exp_neg_v, base, lo, hi, scale, w_soft, dw_dh, dh_dv, h, magnit
     """Fill (flat, float64) ``h = clip(sigmoid(v) (zeta - gamma) + gamma, 0, 1)`` with ``sigmoid(v) =
     1 / (1 + exp(-v))`` (``exp(-v)`` given: NumPy's SIMD exp is 5x libm's), ``dh/dv``,
     ``w_soft = scale clip(base + h, lo, hi)``, ``dw_soft/dh = scale [lo <= base + h <= hi]`` and the
-    regularizer's ``|2h - 1|``: :meth:`refquant.ptq.adaround.SoftRounding.h` and ``soft_h`` in one pass."""
+    regularizer's ``|2h - 1|``: :meth:`refquant.ptq.adaround_optimize.SoftRounding.h` and ``soft_h`` in one pass."""
     for i in range(exp_neg_v.shape[0]):
         sig = 1.0 / (1.0 + exp_neg_v[i])
         raw = sig * (ZETA - GAMMA) + GAMMA

@@ -716,7 +716,7 @@ def _technique_applies(step: str, state: _State) -> tuple[bool, str]:
 
         layers, _ = find_layers(sim)
         return bool(layers), "no layer with quantized weights and a bias"
-    from .adaround import LAYER_OPS, find_layers
+    from .layers import LAYER_OPS, find_layers
     from .seq_mse import SEQ_MSE_OPS
 
     layers, _ = find_layers(sim, SEQ_MSE_OPS if step == "seq_mse" else LAYER_OPS)

@@ -277,10 +277,10 @@ def _layer_inputs(sim, layer: Layer, data, batch_size: int):
 
 def _carried_inputs(sim, data, batch_size: int):
     """``(carried, feeds)``: every batch's live tensors in the simulation, advanced on demand (see
-    ``adaround._CarriedSide``: a tensor is computed with the parameters (corrected biases) as they are when it is
+    ``layer_inputs._CarriedSide``: a tensor is computed with the parameters (corrected biases) as they are when it is
     first asked for), or None when they would not fit in memory (``adaround.carry_fits``); the data to stream then."""
     from ..data import iter_feeds
-    from .adaround import _CarriedSide, carry_fits
+    from .layer_inputs import _CarriedSide, carry_fits
 
     if not carry_fits(sim, data, batch_size, sides=1, what="bias_correction"):
         return None, data  # streamed from the source (made reusable by bias_correction)

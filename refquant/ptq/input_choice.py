@@ -3,65 +3,27 @@ or per layer (``"per_layer"``).
 
 AdaRound reconstructs each layer's FP32 output from its input in the simulation so far, either with the activation
 quantizers off (the default, what AIMET intends) or on (``quantize_activations=True``, what aimet-onnx 2.42.0
-runs). Which one gives the better model depends on the model and the data, and the calibration set cannot tell
-in sample: both fits are judged on the samples they were fitted to (on an AVX-512 machine MTCNN R-Net scored 46.5 dB
-against 42.6 on its calibration faces with the quantized inputs, and the reverse on new faces).
-
-So "choose" holds out one calibration sample in four (seeded), AdaRounds a copy of the simulation on the other
-three quarters with each kind of input, recalibrates the activations on them, and scores both on the held-out
-quarter:
+runs). Which gives the better model depends on the model and the data, and the calibration set cannot tell in
+sample: both fits are judged on the samples they were fitted to. So one calibration sample in four (seeded) is held
+out (:func:`held_out_split`), both kinds are fitted on the other three quarters and scored on the held-out quarter:
 
     SQNR = -10 log10(mean over outputs o of N_o / S_o),  S_o = sum ref_o^2,  N_o = sum (ref_o - out_o)^2
 
-(``ref`` the FP32 model, ``out`` the simulation; AutoQuant's "sqnr"). The quantized inputs are taken only if they
-score strictly higher; AdaRound then runs once more, on all the data, with the chosen inputs.
+(``ref`` the FP32 model, ``out`` the simulation; AutoQuant's "sqnr").
 
-Measured (W4A8, 1000 iterations, Adam step 1e-3 (before "scaled"), each model's whole calibration set, evaluation
-SQNR of the primary output; bench/results_ptq_vs_aimet_models.txt): the default / "choose": mlp sample 24.14 / 24.40
-dB, MTCNN P-Net 20.84 / 21.12, R-Net 43.85 / 45.63, O-Net 36.10 / 38.62, NudeNet's YOLOv8n 25.5 / 27.52 (aimet-onnx
-27.61), MobileNetV2 11.91 / 11.90 (FP32 inputs chosen), but the convnet sample 26.94 / 24.17. There the trials rank
-right (fitted on three quarters, the quantized inputs are better on the evaluation set too, as on the held-out
-quarter); the refit on all the samples lands elsewhere, as this model's 1000-iteration fits move by about 1.5 dB
-with the samples. Time: 2-3x the default's (MobileNetV2 995 s against 315, MTCNN P-Net 12 s against 4). Hence an
-option, not the default; AutoQuant, which has evaluation data, tries the input kinds itself
-(:mod:`refquant.ptq.autoquant`). With the "scaled" step it picks the quantized inputs on the mlp, convnet, P-Net and
-R-Net, right on two (eval SQNR choose / default: 23.85 / 23.71, 29.86 / 30.33, 23.22 / 23.96, 44.27 / 43.73;
-bench/adaround_choose.py).
+"choose" (:func:`choose_inputs`) AdaRounds two copies of the simulation, one with each kind, recalibrates their
+activations on the fitted samples, and takes the quantized inputs only if they score strictly higher; AdaRound then
+runs once more, on all the data, with the chosen kind: 2-3x the default's time.
 
-Per layer. Which kind suits a layer can differ within one model. NudeNet's YOLOv8n decodes each box side as the
-expectation of a 16-bin Softmax, a 1x1 conv with the weights 0..15 (its "DFL" conv) reading the Softmax's 8-bit
-output: fitted to its FP32-activation inputs, AdaRound rounds those weights to the non-monotone codes 0 0 1 1 2 2
-3 4 3 5 4 5 6 6 7 7 (4-bit, scale 15/7), fitted to the quantized probabilities it keeps them monotone and
-compensates their rounding: that one layer's rounding, with every other layer as the default leaves it, moves the
-model's output SQNR from 26.03 / 26.01 / 25.74 to 27.46 / 27.70 / 27.29 dB on three calibration sets (W4A8, 1000
-iterations; aimet-onnx, which fits every layer to quantized inputs, 27.55 on the first), while the quantized inputs
-on every layer give 25.70 on the first (bench/results_ptq_vs_aimet_models.txt).
-
-"per_layer" makes the choice for each layer: both kinds are fitted on the held-in three quarters and each fit is
-scored on the held-out quarter by the model's output noise with the layers after it at their current rounding
-(the downstream effect, which a layer's own loss does not see: in a scratch trial that scored AIMET's settings
-against the default by each layer's held-out loss, AIMET's won on 59 and 56 of NudeNet's 64 layers and the model
-scored 25.51 and 27.56 dB on two sets). The quantized inputs are taken only where they lower that noise by more
-than two standard errors of its paired per-sample differences: taken on the higher held-out SQNR alone (margins of
-0.1-0.3 dB on 16 held-out images decide many layers), the model scored 26.27 and 26.76 dB; with the two standard
-errors 28.03, 27.65 and 27.71 dB on the three sets (aimet-onnx 27.55 on the first). On the small sample models,
-eight calibration sets each, it is level with the default (paired differences, dB: mlp -0.01 +- 0.02, convnet
-+0.02 +- 0.60, P-Net -0.15 +- 0.07, R-Net -0.25 +- 0.90, O-Net -0.30 +- 1.20; bench/results_ptq_vs_aimet_models.txt);
-on PP-OCR's text direction classifier, four sets of 48 crops, it loses one (15.66 15.18 16.02 14.69 dB against
-15.66 15.18 16.02 17.29): the two standard errors of 12 held-out crops do not guard every choice (it took the
-first conv at 2.24, scored while every later layer was at nearest rounding). Three standard errors keep PP-OCR at
-the default but give NudeNet 27.24 dB on the first set, eight of its 14 picks on layers not picked at two: a choice's
-significance depends on how the layers before it were rounded.
-The chosen kind is fitted again on all the data. Three fits per layer and one pass over the held-out quarter from
-the layer on: 3-4x the default's time (NudeNet 1,890 s with three jobs on two cores, the default 340 s with two; the
-convnet sample 65-69 s against 20 s, where AIMET takes 37 s for 1000 iterations), which is why it is an option and
-not the default. Cheaper trials were tried and lose NudeNet's gain (set 10, 1000 its; with AdaRound seed 1 the
-trials as they are give 27.69 dB, the DFL conv again quantized): trial fits with a quarter of the iterations 26.48
-dB (convnet 31 s); trial fits on a sample of 8,192 positions, 512 a step (what the refit does on large layers; on
-small ones it takes every position at every step) 26.30 dB (convnet 1.1x the default), the DFL conv's quantized fit
-there no better on the held-out quarter (27.11 against 27.13 dB) after other choices upstream. On the eight
-sample-model sets both are within noise of the default but for the convnet with the sampled trials (+1.04 +- 0.51 dB
-paired; bench/results_ptq_vs_aimet_models.txt).
+"per_layer" (:class:`PerLayerInputs`) makes the choice for each layer, which matters where one layer wants the
+quantized inputs and the rest do not (NudeNet's YOLOv8n: its DFL conv, the expectation of a 16-bin Softmax's 8-bit
+output). Each fit is scored by the model's output noise on the held-out quarter with the layers after it at their
+current rounding (the downstream effect, which a layer's own loss does not see); the quantized fit is taken only
+where it lowers that noise by more than :data:`SIGNIFICANCE` standard errors of the paired per-sample differences
+(:func:`quantized_fit_wins`): on the higher held-out SQNR alone, margins of 0.1-0.3 dB on a few held-out samples
+decide many layers by chance. The chosen kind is fitted again on all the data: three fits per layer, 3-4x the
+default's time. What each gives on which model, and the cheaper trials that were tried and lost the gain:
+docs/adaround.md.
 """
 
 from __future__ import annotations
@@ -181,7 +143,7 @@ class PerLayerInputs:
     ``sim`` has its activation encodings; the fits with the quantizers off run on a copy of it."""
 
     def __init__(self, sim, feeds: list[dict], batch_size: int, seed: int, carry: bool):
-        from .adaround import LayerInputs, _CarriedSide, carry_fits, disable_activation_quantizers
+        from .layer_inputs import LayerInputs, _CarriedSide, carry_fits, disable_activation_quantizers
 
         fit, held = held_out_split(feeds, sim.graph, seed)
         self.sims = {True: sim, False: sim.copy()}

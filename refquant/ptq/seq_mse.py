@@ -57,8 +57,10 @@ from ..errors import RefquantError
 from ..progress import iterate
 from ..quant.encoding import Encoding, from_min_max
 from ..quant.qdq import quantize_dequantize
-from .adaround import (MOMENTS_BUDGET, LayerInputs, LinearLayer, SimState, _blas_threads, _bmm, _Moments,
-                       disable_activation_quantizers, ensure_weight_encodings, find_layers, position_chunks)
+from .adaround import MOMENTS_BUDGET, _blas_threads
+from .adaround_loss import _bmm, _Moments
+from .layer_inputs import LayerInputs, SimState, disable_activation_quantizers, ensure_weight_encodings
+from .layers import LinearLayer, find_layers, position_chunks
 
 SEQ_MSE_OPS = ("Conv", "Gemm", "MatMul")
 LOSSES = ("mse", "l1", "sqnr")
@@ -94,7 +96,7 @@ def seq_mse(sim, data, num_candidates: int = 20, loss: str = "mse", batch_size: 
     ``quantized_activations``: keep the calibrated activation quantizers on while searching, so that the
     layer inputs carry the activation quantization too (AIMET turns them off). ``cache_activations``: keep every
     batch's live tensors in memory and advance them layer by layer (one forward pass in total) instead
-    of a forward prefix per layer (see :class:`~refquant.ptq.adaround.LayerInputs`). ``threads``: BLAS
+    of a forward prefix per layer (see :class:`~refquant.ptq.layer_inputs.LayerInputs`). ``threads``: BLAS
     threads for the search's own math (None: unchanged; the simulation's forward passes keep theirs).
     ``report``: a list that receives one :class:`SeqMseLayerReport` per layer. Weight encodings
     missing are computed first (``sim`` need not be calibrated). On any error or Ctrl-C ``sim`` is
