@@ -183,7 +183,7 @@ def test_bad_input_exits_2_with_one_line(data, tmp_path, capsys, extra, message)
 
 
 @pytest.mark.parametrize("choice, flags, expected", [
-    ("default", [], (True, False, None)), ("all", [], ("all", False, None)),
+    ("default", [], (True, None, None)), ("all", [], ("all", None, None)),
     ("none", ["--adaround-quantized-inputs"], (False, True, None)),
     ("default", ["--adaround-qdrop", "0.25"], (True, True, 0.25))])
 def test_ptq_adaround_options_reach_adaround(data, tmp_path, monkeypatch, choice, flags, expected):

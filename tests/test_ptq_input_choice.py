@@ -233,7 +233,7 @@ def test_quantized_inputs_on_an_uncalibrated_sim_calibrate_it_first():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"quantize_activations": "yes"}, "True, False, 'choose' or 'per_layer'"),
+    ({"quantize_activations": "yes"}, "True, False, 'outputs', 'choose' or"),
     ({"quantize_activations": "choose", "qdrop": 0.5}, "does not combine with qdrop"),
     ({"quantize_activations": "per_layer", "qdrop": 0.5}, "does not combine with qdrop"),
     ({"quantize_activations": "choose", "use_fp32_inputs": True}, "does not combine"),

@@ -15,11 +15,11 @@ encodings) whose score is the best so far:
 6. ``bias_correction`` (not in the default steps): empirical bias correction.
 7. ``seq_mse`` (not in the default steps): sequential MSE weight-range search.
 8. ``adaround``: adaptive rounding (``adaround_iterations`` per layer), three trials unless
-   ``adaround_options`` sets ``quantize_activations`` or ``qdrop``: the layer inputs without the activation
-   quantizers, with them, and QDrop's mix of those with the FP32 model's (``qdrop=0.5``). Which suits a model
-   is not known beforehand (:mod:`refquant.ptq.adaround`, 1000 iterations: NudeNet's YOLOv8n gains 2.3 dB from
-   the second, MTCNN R-Net loses 7 dB; the third is best on the convnet sample and MTCNN O-Net/P-Net, worst
-   on MobileNetV2; not with the L-BFGS optimizer); the best score wins.
+   ``adaround_options`` sets ``quantize_activations`` or ``qdrop``: adaround's default layer inputs (without the
+   activation quantizers but for the output layers), the inputs with them for every layer, and QDrop's mix of
+   those with the FP32 model's (``qdrop=0.5``). Which suits a model is not known beforehand (docs/adaround.md:
+   at Adam's step 1e-3 the quantized inputs cost MTCNN R-Net 7 dB; QDrop is best on the convnet sample and MTCNN
+   O-Net/P-Net, worst on MobileNetV2; not with the L-BFGS optimizer); the best score wins.
 
 Each step builds a *candidate* from the current state and scores it; the candidate becomes the current
 state only if its score is strictly higher (a tie keeps the simpler model). Steps run in this order

@@ -40,9 +40,9 @@ def _common_arguments(p) -> None:
     p.add_argument("--adaround-optimizer", default="adam", choices=["adam", "lbfgs"])
     inputs = p.add_mutually_exclusive_group()
     inputs.add_argument("--adaround-quantized-inputs", action="store_true",
-                        help="AdaRound's layer inputs with the activation quantizers on (as aimet-onnx runs it; helps "
-                             "some detectors, hurts other models: see refquant.ptq.adaround). autoquant without it "
-                             "tries both")
+                        help="AdaRound's layer inputs with the activation quantizers on for every layer (as "
+                             "aimet-onnx runs it; by default only the output layers with enough data take them: see "
+                             "refquant.ptq.adaround). autoquant without it tries both")
     inputs.add_argument("--adaround-choose-inputs", action="store_true",
                         help="AdaRound's layer inputs with or without the activation quantizers, whichever scores "
                              "better on a held-out quarter of --data after fitting on the rest (about 2.5x the time; "
@@ -232,18 +232,18 @@ def learning_rate_option(args) -> dict:
     return {} if args.adaround_learning_rate is None else {"learning_rate": args.adaround_learning_rate}
 
 
-def adaround_input_options(args, explicit_only: bool = False) -> dict:
+def adaround_input_options(args) -> dict:
     """AdaRound's input options from ``--adaround-quantized-inputs``, ``--adaround-choose-inputs``,
-    ``--adaround-per-layer-inputs`` and ``--adaround-qdrop`` (QDrop mixes the quantized inputs with the FP32 ones).
-    ``explicit_only``: nothing for flags not given (autoquant then tries each kind of input)."""
+    ``--adaround-per-layer-inputs`` and ``--adaround-qdrop`` (QDrop mixes the quantized inputs with the FP32 ones);
+    nothing without them (adaround's default; autoquant then tries each kind of input)."""
     if args.adaround_qdrop is not None:
         return {"quantize_activations": True, "qdrop": args.adaround_qdrop}
     if args.adaround_choose_inputs:
         return {"quantize_activations": "choose"}
     if args.adaround_per_layer_inputs:
         return {"quantize_activations": "per_layer"}
-    if args.adaround_quantized_inputs or not explicit_only:
-        return {"quantize_activations": args.adaround_quantized_inputs}
+    if args.adaround_quantized_inputs:
+        return {"quantize_activations": True}
     return {}
 
 
@@ -332,7 +332,7 @@ def cli_autoquant(args) -> int:
                                              "include_activation": ACTIVATION_CHOICES[args.adaround_activation],
                                              "shrinkage": args.adaround_shrinkage, **learning_rate_option(args),
                                              **nodes_option(args),
-                                             **adaround_input_options(args, explicit_only=True)},
+                                             **adaround_input_options(args)},
                            seq_mse_candidates=args.seq_mse_candidates, replace_relu6=args.replace_relu6,
                            batch_size=args.batch_size, preprocess=preprocess, executor=executor,
                            output_dir=args.output_dir, prefix=args.prefix or Path(args.model).stem,

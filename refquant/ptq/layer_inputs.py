@@ -302,6 +302,11 @@ class SimState:
         which disables the quantizers it never saw a value for)."""
         self.enabled = {name: q.enabled for name, q in self.sim.quantizers.items()}
 
+    def restore_enabled(self) -> None:
+        """Every quantizer's ``enabled`` flag as it will be restored on success (the activation quantizers back on)."""
+        for name, enabled in self.enabled.items():
+            self.sim.quantizers[name].enabled = enabled
+
     def __exit__(self, kind, exc, tb):
         for name, (enabled, encoding, frozen, fixed) in self.saved.items():
             q = self.sim.quantizers[name]
