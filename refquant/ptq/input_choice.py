@@ -2,10 +2,11 @@
 or per layer (``"per_layer"``).
 
 AdaRound reconstructs each layer's FP32 output from its input in the simulation so far, either with the activation
-quantizers off (the default, what AIMET intends) or on (``quantize_activations=True``, what aimet-onnx 2.42.0
-runs). Which gives the better model depends on the model and the data, and the calibration set cannot tell in
-sample: both fits are judged on the samples they were fitted to. So one calibration sample in four (seeded) is held
-out (:func:`held_out_split`), both kinds are fitted on the other three quarters and scored on the held-out quarter:
+quantizers off (``False``, what AIMET intends; the default but for the output layers) or on
+(``quantize_activations=True``, what aimet-onnx 2.42.0 runs). Which gives the better model depends on the model and
+the data, and the calibration set cannot tell in sample: both fits are judged on the samples they were fitted to.
+So one calibration sample in four (seeded) is held out (:func:`held_out_split`), both kinds are fitted on the other
+three quarters and scored on the held-out quarter:
 
     SQNR = -10 log10(mean over outputs o of N_o / S_o),  S_o = sum ref_o^2,  N_o = sum (ref_o - out_o)^2
 
