@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..data import count_samples, iter_feeds, reusable
 from ..errors import RefquantError
 from ..progress import iterate
 from .adaround_loss import (MixedSampledLoss, QuadraticLoss, SampledLoss, _Moments, _Reservoir,
@@ -209,24 +210,19 @@ def adaround(sim, data, num_iterations: int = 10000, reg_param: float = 0.01, be
     late = set()  # "outputs": the output layers fitted to their quantized inputs, after every other layer
     if quantize_activations == "outputs":
         if not (qdrop or use_fp32_inputs):
-            from ..data import reusable
-
             data = reusable(data, sim.graph, batch_size)
             included = {layer.name for layer in layers}
             late = {layer.name for layer in output_layers_with_data(sim, every_layer, data, batch_size)} & included
-        quantize_activations = bool(late) and "outputs"
+        quantize_activations = "outputs" if late else False
     rng = np.random.default_rng(seed)
     with SimState(sim) as state:
         if quantize_activations and any(q.enabled and q.kind == "activation" and sim.encoding_of(n) is None
                                         for n, q in sim.quantizers.items()):
-            from ..data import reusable
-
             data = reusable(data, sim.graph, batch_size)  # an uncalibrated quantizer would pass its input as it is
             sim.compute_encodings(data, batch_size=batch_size, progress=progress)
             state.keep_enabled()
         ensure_weight_encodings(sim, layers)
         if quantize_activations == "per_layer":
-            from ..data import iter_feeds
             from .input_choice import PerLayerInputs
 
             feeds = list(iter_feeds(data, sim.graph, batch_size=batch_size))
@@ -285,8 +281,6 @@ def output_layers_with_data(sim, layers: list[LinearLayer], data, batch_size: in
     sample's activation noise; the positions within a sample do not count, being alike. (Measured, samples per input:
     NudeNet's DFL conv 4, +1.6 dB; the convnet sample's and MTCNN P-Net's output layers 1.75, level; the mlp
     sample's 0.875, -0.12 dB; PP-OCR rec's 0.53, -1.8 dB: docs/adaround.md.)"""
-    from ..data import count_samples, iter_feeds
-
     candidates = output_layers(sim, layers)
     if not candidates:
         return []
